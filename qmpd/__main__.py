@@ -1,0 +1,3 @@
+from qmpd.cli import main
+
+raise SystemExit(main())
