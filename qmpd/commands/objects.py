@@ -1,0 +1,83 @@
+"""object-add / object-del for QEMU's user-creatable objects (qom-type secret)."""
+
+from __future__ import annotations
+
+import trio
+
+from qmpd.commands import CommandContext, handler
+from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
+from qmpd.qmp.errors import QMPError
+
+
+def add_object(daemon, args: dict, file_contents: bytearray | None = None) -> None:
+    """Create an object from validated ObjectOptions (also used by --object).
+
+    ``file_contents`` is the secret file, read beforehand off the event loop.
+    """
+    object_id = args["id"]
+    if not id_wellformed(object_id):
+        raise QMPError.generic("Parameter 'id' expects an identifier")
+    if object_id in daemon.objects:
+        raise QMPError.generic(
+            f"attempt to add duplicate property '{object_id}' to object (type 'container')")
+    qom_type = args["qom-type"]
+    if qom_type != "secret":  # the schema's ObjectType only offers 'secret'
+        raise QMPError.generic(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    try:
+        daemon.secrets.add(object_id, data=args.get("data"), file=args.get("file"),
+                           format=args.get("format", "raw"), keyid=args.get("keyid"),
+                           iv=args.get("iv"), file_contents=file_contents)
+    except CryptoError as exc:
+        raise QMPError.generic(str(exc)) from None
+    daemon.objects[object_id] = qom_type
+
+
+@handler("object-add")
+async def object_add(ctx: CommandContext, args: dict) -> dict:
+    contents = None
+    if args.get("file") is not None and args.get("data") is None:
+        # Reading a file may block (a FIFO, a slow disk): never on the event loop.
+        try:
+            contents = await trio.to_thread.run_sync(read_secret_file, args["file"])
+        except CryptoError as exc:
+            if args["id"] in ctx.daemon.objects or not id_wellformed(args["id"]):
+                contents = None  # the id error comes first, as in QEMU
+            else:
+                raise QMPError.generic(str(exc)) from None
+    try:
+        add_object(ctx.daemon, args, contents)
+    finally:
+        wipe(contents)
+    return {}
+
+
+@handler("object-del")
+async def object_del(ctx: CommandContext, args: dict) -> dict:
+    object_id = args["id"]
+    if object_id not in ctx.daemon.objects:
+        raise QMPError.generic(f"object '{object_id}' not found")
+    del ctx.daemon.objects[object_id]
+    ctx.daemon.secrets.delete(object_id)
+    return {}
+
+
+async def object_from_cli(daemon, text: str) -> None:
+    """``--object secret,id=...``: parsed, validated and created like object-add."""
+    from qmpd import keyval
+
+    try:
+        args = keyval.parse(text, implied_key="qom-type")
+    except keyval.KeyvalError as exc:
+        raise QMPError.generic(str(exc)) from None
+    daemon.schema.validate_arguments("object-add", args)
+    await object_add(_CliContext(daemon), args)
+
+
+class _CliContext:
+    """The context of a command given on the command line: no session."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.session = None
+        self.command = "object-add"

@@ -1,0 +1,180 @@
+"""The daemon: owns the registries (objects, nodes, jobs, sessions) and shutdown.
+
+Ownership, from the top: :meth:`Daemon.serve` opens one nursery that holds
+the job runner, the signal watcher and the listeners; each connection lives
+in the listeners' nursery. Shutdown (a signal, ``quit``, or the caller)
+tells every session, cancels that nursery — jobs first, through the job
+runner's own shutdown — closes the block nodes (wiping volume keys) and
+removes the socket files and the pid file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import trio
+
+from qmpd import QEMU_VERSION, __version__
+from qmpd.block.graph import BlockGraph
+from qmpd.commands import CommandContext, bind
+from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.secrets import SecretStore
+from qmpd.jobs.manager import JobManager
+from qmpd.qmp.errors import QMPError
+from qmpd.qmp.server import Connection, event_message, open_unix_listener
+from qmpd.qmp.session import Call, Session
+from qmpd.schema import Schema
+
+log = logging.getLogger("qmpd")
+
+
+@dataclass
+class Limits:
+    """Resource limits per daemon; a client past them is refused or cut loose."""
+
+    max_connections: int = 1024
+    #: Replies and events waiting for a client that does not read.
+    max_queued_bytes: int = 16 << 20
+    #: An unfinished message may not buffer more than this.
+    max_message_bytes: int = 64 << 20
+
+
+class SecretsForBlock:
+    """The secret lookup the block layer uses: QMP errors, copies to wipe."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self._store = store
+
+    def lookup(self, secret_id: str) -> bytearray:
+        try:
+            return self._store.lookup(secret_id)
+        except CryptoError as exc:
+            raise QMPError.generic(str(exc)) from None
+
+
+class Daemon:
+    """Everything one qmpd process serves."""
+
+    def __init__(self, schema: Schema | None = None, *, limits: Limits | None = None) -> None:
+        self.schema = schema or Schema.load()
+        self.handlers = bind(set(self.schema.commands))
+        self.limits = limits or Limits()
+        self.secrets = SecretStore()
+        #: Every user-created object by id, with its qom-type (ids are one namespace).
+        self.objects: dict[str, str] = {}
+        self.nodes = BlockGraph(SecretsForBlock(self.secrets))
+        self.jobs = JobManager(self.emit_event)
+        self.connections: set[Connection] = set()
+        self._connection_count = 0
+        self._shutdown = trio.Event()
+        self._shutdown_reason = "host-signal"
+
+    # -- protocol facts -------------------------------------------------------
+    @staticmethod
+    def version_info() -> dict:
+        major, minor, micro = QEMU_VERSION
+        return {"qemu": {"major": major, "minor": minor, "micro": micro},
+                "package": f"qmpd {__version__}"}
+
+    def greeting(self) -> dict:
+        return {"QMP": {"version": self.version_info(), "capabilities": ["oob"]}}
+
+    # -- commands and events ----------------------------------------------------
+    async def execute(self, call: Call, session: Session | None, connection: Any = None) -> dict:
+        """Run a checked request's handler and build its reply."""
+        context = CommandContext(daemon=self, session=session, command=call.command)
+        log.debug("executing %s", call.command)  # never the arguments: they may hold secrets
+        try:
+            result = await self.handlers[call.command](context, call.arguments)
+        except QMPError as exc:
+            return Session.error_reply(exc, call.id)
+        except CryptoError as exc:
+            return Session.error_reply(QMPError.generic(str(exc)), call.id)
+        except Exception:
+            log.exception("command %s failed unexpectedly", call.command)
+            return Session.error_reply(
+                QMPError.generic(f"Internal error while executing {call.command}"), call.id)
+        return Session.reply(result, call)
+
+    def emit_event(self, name: str, data: Any | None = None) -> None:
+        """Send an event to every negotiated session; never blocks."""
+        message = event_message(name, data)
+        for connection in list(self.connections):
+            connection.send_event(message)
+
+    def request_shutdown(self, reason: str) -> None:
+        self._shutdown_reason = reason
+        self._shutdown.set()
+
+    # -- serving ----------------------------------------------------------------
+    async def serve(self, socket_paths: Iterable[str], *, pidfile: str | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until shutdown is requested; then clean up everything we made."""
+        paths = list(socket_paths)
+        listeners = []
+        try:
+            for path in paths:
+                listeners.append(open_unix_listener(path))
+            if pidfile:
+                _write_pidfile(pidfile)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.jobs.run)
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(trio.serve_listeners, self._serve_client, listeners)
+                task_status.started()
+                await self._shutdown.wait()
+                log.info("shutting down (%s)", self._shutdown_reason)
+                self.emit_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
+                await self._flush_connections()
+                await self.jobs.shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.close()
+            for listener in listeners:
+                listener.socket.close()
+            for path in paths[: len(listeners)]:
+                _unlink_quietly(path)
+            if pidfile:
+                _unlink_quietly(pidfile)
+
+    async def close(self) -> None:
+        """Close every node (wiping volume keys) and wipe every secret."""
+        await self.nodes.close_all()
+        self.secrets.clear()
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        self._connection_count += 1
+        if len(self.connections) >= self.limits.max_connections:
+            log.warning("refusing a client: %d sessions already", len(self.connections))
+            await trio.aclose_forcefully(stream)
+            return
+        await Connection(self, stream, self._connection_count).run()
+
+    async def _flush_connections(self, timeout: float = 1.0) -> None:
+        with trio.move_on_after(timeout):
+            while any(c.has_pending_output() for c in self.connections):
+                await trio.sleep(0.01)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                self.request_shutdown("host-signal")
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,106 @@
+"""Serialise replies and events exactly as QEMU 7.2 puts them on the wire.
+
+A client that compares bytes (or logs them) sees what QEMU would send:
+- members in QEMU's QDict iteration order: 512 hash buckets (tdb_hash),
+  and within a bucket the last inserted member first;
+- strings with QEMU's escapes: control characters and everything from
+  0x7F up as ``\\uXXXX`` in upper case, beyond the BMP as surrogate pairs;
+- floats as C's ``%.17g``;
+- each message followed by CR LF.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+_BUCKETS = 512
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+            "\t": "\\t"}
+
+
+def _tdb_hash(key: str) -> int:
+    data = key.encode("utf-8", "surrogatepass")
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, byte in enumerate(data):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+@lru_cache(maxsize=4096)
+def qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The order QEMU iterates a QDict whose members were inserted as ``keys``."""
+    return tuple(key for _, _, key in sorted(
+        (_tdb_hash(key) % _BUCKETS, -index, key) for index, key in enumerate(keys)))
+
+
+@lru_cache(maxsize=8192)
+def _encode_key(key: str) -> str:
+    return _encode_string(key)
+
+
+def _encode_string(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF)))
+        else:
+            out.append("\\u%04X" % code)
+    out.append('"')
+    return "".join(out)
+
+
+def _encode(value, out: list[str]) -> None:
+    if isinstance(value, str):
+        out.append(_encode_string(value))
+    elif value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        out.append(str(value))
+    elif isinstance(value, float):
+        out.append("%.17g" % value)
+    elif isinstance(value, dict):
+        if not value:
+            out.append("{}")
+            return
+        out.append("{")
+        first = True
+        for key in qdict_order(tuple(value)):
+            if not first:
+                out.append(", ")
+            first = False
+            out.append(_encode_key(key))
+            out.append(": ")
+            _encode(value[key], out)
+        out.append("}")
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            out.append("[]")
+            return
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(", ")
+            _encode(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__} as QMP JSON")
+
+
+def encode_message(message: dict) -> bytes:
+    """One QMP message as bytes, CR LF included."""
+    out: list[str] = []
+    _encode(message, out)
+    out.append("\r\n")
+    return "".join(out).encode("ascii")
