@@ -168,11 +168,16 @@ class JobManager:
 
     # -- life of the manager -------------------------------------------------
 
-    async def run(self) -> None:
-        """Own the nursery the jobs run in, until cancelled; then shut down."""
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery the jobs run in, until cancelled; then shut down.
+
+        Start it with ``await nursery.start(manager.run)``: :meth:`start`
+        works once this has reported itself started.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                task_status.started()
                 try:
                     await trio.sleep_forever()
                 finally:
