@@ -1,0 +1,22 @@
+"""The LUKS1 engine: open, create, add and erase key slots.
+
+Pure functions over bytes and a small I/O interface (:mod:`.io`); no QMP,
+no block layer. The surface:
+
+* :func:`read_header`, :func:`open_volume` -> :class:`LuksVolume`
+* :func:`create_volume`, :func:`header_length`, :class:`LuksCreateOptions`
+* :func:`prepare_amend` -> :class:`AmendPlan` -> :func:`apply_amend`,
+  :class:`LuksAmendOptions`
+"""
+
+from qmpd.crypto.luks.amend import AmendPlan, LuksAmendOptions, apply_amend, prepare_amend
+from qmpd.crypto.luks.create import LuksCreateOptions, create_volume, header_length
+from qmpd.crypto.luks.header import LuksHeader, KeySlot
+from qmpd.crypto.luks.io import FileImageIO, ImageIO, MemoryImageIO
+from qmpd.crypto.luks.volume import LuksVolume, open_volume, read_header
+
+__all__ = [
+    "AmendPlan", "FileImageIO", "ImageIO", "KeySlot", "LuksAmendOptions",
+    "LuksCreateOptions", "LuksHeader", "LuksVolume", "MemoryImageIO", "apply_amend",
+    "create_volume", "header_length", "open_volume", "prepare_amend", "read_header",
+]

@@ -1,0 +1,206 @@
+"""Reading a LUKS1 volume: header checks, unlocking, and the open volume.
+
+Reading follows QEMU 7.2's qcrypto_block_luks_open: the structural checks
+(:func:`header.check_header`), then the cipher, hash and IV generator names,
+then every active slot in order until one opens. On top of QEMU, an image
+whose payload would start past the end of the file is refused (QEMU only
+notices later, as a negative size).
+
+An open :class:`LuksVolume` keeps the volume key (a bytearray, wiped by
+:meth:`LuksVolume.close`) and a :class:`PassphraseWitness` instead of the
+passphrase: enough to recognise, later, that a passphrase is the one that
+opened the volume, without keeping it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from qmpd.crypto import ciphers, hashes
+from qmpd.crypto.ciphers import CipherSpec, SectorCipher
+from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.luks.header import (
+    HEADER_SIZE, NUM_KEY_SLOTS, SECTOR_SIZE, LuksHeader, check_header, slot_entry_offset)
+from qmpd.crypto.luks.io import ImageIO
+from qmpd.crypto.luks.keyslot import read_material, try_slot, wipe
+
+
+def parse_header_bytes(raw: bytes) -> tuple[LuksHeader, CipherSpec]:
+    """Header and cipher from the image's first bytes, or CryptoError.
+
+    A short image reads as zero-padded, as a block device read past its end
+    does in QEMU, so a truncated header fails a check, not a parser.
+    """
+    raw = bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
+    header = LuksHeader.unpack(raw)
+    check_header(header)
+    spec = ciphers.parse_luks_cipher(header.cipher_name_str, header.cipher_mode_str,
+                                     header.key_bytes)
+    hashes.hash_algorithm(header.hash_spec_str)
+    ciphers.check_cipher_supported(spec)
+    return header, spec
+
+
+def check_payload_in_file(header: LuksHeader, image_size: int) -> None:
+    if header.payload_offset_bytes > image_size:
+        raise CryptoError(
+            f"LUKS payload offset {header.payload_offset_bytes} is beyond the end "
+            f"of the image ({image_size} bytes)")
+
+
+def _read_checked(io: ImageIO, payload_in_file: bool) -> tuple[LuksHeader, CipherSpec]:
+    header, spec = parse_header_bytes(io.read(0, HEADER_SIZE))
+    if payload_in_file:
+        check_payload_in_file(header, io.size())
+    return header, spec
+
+
+def read_header(io: ImageIO, *, payload_in_file: bool = True) -> LuksHeader:
+    """The image's LUKS header, checked like QEMU does on open.
+
+    ``payload_in_file=False`` is for LUKS inside qcow2, whose payload lives
+    in the qcow2 clusters rather than after the header.
+    """
+    return _read_checked(io, payload_in_file)[0]
+
+
+class PassphraseWitness:
+    """Proof material that a passphrase opened a given slot, without the passphrase.
+
+    Holds an HMAC of the passphrase under a random per-volume key, the index
+    of the slot it opened, and a SHA-256 of everything that slot's result
+    depends on (the header's fixed part and the slot's entry and key
+    material). If a later passphrase has the same HMAC and those bytes on
+    disk are unchanged, it provably opens the same slot to the same volume
+    key, so the PBKDF2 work need not be repeated.
+    """
+
+    def __init__(self, passphrase: bytes | bytearray, slot_index: int,
+                 slot_digest: bytes) -> None:
+        self._key = bytearray(os.urandom(32))
+        self._mac = self._tag(passphrase)
+        self.slot_index = slot_index
+        self._slot_digest = slot_digest
+
+    def _tag(self, passphrase: bytes | bytearray) -> bytes:
+        return hmac.new(bytes(self._key), bytes(passphrase), "sha256").digest()
+
+    def proves(self, passphrase: bytes | bytearray, slot_digest: bytes) -> bool:
+        if not self._key:
+            return False
+        return (hmac.compare_digest(self._tag(passphrase), self._mac)
+                and hmac.compare_digest(slot_digest, self._slot_digest))
+
+    def wipe(self) -> None:
+        wipe(self._key)
+        self._key = bytearray()
+        self._mac = b""
+
+    def __repr__(self) -> str:
+        return f"PassphraseWitness(slot={self.slot_index})"
+
+
+def slot_state_digest(header: LuksHeader, index: int, material: bytes) -> bytes:
+    """SHA-256 of what unlocking slot ``index`` depends on."""
+    packed = header.pack()
+    digest = hashlib.sha256()
+    digest.update(packed[:slot_entry_offset(0)])
+    digest.update(packed[slot_entry_offset(index):slot_entry_offset(index + 1)])
+    digest.update(material)
+    return digest.digest()
+
+
+class LuksVolume:
+    """An unlocked LUKS1 volume: header view, payload cipher, volume key.
+
+    ``header`` is the header as last read or written by this engine
+    (:func:`~qmpd.crypto.luks.amend.apply_amend` replaces it).
+    """
+
+    def __init__(self, header: LuksHeader, spec: CipherSpec, volume_key: bytearray,
+                 witness: PassphraseWitness | None, *, payload_in_file: bool = True) -> None:
+        self.header = header
+        self.payload_in_file = payload_in_file
+        self.spec = spec
+        self.hash_name = header.hash_spec_str
+        self.payload_offset = header.payload_offset_bytes
+        self._volume_key = volume_key
+        self.cipher = SectorCipher(spec, volume_key)
+        self.witness = witness
+
+    @property
+    def volume_key(self) -> bytearray:
+        """The volume key itself (for the engine; never log or return it)."""
+        if not self._volume_key:
+            raise CryptoError("The LUKS volume is closed")
+        return self._volume_key
+
+    def info(self) -> dict:
+        """QCryptoBlockInfoLUKS, as query-named-block-nodes shows it (QEMU 7.2)."""
+        spec = self.spec
+        out: dict = {
+            "cipher-alg": spec.cipher_alg,
+            "cipher-mode": spec.cipher_mode,
+            "ivgen-alg": spec.ivgen_alg,
+        }
+        if spec.ivgen_alg == "essiv" and spec.ivgen_hash_alg:
+            out["ivgen-hash-alg"] = spec.ivgen_hash_alg
+        out.update({
+            "hash-alg": self.hash_name,
+            "payload-offset": self.payload_offset,
+            "master-key-iters": self.header.mk_digest_iterations,
+            "uuid": self.header.uuid_str,
+        })
+        slots = []
+        for slot in self.header.slots:
+            entry: dict = {"active": slot.is_active}
+            if slot.is_active:
+                entry["iters"] = slot.iterations
+                entry["stripes"] = slot.stripes
+            entry["key-offset"] = slot.key_offset * SECTOR_SIZE
+            slots.append(entry)
+        out["slots"] = slots
+        return out
+
+    def close(self) -> None:
+        """Wipe the volume key and everything derived from a passphrase."""
+        self.cipher.wipe()
+        wipe(self._volume_key)
+        self._volume_key = bytearray()
+        if self.witness is not None:
+            self.witness.wipe()
+
+    def __enter__(self) -> "LuksVolume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if not self._volume_key else "open"
+        return f"LuksVolume({state}, {self.header!r})"
+
+
+def find_key(io: ImageIO, header: LuksHeader, spec: CipherSpec,
+             passphrase: bytes | bytearray) -> tuple[bytearray, int, bytes]:
+    """QEMU's find_key: (volume key, slot index, slot digest) of the first slot that opens."""
+    hash_name = header.hash_spec_str
+    for index in range(NUM_KEY_SLOTS):
+        if not header.slots[index].is_active:
+            continue
+        material = read_material(io, header, index)
+        key = try_slot(header, spec, hash_name, index, passphrase, material)
+        if key is not None:
+            return key, index, slot_state_digest(header, index, material)
+    raise CryptoError("Invalid password, cannot unlock any keyslot")
+
+
+def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
+                payload_in_file: bool = True) -> LuksVolume:
+    """Check the header and unlock the volume key with ``passphrase``."""
+    header, spec = _read_checked(io, payload_in_file)
+    key, index, digest = find_key(io, header, spec, passphrase)
+    return LuksVolume(header, spec, key, PassphraseWitness(passphrase, index, digest),
+                      payload_in_file=payload_in_file)
