@@ -151,6 +151,8 @@ class Job:
                 await self._unpause.wait()
         finally:
             self._manager._transition(self, resume_to)
+        # Woken by job-cancel: deliver it here unless the body is shielded.
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def _wake(self) -> None:
         self._unpause.set()
@@ -375,6 +377,7 @@ def _failure_text(job: Job, exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         # QEMU's fallback when a job returns -errno without a message.
         return os.strerror(exc.errno)
-    log.error("job %s: body raised %s\n%s", job.id, type(exc).__name__,
-              "".join(traceback.format_tb(exc.__traceback__)))
+    frames = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}"
+                       for frame in traceback.extract_tb(exc.__traceback__))
+    log.error("job %s: body raised %s at %s", job.id, type(exc).__name__, frames)
     return f"Internal error in job '{job.id}' ({type(exc).__name__})"
