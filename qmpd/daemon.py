@@ -122,7 +122,7 @@ class Daemon:
             if pidfile:
                 _write_pidfile(pidfile)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.jobs.run)
+                await nursery.start(self.jobs.run)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(trio.serve_listeners, self._serve_client, listeners)
                 task_status.started()
