@@ -41,7 +41,7 @@ MASTER_KEY_DIGEST_LENGTH = 20
 
 _SAMPLE_SECONDS = 0.05
 _FIRST_SAMPLE_ITERATIONS = 1 << 12
-_MAX_SAMPLE_ITERATIONS = 1 << 30
+_MAX_SAMPLE_ITERATIONS = 1 << 24
 
 _ERANGE_TEXT = os.strerror(errno.ERANGE)   # "Numerical result out of range"
 
@@ -86,8 +86,12 @@ def _measure_iterations_per_second(hash_name: str) -> float:
         cpu = time.thread_time() - cpu_start
         wall = time.perf_counter() - wall_start
         elapsed = cpu if cpu > 0 else wall
-        if elapsed >= _SAMPLE_SECONDS or iterations >= _MAX_SAMPLE_ITERATIONS:
-            return iterations / max(elapsed, 1e-9)
+        if elapsed >= _SAMPLE_SECONDS:
+            return iterations / elapsed
+        if iterations >= _MAX_SAMPLE_ITERATIONS:
+            # Clocks that barely move: assume the sample took the target
+            # time, which errs towards fewer iterations, never an error.
+            return iterations / _SAMPLE_SECONDS
         if elapsed <= 0:
             scale = 16.0
         else:
