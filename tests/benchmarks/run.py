@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""qmpd against qemu-storage-daemon 7.2, side by side in one run.
+
+    python3 dev.py bench [--runs 3] [--quick]
+
+Starts both daemons on the same machine, measures the same things on each,
+prints a table of medians over --runs repetitions and the ratio qmpd/qsd.
+Nothing here asserts a time: the numbers are for people (README has the
+table of the last run we recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.oracles import qemu_img_create_luks  # noqa: E402
+
+PASSWORD = "bench-pass"
+
+
+class Client:
+    """A minimal blocking QMP client that measures round trips."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.buf = b""
+        self.read_message()  # greeting
+
+    def read_message(self) -> dict:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("daemon closed the connection")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command: str, arguments: dict | None = None) -> dict:
+        message = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode())
+        while True:
+            reply = self.read_message()
+            if "event" not in reply:
+                return reply
+
+    def wait_job(self, job_id: str) -> None:
+        while True:
+            msg = self.read_message()
+            if msg.get("event") == "JOB_STATUS_CHANGE" and msg["data"] == {"id": job_id, "status": "concluded"}:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, kind: str, workdir: Path, monitors: int, extra: list[str]) -> None:
+        self.kind = kind
+        self.sockets = [str(workdir / f"{kind}-{i}.sock") for i in range(monitors)]
+        if kind == "qsd":
+            args = ["qemu-storage-daemon"]
+            for i, path in enumerate(self.sockets):
+                args += ["--chardev", f"socket,id=c{i},path={path},server=on,wait=off",
+                         "--monitor", f"chardev=c{i}"]
+        else:
+            args = [sys.executable, "-m", "qmpd", "--socket", self.sockets[0]]
+        self.proc = subprocess.Popen(args + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(s) for s in self.sockets):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{kind} did not start")
+            time.sleep(0.02)
+
+    def client(self, index: int = 0) -> Client:
+        c = Client(self.sockets[index if self.kind == "qsd" else 0])
+        assert "return" in c.execute("qmp_capabilities")
+        return c
+
+    def rss_kib(self) -> int:
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def amend_command(kind: str) -> str:
+    return "x-blockdev-amend"
+
+
+# -- measurements: each returns a number (higher or lower is better, see table) --
+
+def sequential_rate(d: Daemon, n: int) -> float:
+    c = d.client()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c.execute("query-version")
+    rate = n / (time.perf_counter() - t0)
+    c.close()
+    return rate
+
+
+def pipelined_rate(d: Daemon, n: int) -> float:
+    c = d.client()
+    payload = b'{"execute": "query-version"}' * n
+    t0 = time.perf_counter()
+    sender = threading.Thread(target=c.sock.sendall, args=(payload,))
+    sender.start()
+    for _ in range(n):
+        c.read_message()
+    rate = n / (time.perf_counter() - t0)
+    sender.join()
+    c.close()
+    return rate
+
+
+def concurrent_rate(d: Daemon, n_clients: int, per_client: int) -> float:
+    clients = [d.client(i) for i in range(n_clients)]
+    barrier = threading.Barrier(n_clients + 1)
+
+    def work(c: Client) -> None:
+        barrier.wait()
+        for _ in range(per_client):
+            c.execute("query-version")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    rate = n_clients * per_client / (time.perf_counter() - t0)
+    for c in clients:
+        c.close()
+    return rate
+
+
+def open_luks(c: Client, image: str, node: str = "l0") -> float:
+    c.execute("object-add", {"qom-type": "secret", "id": f"pw-{node}", "data": PASSWORD})
+    t0 = time.perf_counter()
+    reply = c.execute("blockdev-add", {"driver": "luks", "node-name": node, "key-secret": f"pw-{node}",
+                                       "file": {"driver": "file", "filename": image}})
+    elapsed = time.perf_counter() - t0
+    assert "return" in reply, reply
+    return elapsed
+
+
+def add_key_with_latency(d: Daemon, image: str, iter_time: int) -> tuple[float, float, int]:
+    """Add a key (iter-time ms); meanwhile another session polls query-version.
+
+    Returns (job wall time s, longest wait of the other session s, new slot's iterations).
+    """
+    c = d.client(0)
+    other = d.client(1)
+    open_luks(c, image)
+    c.execute("object-add", {"qom-type": "secret", "id": "new", "data": "another"})
+    stop = threading.Event()
+    worst = [0.0]
+
+    def poll() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            other.execute("query-version")
+            worst[0] = max(worst[0], time.perf_counter() - t)
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    reply = c.execute(amend_command(d.kind), {"job-id": "add", "node-name": "l0", "options": {
+        "driver": "luks", "state": "active", "new-secret": "new", "iter-time": iter_time}})
+    assert "return" in reply, reply
+    c.wait_job("add")
+    wall = time.perf_counter() - t0
+    stop.set()
+    poller.join()
+    jobs = c.execute("query-jobs")["return"]
+    assert not any(j.get("error") for j in jobs), jobs
+    nodes = c.execute("query-named-block-nodes")["return"]
+    slots = next(n for n in nodes if n["node-name"] == "l0")["image"]["format-specific"]["data"]["slots"]
+    iters = slots[1].get("iters", 0)
+    c.close()
+    other.close()
+    return wall, worst[0], iters
+
+
+def memory_with_nodes(d: Daemon, image_dir: Path, nodes: int, sessions: int) -> int:
+    c = d.client(0)
+    c.execute("object-add", {"qom-type": "secret", "id": "pw", "data": PASSWORD})
+    for i in range(nodes):
+        path = image_dir / f"raw{i}.img"
+        if not path.exists():
+            path.write_bytes(b"\0" * 65536)
+        reply = c.execute("blockdev-add", {"driver": "file", "node-name": f"f{i}", "filename": str(path)})
+        assert "return" in reply, reply
+    extra = [d.client(0) for _ in range(sessions)] if d.kind == "qmpd" else []
+    time.sleep(0.3)
+    rss = d.rss_kib()
+    for x in extra:
+        x.close()
+    c.close()
+    return rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer round trips, iter-time 200")
+    opts = parser.parse_args()
+    if not shutil.which("qemu-storage-daemon"):
+        sys.exit("qemu-storage-daemon is not installed (apt-get install qemu-system-common)")
+    n = 2000 if opts.quick else 10000
+    iter_time = 200 if opts.quick else 1000
+    results: dict[str, dict[str, list[float]]] = {"qsd": {}, "qmpd": {}}
+
+    def record(kind: str, name: str, value: float) -> None:
+        results[kind].setdefault(name, []).append(value)
+
+    with tempfile.TemporaryDirectory(prefix="qmpd-bench-") as tmp:
+        work = Path(tmp)
+        for run in range(opts.runs):
+            for kind in ("qsd", "qmpd"):
+                image = str(work / f"{kind}-{run}.luks")
+                qemu_img_create_luks(image, PASSWORD, size="16M", iter_time=iter_time)
+                d = Daemon(kind, work, 3, [])
+                try:
+                    record(kind, "idle RSS (MiB)", d.rss_kib() / 1024)
+                    record(kind, "query-version, sequential (/s)", sequential_rate(d, n))
+                    record(kind, "query-version, pipelined (/s)", pipelined_rate(d, n))
+                    if kind == "qmpd":
+                        record(kind, "query-version, 64 connections (/s)", concurrent_rate(d, 64, n // 64))
+                    c = d.client(2)
+                    record(kind, "blockdev-add of a qemu-img image (s)", open_luks(c, image, "probe"))
+                    c.execute("blockdev-del", {"node-name": "probe"})
+                    c.close()
+                    wall, worst, iters = add_key_with_latency(d, image, iter_time)
+                    record(kind, f"add-key job, iter-time {iter_time} (s)", wall)
+                    record(kind, "longest wait of another session (ms)", worst * 1000)
+                    record(kind, "new slot's PBKDF2 iterations", iters)
+                finally:
+                    d.stop()
+                d = Daemon(kind, work, 1, [])
+                try:
+                    record(kind, "RSS with 100 nodes (+256 sessions for qmpd) (MiB)",
+                           memory_with_nodes(d, work, 100, 256) / 1024)
+                finally:
+                    d.stop()
+    print(f"\nqmpd vs qemu-storage-daemon 7.2 — medians of {opts.runs} runs, {os.cpu_count()} cores\n")
+    print(f"| measurement | qsd | qmpd | qmpd/qsd |")
+    print(f"|---|---:|---:|---:|")
+    for name in results["qmpd"]:
+        q = statistics.median(results["qmpd"][name])
+        s = statistics.median(results["qsd"][name]) if name in results["qsd"] else None
+        ratio = f"{q / s:.2f}" if s else "—"
+        fmt = (lambda v: f"{v:,.0f}") if (q > 100 or (s or 0) > 100) else (lambda v: f"{v:.3f}")
+        print(f"| {name} | {fmt(s) if s is not None else '—'} | {fmt(q)} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
