@@ -55,7 +55,7 @@ def test_negotiation_then_commands_work():
 
 @pytest.mark.parametrize("data, desc, has_id", [
     (b'[]', "QMP input must be a JSON object", False),
-    (b'42', "QMP input must be a JSON object", False),
+    (b'42\n', "QMP input must be a JSON object", False),
     (b'{"execute": 3, "id": 1}', "QMP input member 'execute' must be a string", True),
     (b'{"execute": "query-version", "arguments": [], "id": 1}',
      "QMP input member 'arguments' must be an object", True),
