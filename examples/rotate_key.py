@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Rotate the passphrase of an open LUKS node on a running qmpd, with qemu.qmp.
+
+    python examples/rotate_key.py SOCKET NODE --old-secret ID --new-passphrase-file FILE
+
+Adds the new passphrase in a free key slot, then erases every slot that
+holds the old one. The passphrase travels as a secret object (object-add),
+never on this script's command line. Works the same against
+qemu-storage-daemon 7.2 with --command x-blockdev-amend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+
+async def run_job(client: QMPClient, command: str, arguments: dict) -> None:
+    """Start a job and wait for it; raise with the job's error if it failed."""
+    job_id = arguments["job-id"]
+    with client.listen(EventListener(("JOB_STATUS_CHANGE",))) as listener:
+        await client.execute(command, arguments)
+        async for event in listener:
+            if event["data"] == {"id": job_id, "status": "concluded"}:
+                break
+    info = next(j for j in await client.execute("query-jobs") if j["id"] == job_id)
+    await client.execute("job-dismiss", {"id": job_id})
+    if "error" in info:
+        raise RuntimeError(f"{command} failed: {info['error']}")
+
+
+async def rotate(socket_path: str, node: str, old_secret: str, new_passphrase: str,
+                 command: str, iter_time: int | None) -> None:
+    client = QMPClient("rotate-key")
+    await client.connect(socket_path)
+    try:
+        await client.execute("object-add", {"qom-type": "secret", "id": "rotate-new",
+                                            "data": new_passphrase})
+        add = {"driver": "luks", "state": "active", "new-secret": "rotate-new",
+               "secret": old_secret}
+        if iter_time:
+            add["iter-time"] = iter_time
+        await run_job(client, command, {"job-id": "rotate-add", "node-name": node, "options": add})
+        await run_job(client, command, {"job-id": "rotate-erase", "node-name": node, "options": {
+            "driver": "luks", "state": "inactive", "old-secret": old_secret}})
+        print(f"{node}: new passphrase added, old one erased")
+    finally:
+        try:
+            await client.execute("object-del", {"id": "rotate-new"})
+        except ExecuteError:
+            pass
+        await client.disconnect()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("socket")
+    parser.add_argument("node", help="node-name of an open luks node")
+    parser.add_argument("--old-secret", required=True, help="id of the secret holding the current passphrase")
+    parser.add_argument("--new-passphrase-file", required=True)
+    parser.add_argument("--iter-time", type=int, help="PBKDF2 milliseconds for the new slot")
+    parser.add_argument("--command", default="blockdev-amend", help="x-blockdev-amend for qsd 7.2")
+    args = parser.parse_args()
+    with open(args.new_passphrase_file) as f:
+        new_passphrase = f.read().rstrip("\n")
+    try:
+        asyncio.run(rotate(args.socket, args.node, args.old_secret, new_passphrase,
+                           args.command, args.iter_time))
+    except (ExecuteError, RuntimeError) as exc:
+        print(f"rotate_key: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
