@@ -206,3 +206,34 @@ class FileNode:
     @property
     def closed(self) -> bool:
         return self._fd < 0
+
+
+class FileRegionIO:
+    """The LUKS engine's ImageIO over a file node, from ``base`` on.
+
+    ``limit`` bounds the region (a LUKS header inside qcow2 must stay within
+    the clusters the FDE extension gives it); reads past the limit return
+    short and writes past it are refused with QEMU's text.
+    """
+
+    def __init__(self, node: FileNode, base: int = 0, limit: int | None = None) -> None:
+        self.node = node
+        self.base = base
+        self.limit = limit
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.limit is not None:
+            length = max(0, min(length, self.limit - offset))
+        return self.node.pread(self.base + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.limit is not None and offset + len(data) > self.limit:
+            raise QMPError.generic("Request for data outside of extension header")
+        self.node.pwrite(self.base + offset, data)
+
+    def sync(self) -> None:
+        self.node.flush()
+
+    def size(self) -> int:
+        size = max(0, self.node.size() - self.base)
+        return size if self.limit is None else min(size, self.limit)
