@@ -272,9 +272,8 @@ def read_metadata(read: Callable[[int, int], bytes], file_size: int, *,
     """
     raw = read(0, HEADER_LENGTH)
     header = parse_header(raw)
-    ext_end = header.backing_file_offset or header.cluster_size
-    cluster0 = read(0, ext_end)
-    cluster0 += bytes(ext_end - len(cluster0))
+    cluster0 = read(0, header.cluster_size)
+    cluster0 += bytes(header.cluster_size - len(cluster0))
     meta = Qcow2Metadata(header)
     if header.incompatible_features & ~INCOMPAT_MASK:
         try:
