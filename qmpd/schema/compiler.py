@@ -1,0 +1,175 @@
+"""Compile schema types to JSON Schema (draft 2020-12) validators.
+
+The compiled schema accepts exactly what QEMU's visitor accepts, so valid
+input is checked by one ``is_valid`` call and only invalid input pays for
+the walk that finds QEMU's error text (input_visitor). Unions become one
+closed object schema per branch, picked with if/then on the tag; a type that
+takes part in a cycle (BlockdevOptions → BlockdevRef → BlockdevOptions) is
+emitted once under $defs and referenced, everything else is inlined because
+jsonschema resolves $ref on every use.
+
+JSON Schema's "integer" also admits 1.0; QEMU's does not, so the validator
+class uses a type checker where integers are Python ints (and not bools).
+"""
+
+from __future__ import annotations
+
+import jsonschema
+from jsonschema import validators
+
+from qmpd.schema.input_visitor import INT64_MAX, INT64_MIN, UINT64_MAX
+from qmpd.schema.model import (
+    AlternateType, ArrayType, BuiltinType, EnumType, Member, ObjectType, Type,
+)
+
+
+def _is_integer(checker, instance) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+QEMUValidator = validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+_INTEGER_RANGES = {
+    "int": (INT64_MIN, INT64_MAX), "int64": (INT64_MIN, INT64_MAX),
+    "int8": (-(1 << 7), (1 << 7) - 1), "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "uint8": (0, (1 << 8) - 1), "uint16": (0, (1 << 16) - 1), "uint32": (0, (1 << 32) - 1),
+    # QEMU casts negative int64 to uint64 instead of refusing them.
+    "uint64": (INT64_MIN, UINT64_MAX), "size": (INT64_MIN, UINT64_MAX),
+}
+
+
+def _builtin_schema(name: str) -> dict:
+    if name in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[name]
+        return {"type": "integer", "minimum": low, "maximum": high}
+    return {"str": {"type": "string"}, "bool": {"type": "boolean"},
+            "number": {"type": "number"}, "null": {"type": "null"},
+            "any": {}}[name]
+
+
+def _referenced_types(typ: Type) -> list[Type]:
+    if isinstance(typ, ObjectType):
+        found: list[Type] = [m.type for m in typ.all_members()]
+        found += [v.type for v in typ.variants]
+        return found
+    if isinstance(typ, ArrayType):
+        return [typ.element]
+    if isinstance(typ, AlternateType):
+        return [b.type for b in typ.branches]
+    return []
+
+
+def _cyclic_types(root: Type) -> set[str]:
+    """Names of the named types reachable from ``root`` that reach themselves."""
+    named: dict[str, Type] = {}
+    edges: dict[str, set[str]] = {}
+
+    def key(typ: Type) -> str | None:
+        if isinstance(typ, (ObjectType, AlternateType)):
+            return typ.name
+        return None
+
+    def successors(typ: Type) -> set[str]:
+        out: set[str] = set()
+        pending = list(_referenced_types(typ))
+        while pending:
+            child = pending.pop()
+            k = key(child)
+            if k is not None:
+                out.add(k)
+                named.setdefault(k, child)
+            else:
+                pending.extend(_referenced_types(child))
+        return out
+
+    stack = [root]
+    if key(root):
+        named[root.name] = root
+    while stack:
+        typ = stack.pop()
+        k = key(typ)
+        if k is None or k in edges:
+            if k is None:
+                for child in _referenced_types(typ):
+                    stack.append(child)
+            continue
+        edges[k] = successors(typ)
+        stack.extend(named[n] for n in edges[k])
+
+    cyclic: set[str] = set()
+    for start in edges:
+        seen: set[str] = set()
+        pending = list(edges[start])
+        while pending:
+            n = pending.pop()
+            if n == start:
+                cyclic.add(start)
+                break
+            if n not in seen:
+                seen.add(n)
+                pending.extend(edges.get(n, ()))
+    return cyclic
+
+
+class _Compiler:
+    def __init__(self, root: Type) -> None:
+        self.by_ref = _cyclic_types(root)
+        self.defs: dict[str, dict] = {}
+
+    def schema(self, typ: Type) -> dict:
+        if isinstance(typ, (ObjectType, AlternateType)) and typ.name in self.by_ref:
+            if typ.name not in self.defs:
+                self.defs[typ.name] = {}  # placeholder breaks the recursion
+                self.defs[typ.name] = self._expand(typ)
+            return {"$ref": f"#/$defs/{typ.name}"}
+        return self._expand(typ)
+
+    def _expand(self, typ: Type) -> dict:
+        if isinstance(typ, BuiltinType):
+            return _builtin_schema(typ.name)
+        if isinstance(typ, EnumType):
+            return {"type": "string", "enum": [v.name for v in typ.values]}
+        if isinstance(typ, ArrayType):
+            return {"type": "array", "items": self.schema(typ.element)}
+        if isinstance(typ, AlternateType):
+            return {"anyOf": [self.schema(b.type) for b in typ.branches]}
+        return self._object(typ.all_members(), typ)
+
+    def _object(self, members: list[Member], variants_of: ObjectType) -> dict:
+        schema: dict = {
+            "type": "object",
+            "properties": {m.name: self.schema(m.type) for m in members},
+        }
+        required = [m.name for m in members if not m.optional]
+        if required:
+            schema["required"] = required
+        if variants_of.tag is None:
+            schema["additionalProperties"] = False
+            return schema
+        # Every branch is a closed schema of all members it allows.
+        tag = variants_of.tag
+        schema["allOf"] = [
+            {"if": {"properties": {tag: {"const": v.case}}, "required": [tag]},
+             "then": self._object(members + v.type.all_members(), v.type)}
+            for v in variants_of.variants
+        ]
+        return schema
+
+
+def compile_type(typ: Type) -> dict:
+    """A standalone JSON Schema document for values of ``typ``."""
+    compiler = _Compiler(typ)
+    document = compiler.schema(typ)
+    if compiler.defs:
+        document = dict(document)
+        document["$defs"] = compiler.defs
+    document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return document
+
+
+def compile_validator(typ: Type) -> jsonschema.protocols.Validator:
+    return QEMUValidator(compile_type(typ))
