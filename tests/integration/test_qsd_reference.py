@@ -1,0 +1,136 @@
+"""Replay qemu-storage-daemon 7.2's recorded conversations against qmpd.
+
+Every case in tests/data/qsd/*.json (written by tests/tools/record_qsd.py) is
+one test: make the same images, start qmpd with the same daemon arguments,
+send the same bytes, and compare the normalised replies with qsd's. Returns
+and errors are compared in order; events are compared in order among
+themselves (their interleaving with replies depends on thread timing).
+
+A case may carry a ``difference``: ``{"note": why, "skip": [parts]}`` where a
+part is ``greeting``, ``negotiation``, ``steps[N]``, ``steps[N].replies`` or
+``steps[N].events``; only those parts are left out of the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.oracles import require
+from tests.tools import record_qsd
+from tests.tools.record_qsd import Normaliser, expand, play, prepare, split_replies
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
+
+
+def load_cases() -> list:
+    params = []
+    for path in sorted(DATA_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        for case in doc["cases"]:
+            marks = [pytest.mark.interop] if case.get("images") else []
+            params.append(pytest.param(case, id=f"{doc['group']}/{case['name']}", marks=marks))
+    return params
+
+
+CASES = load_cases()
+
+
+def skipped_parts(case: dict) -> set[str]:
+    diff = case.get("difference")
+    return set(diff.get("skip", [])) if isinstance(diff, dict) else set()
+
+
+def describe(case: dict, index: int) -> str:
+    step = case["steps"][index]
+    sent = step.get("send", f"<base64 {step.get('send_b64')}>")
+    if len(sent) > 300:
+        sent = sent[:300] + "..."
+    return f"{case['name']} step {index}: sent {sent!r}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_qsd(case: dict, qmpd_daemon) -> None:
+    if case.get("images"):
+        require("qemu-img")
+    tmp = tempfile.mkdtemp(prefix="qsdref-")
+    try:
+        prepare(case, tmp)
+        sock, _proc = qmpd_daemon(*[expand(a, tmp) for a in case.get("daemon_args", [])],
+                                  workdir=tmp)
+        got = Normaliser(tmp).transcript(play(case, sock, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    skip = skipped_parts(case)
+    if "greeting" not in skip:
+        assert got["greeting"] == case["greeting"], "greeting differs"
+        assert got.get("after_greeting", []) == case.get("after_greeting", [])
+    if case.get("negotiate") and "negotiation" not in skip:
+        assert got.get("negotiation") == case.get("negotiation"), "negotiation differs"
+    for i, (want, have) in enumerate(zip(case["steps"], got["steps"])):
+        part = f"steps[{i}]"
+        if part in skip:
+            continue
+        want_replies, want_events = split_replies(want["replies"])
+        have_replies, have_events = split_replies(have["replies"])
+        if f"{part}.replies" not in skip:
+            assert have_replies == want_replies, describe(case, i)
+        if f"{part}.events" not in skip:
+            assert have_events == want_events, describe(case, i) + " (events)"
+        assert bool(have.get("eof")) == bool(want.get("eof")), describe(case, i) + " (EOF)"
+
+
+# --------------------------------------------------------------------------
+# The recorder's own machinery: the comparison is only as good as these.
+
+
+def test_every_group_is_recorded() -> None:
+    recorded = {p.stem for p in DATA_DIR.glob("*.json")}
+    assert recorded == set(record_qsd.GROUPS)
+
+
+def test_recorded_cases_match_their_definitions() -> None:
+    """The data was recorded from the cases the recorder defines today."""
+    for group, build in record_qsd.GROUPS.items():
+        doc = json.loads((DATA_DIR / f"{group}.json").read_text())
+        recorded = {c["name"]: c for c in doc["cases"]}
+        for case in build():
+            spec = case.to_json()
+            assert case.name in recorded, f"{group}/{case.name} not recorded"
+            sends = [{k: v for k, v in s.items() if k in ("send", "send_b64", "until")}
+                     for s in recorded[case.name]["steps"]]
+            assert sends == [{k: v for k, v in s.items() if k != "responses"}
+                             for s in spec["steps"]], f"{group}/{case.name} changed"
+
+
+def test_normaliser_folds_volatile_values() -> None:
+    norm = Normaliser("/tmp/qsdref-abc")
+    msg = {"event": "JOB_STATUS_CHANGE", "timestamp": {"seconds": 5, "microseconds": 7},
+           "data": {"desc": "Could not open '/tmp/qsdref-abc/a.img'",
+                    "uuid": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+                    "nodes": ["#block412", "#block97", "#block412"],
+                    "slots": [{"iters": 123456, "active": True}], "actual-size": 4096,
+                    "qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian"}}
+    assert norm.value(msg) == {
+        "event": "JOB_STATUS_CHANGE", "timestamp": {"seconds": 0, "microseconds": 0},
+        "data": {"desc": "Could not open '{tmp}/a.img'", "uuid": "{uuid}",
+                 "nodes": ["#block0", "#block1", "#block0"],
+                 "slots": [{"iters": 0, "active": True}], "actual-size": 0,
+                 "qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}}
+
+
+def test_split_replies_keeps_each_stream_in_order() -> None:
+    msgs = [{"event": "A"}, {"return": 1}, {"event": "B"}, {"error": {}}]
+    assert split_replies(msgs) == ([{"return": 1}, {"error": {}}],
+                                   [{"event": "A"}, {"event": "B"}])
+
+
+def test_non_utf8_chunks_round_trip() -> None:
+    step = record_qsd.S(b'{"id": "\xff"}').to_json()
+    assert "send" not in step
+    assert record_qsd.step_send_bytes(step) == b'{"id": "\xff"}'
