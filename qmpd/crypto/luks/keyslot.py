@@ -44,7 +44,20 @@ def read_material(io: ImageIO, header: LuksHeader, index: int) -> bytes:
                       f"the key material of keyslot {index}")
 
 
+# OpenSSL's PKCS5_PBKDF2_HMAC takes the count as a C int (cryptography panics
+# beyond it); LUKS's field is 32 bits unsigned. No real image comes close:
+# 2**31 iterations take minutes.
+MAX_PBKDF2_ITERATIONS = 2**31 - 1
+
+
+def check_iterations(iterations: int, what: str) -> None:
+    if iterations > MAX_PBKDF2_ITERATIONS:
+        raise CryptoError(f"{what} iteration count {iterations} is larger than "
+                          f"{MAX_PBKDF2_ITERATIONS}, which this PBKDF2 cannot compute")
+
+
 def volume_key_digest(hash_name: str, header: LuksHeader, volume_key: bytes | bytearray) -> bytes:
+    check_iterations(header.mk_digest_iterations, "LUKS key")
     digest = pbkdf.pbkdf2(hash_name, volume_key, header.mk_digest_salt,
                           header.mk_digest_iterations, DIGEST_LEN)
     try:
@@ -72,6 +85,7 @@ def try_slot(header: LuksHeader, spec: CipherSpec, hash_name: str, index: int,
     slot = header.slots[index]
     if slot.active != SLOT_ACTIVE:
         return None
+    check_iterations(slot.iterations, f"Keyslot {index}")
     slot_key = pbkdf.pbkdf2(hash_name, passphrase, slot.salt, slot.iterations,
                             header.key_bytes)
     split = None
