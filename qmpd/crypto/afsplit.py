@@ -11,7 +11,8 @@ Speed: merging 4000 stripes of a 64-byte key is about 8000 small hashes
 and 4000 XORs.  The XORs run on Python ints (one per stripe) and the hashes
 on hashlib's direct constructors, which cost a fraction of a
 `cryptography` Hash object per call; both compute the same OpenSSL digests
-(the tests check that).
+(the tests check that).  The price: intermediate XOR states live in Python
+ints, which cannot be wiped; the inputs and results are bytearrays.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qmpd.crypto.errors import CryptoError
@@ -350,7 +351,6 @@ class SectorCipher:
 
     def _essiv_salt(self, spec: CipherSpec) -> bytearray:
         """H(key), cut to the ESSIV cipher's key length (QEMU ivgen-essiv.c)."""
-        from cryptography.hazmat.primitives import hashes
         digest = hashes.Hash(hash_algorithm(spec.ivgen_hash_alg))
         digest.update(bytes(self._key))
         salt = bytearray(digest.finalize())
