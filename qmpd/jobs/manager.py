@@ -214,10 +214,7 @@ class JobManager:
             raise RuntimeError("the job manager is not running")
         if job_type not in states.JOB_TYPES:
             raise ValueError(f"unknown job type {job_type!r}")
-        if not states.job_id_wellformed(job_id):
-            raise QMPError(GENERIC_ERROR, f"Invalid job ID '{job_id}'")
-        if self._find(job_id) is not None:
-            raise QMPError(GENERIC_ERROR, f"Job ID '{job_id}' already in use")
+        self.check_new_id(job_id)
         job = Job(self, job_id, job_type,
                   auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self._transition(job, states.CREATED)
@@ -225,6 +222,14 @@ class JobManager:
         self._transition(job, states.RUNNING)
         self._nursery.start_soon(self._run_job, job, body, name=f"job {job_id}")
         return job
+
+    def check_new_id(self, job_id: str) -> None:
+        """QEMU's job_create checks of the id, for commands that must fail
+        before doing anything else that job_create would come first to."""
+        if not states.job_id_wellformed(job_id):
+            raise QMPError(GENERIC_ERROR, f"Invalid job ID '{job_id}'")
+        if self._find(job_id) is not None:
+            raise QMPError(GENERIC_ERROR, f"Job ID '{job_id}' already in use")
 
     def get(self, job_id: str) -> Job:
         job = self._find(job_id)
