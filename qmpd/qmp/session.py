@@ -21,7 +21,7 @@ a :class:`Call` for the server to run; :meth:`Session.reply` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from qmpd.qmp.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
 from qmpd.qmp.stream import JSONStreamParser, Parsed, StreamError
@@ -34,11 +34,15 @@ _NOT_NEGOTIATED = "Expecting capabilities negotiation with 'qmp_capabilities'"
 CAPABILITIES = ("oob",)
 
 
-class CommandTable(Protocol):
-    """What the session needs to know of the schema."""
+class CommandDecl(Protocol):
+    allow_oob: bool
 
-    def has_command(self, name: str) -> bool: ...
-    def allows_oob(self, name: str) -> bool: ...
+
+class CommandTable(Protocol):
+    """What the session needs to know of the schema (qmpd.schema.Schema)."""
+
+    commands: Mapping[str, CommandDecl]
+
     def validate_arguments(self, name: str, arguments: dict) -> None: ...
 
 
@@ -134,14 +138,13 @@ class Session:
         return request["exec-oob"], True
 
     def _check_command(self, command: str, oob: bool) -> None:
-        known = self._commands.has_command(command)
-        if not self.negotiated and command != NEGOTIATION_COMMAND:
-            known = False
+        declared = self._commands.commands.get(command)
+        known = declared is not None and (self.negotiated or command == NEGOTIATION_COMMAND)
         if not known:
             if not self.negotiated:
                 raise QMPError(COMMAND_NOT_FOUND, _NOT_NEGOTIATED)
             raise QMPError(COMMAND_NOT_FOUND, f"The command {command} has not been found")
-        if oob and not self._commands.allows_oob(command):
+        if oob and not declared.allow_oob:
             raise QMPError.generic(f"The command {command} does not support OOB")
 
     # -- negotiation ---------------------------------------------------------

@@ -6,15 +6,15 @@ from qmpd.qmp.errors import QMPError
 from qmpd.qmp.session import Call, Session
 
 
+class FakeCommand:
+    def __init__(self, allow_oob=False):
+        self.allow_oob = allow_oob
+
+
 class FakeCommands:
     def __init__(self):
-        self.known = {"qmp_capabilities", "query-version", "oob-ok"}
-
-    def has_command(self, name):
-        return name in self.known
-
-    def allows_oob(self, name):
-        return name == "oob-ok"
+        self.commands = {"qmp_capabilities": FakeCommand(), "query-version": FakeCommand(),
+                         "oob-ok": FakeCommand(allow_oob=True)}
 
     def validate_arguments(self, name, arguments):
         if name == "query-version" and arguments:
