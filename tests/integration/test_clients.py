@@ -63,7 +63,7 @@ def test_async_qmpclient_error_is_raised_with_qemu_text(qmpd_daemon):
         try:
             with pytest.raises(ExecuteError) as info:
                 await client.execute("object-del", {"id": "nothing"})
-            assert info.value.error.desc == "object 'nothing' not found"
+            assert info.value.error.error.desc == "object 'nothing' not found"
             # The id qemu.qmp generates is echoed, or it would never match the reply.
             assert await client.execute("query-jobs") == []
         finally:
@@ -79,9 +79,11 @@ def test_legacy_sync_client(qmpd_daemon):
     qmp = QEMUMonitorProtocol(sock)
     greeting = qmp.connect(negotiate=True)
     assert greeting["QMP"]["capabilities"] == ["oob"]
-    assert qmp.cmd("query-version")["return"]["qemu"]["major"] == 7
-    reply = qmp.cmd("object-add", {"qom-type": "secret", "id": "s0"})
+    assert qmp.cmd_raw("query-version")["return"]["qemu"]["major"] == 7
+    reply = qmp.cmd_raw("object-add", {"qom-type": "secret", "id": "s0"})
     assert reply["error"]["desc"] == "Either 'file' or 'data' must be provided"
+    qmp.cmd("object-add", **{"qom-type": "secret", "id": "s0", "data": "x"})
+    assert qmp.cmd("query-jobs") == []
     qmp.close()
 
 
