@@ -153,7 +153,10 @@ class Daemon:
             log.warning("refusing a client: %d sessions already", len(self.connections))
             await trio.aclose_forcefully(stream)
             return
-        await Connection(self, stream, self._connection_count).run()
+        try:
+            await Connection(self, stream, self._connection_count).run()
+        except Exception:  # one client's trouble must never end the daemon
+            log.exception("session %d ended with an error", self._connection_count)
 
     async def _flush_connections(self, timeout: float = 1.0) -> None:
         with trio.move_on_after(timeout):

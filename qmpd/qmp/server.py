@@ -179,8 +179,8 @@ class Connection:
                     # The client closed its side: deliver the last replies.
                     self._finishing = True
                     self._out_ready.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nothing left to tell it
         finally:
             self.daemon.connections.discard(self)
             self._closed = True
