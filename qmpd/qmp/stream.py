@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import re
+from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -209,18 +210,34 @@ _STAY_RUN = {
 }
 _STAY_RUN_BY_STATE = [_STAY_RUN.get(s) for s in _LexState]
 
-# One whole, cleanly terminated token from the start state (after optional
-# whitespace).  Anything it does not match goes through the table.  Numbers
-# and keywords need their terminating byte present, and a number must not be
-# followed by a byte that the table would still treat as part of it.
+# Whole tokens as the table would lex them.  A number is what the table
+# accepts (no exponent right after a lone zero); the table ends numbers and
+# keywords only on seeing the next byte, hence the lookaheads.
+_DQ_STRING = rb'"[^\x00-\x1f\xfe\xff"\\]*(?:\\[\x20-\xfd][^\x00-\x1f\xfe\xff"\\]*)*"'
+_NUMBER = (rb"-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
+           rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)")
+_NUMBER_END = rb"(?=[^0-9.eE])"
+_KEYWORD_END = rb"(?=[^a-z])"
+
+# One cleanly terminated token from the start state, after optional
+# whitespace.  Anything it does not match goes through the table.
 _QUICK_TOKEN = re.compile(
-    rb"[ \t\r\n]*(?:"
-    rb"([{}\[\],:])"
-    rb'|("(?:[^\x00-\x1f\xfe\xff"\\]|\\[\x20-\xfd])*")'
-    rb"|([a-z]+)(?=[^a-z])"
-    rb"|(-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
-    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?))(?=[^0-9.eE])"
-    rb")")
+    rb"[ \t\r\n]*(?:([{}\[\],:])|(" + _DQ_STRING + rb")|([a-z]+)" + _KEYWORD_END
+    + rb"|(" + _NUMBER + rb")" + _NUMBER_END + rb")")
+
+# Bulk path: a run of whole tokens, with whitespace gaps of at most 8 bytes
+# (kept in the message buffer, so memory stays within the limits), scanned
+# in one match of at most _BULK_WINDOW bytes (Python's matcher slows down on
+# longer runs).  The window cuts a number or keyword short only by failing
+# its lookahead, so the run ends before it.  _BULK_TOKENS splits the run
+# again; there the run's end stands in for the byte already checked.
+_BULK_WINDOW = 1 << 16
+_BULK_ITEM = rb"[{}\[\],:]|" + _DQ_STRING + rb"|[a-z]+%s|" + _NUMBER + rb"%s"
+_BULK_RUN = re.compile(
+    rb"(?:[ \t\r\n]{0,8}(?:" + _BULK_ITEM % (_KEYWORD_END, _NUMBER_END) + rb"))+")
+_BULK_TOKENS = re.compile(
+    rb"([ \t\r\n]*)(" + _BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)") + rb")")
+
 _STRUCTURAL = {ord("{"): _Tok.LCURLY, ord("}"): _Tok.RCURLY,
                ord("["): _Tok.LSQUARE, ord("]"): _Tok.RSQUARE,
                ord(":"): _Tok.COLON, ord(","): _Tok.COMMA}
@@ -228,15 +245,22 @@ _STRUCTURAL = {ord("{"): _Tok.LCURLY, ord("}"): _Tok.RCURLY,
 # Re-lexing a complete message: its tokens are well formed and separated by
 # single spaces, so a simple pattern recovers them.
 _MESSAGE_TOKEN = re.compile(
-    rb' *(?:([{}\[\],:])'
-    rb'|("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\')'
+    rb"[ \t\r\n]*(?:([{}\[\],:])"
+    rb'|("[^"\\]*(?:\\.[^"\\]*)*"|\'[^\'\\]*(?:\\.[^\'\\]*)*\')'
     rb"|([a-z]+)"
-    rb"|([-+.0-9eE]+))", re.S)
+    rb"|(" + _NUMBER + rb"))", re.S)
+
+# \u escapes on which the C decoder is more lenient than QEMU: surrogates
+# (even well-paired ones go the exact way) and noncharacters.
+_RISKY_ESCAPE = re.compile(rb"\\u(?:[dD][89a-fA-F]|[fF][dD][dDeE]|[fF]{3}[eEfF])")
+
 
 # Unicode noncharacters, which QEMU refuses inside strings.
 _NONCHARACTER = re.compile(
     "[\ufdd0-\ufdef" + "".join(
         chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+# What a decoded string must not contain for QEMU to accept it.
+_REFUSED_CHARACTER = re.compile(_NONCHARACTER.pattern[:-1] + "\ud800-\udfff]")
 
 
 def _is_valid_codepoint(cp: int) -> bool:
@@ -359,6 +383,16 @@ _FAST_DECODER = json.JSONDecoder(object_pairs_hook=_fast_object, parse_int=_inte
 
 def _parse_string(token: bytes) -> str:
     """A STRING token's value, per json-parser.c's parse_string()."""
+    if token[0] == 0x22:  # double quotes: try the C decoder first
+        text = _decode_mod_utf8(token)
+        if text is not None:
+            try:
+                value, end = _scanstring(text, 1, True)
+            except ValueError:
+                pass
+            else:
+                if end == len(text) and not _REFUSED_CHARACTER.search(value):
+                    return value
     out: list[str] = []
     pos = 1
     end = len(token) - 1
@@ -531,7 +565,7 @@ def _message_tokens(message: bytes) -> list[tuple[_Tok, bytes]]:
 
 def _parse_message(message: bytes) -> Parsed | StreamError:
     """One complete message (tokens separated by spaces) to a value or error."""
-    if b"\\u" not in message:
+    if not _RISKY_ESCAPE.search(message):
         text = _decode_mod_utf8(message) if b"\xc0\x80" not in message else None
         if text is not None:
             try:
@@ -582,9 +616,15 @@ class JSONStreamParser:
         i, n = 0, len(data)
         START, RECOVERY = _START, _RECOVERY
         quick = _QUICK_TOKEN.match
+        bulk = _BULK_RUN.match
         while i < n:
             state = self._state
             if state == START:
+                m = bulk(data, i, i + _BULK_WINDOW)
+                if m is not None:
+                    self._take_run(data, i, m.end())
+                    i = m.end()
+                    continue
                 m = quick(data, i)
                 if m is not None:
                     kind = m.lastindex
@@ -697,6 +737,70 @@ class JSONStreamParser:
             return
         result = _parse_message(bytes(message))
         self._emit_and_reset(result)
+
+    def _take_run(self, data: bytes, start: int, end: int) -> None:
+        """_process_token() for each whole token in data[start:end], inlined.
+
+        Token bytes are not copied one by one: the message buffer receives
+        the slices of `data` that hold them, whitespace gaps included.
+        """
+        max_size, max_count = self._max_token_size, self._max_token_count
+        max_nesting = self._max_nesting
+        braces, brackets = self._braces, self._brackets
+        size, count = self._token_size, self._token_count
+        begun = count > 0           # tokens of the current message are buffered
+        first = -1                  # where the current message's bytes in data start
+        pos = start
+        for gap, token in _BULK_TOKENS.findall(data, start, end):
+            pos += len(gap)
+            token_start = pos
+            length = len(token)
+            pos += length
+            byte = token[0]
+            if byte == 0x7B:
+                braces += 1
+            elif byte == 0x7D:
+                braces -= 1
+            elif byte == 0x5B:
+                brackets += 1
+            elif byte == 0x5D:
+                brackets -= 1
+            if size + length + 1 > max_size:
+                error = "JSON token size limit exceeded"
+            elif count + 1 > max_count:
+                error = "JSON token count limit exceeded"
+            elif braces + brackets > max_nesting:
+                error = "JSON nesting depth limit exceeded"
+            else:
+                error = None
+            if error is not None:
+                self._out.append(StreamError(error))
+                self._message = bytearray()
+                braces = brackets = size = count = 0
+                begun, first = False, -1
+                continue
+            if first < 0:
+                first = token_start
+            size += length
+            count += 1
+            if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
+                continue
+            if begun:
+                message = self._message
+                message += data[first:pos]
+                message = bytes(message)
+            else:
+                message = data[first:pos]
+            self._out.append(_parse_message(message))
+            self._message = bytearray()
+            braces = brackets = size = count = 0
+            begun, first = False, -1
+        if first >= 0:
+            message = self._message
+            message += data[first:end]
+            message.append(0x20)
+        self._braces, self._brackets = braces, brackets
+        self._token_size, self._token_count = size, count
 
     def _emit_and_reset(self, result: Parsed | StreamError) -> None:
         self._out.append(result)
