@@ -26,12 +26,14 @@ ANY_JSON = st.recursive(
 )
 
 
-def _builtin(typ: BuiltinType) -> st.SearchStrategy:
+def _builtin(typ: BuiltinType, mistakes: bool) -> st.SearchStrategy:
     json_type = typ.json_type
     if json_type == "string":
         return st.text(alphabet="abc-_01", max_size=5)
     if json_type == "boolean":
         return st.booleans()
+    if json_type == "int" and not mistakes:
+        return st.integers(0, 255)
     if json_type == "int":
         edges = [0, 1, -1, 255, 256, (1 << 31), (1 << 63) - 1, 1 << 63, (1 << 64) - 1,
                  1 << 64, -(1 << 63), -(1 << 63) - 1]
@@ -43,18 +45,29 @@ def _builtin(typ: BuiltinType) -> st.SearchStrategy:
     return ANY_JSON
 
 
+_CACHE: dict[tuple[int, int, bool], st.SearchStrategy] = {}
+
+
 def values_for(typ: Type, depth: int = 0, mistakes: bool = True) -> st.SearchStrategy:
     """Values for ``typ``; with ``mistakes`` some of them are wrong on purpose."""
-    if depth > 3:
-        right: st.SearchStrategy = st.just("node0") if isinstance(typ, AlternateType) else JSON_SCALARS
-    elif isinstance(typ, BuiltinType):
-        right = _builtin(typ)
+    key = (id(typ), min(depth, 4), mistakes)
+    if key not in _CACHE:
+        _CACHE[key] = _values_for(typ, min(depth, 4), mistakes)
+    return _CACHE[key]
+
+
+def _values_for(typ: Type, depth: int, mistakes: bool) -> st.SearchStrategy:
+    if isinstance(typ, BuiltinType):
+        right: st.SearchStrategy = _builtin(typ, mistakes)
     elif isinstance(typ, EnumType):
         right = st.sampled_from([v.name for v in typ.values])
     elif isinstance(typ, ArrayType):
-        right = st.lists(values_for(typ.element, depth + 1, mistakes), max_size=3)
+        right = st.lists(values_for(typ.element, depth + 1, mistakes), max_size=2)
     elif isinstance(typ, AlternateType):
-        right = st.one_of([values_for(b.type, depth + 1, mistakes) for b in typ.branches])
+        branches = typ.branches
+        if depth >= 3:  # stop recursing through BlockdevRef and friends
+            branches = [b for b in branches if not isinstance(b.type, ObjectType)] or branches
+        right = st.one_of([values_for(b.type, depth + 1, mistakes) for b in branches])
     else:
         right = _object(typ, depth, mistakes)
     if not mistakes:
@@ -80,7 +93,7 @@ def _object(typ: ObjectType, depth: int, mistakes: bool) -> st.SearchStrategy:
                                           else draw(values_for(member.type, depth + 1, mistakes)))
                 continue
             if member.optional:
-                present = draw(st.booleans())
+                present = depth < 3 and draw(st.booleans())
             else:
                 present = not mistakes or draw(st.integers(0, 15)) > 0
             if present:
