@@ -354,6 +354,42 @@ def split_replies(replies: list[Any]) -> tuple[list[Any], list[Any]]:
     return ([m for m in replies if not is_event(m)], [m for m in replies if is_event(m)])
 
 
+def skipped_parts(case: dict) -> set[str]:
+    diff = case.get("difference")
+    return set(diff.get("skip", [])) if isinstance(diff, dict) else set()
+
+
+def compare(case: dict, got: dict) -> list[str]:
+    """Where a normalised transcript differs from the recorded case.
+
+    Each entry names the part (``greeting``, ``negotiation``,
+    ``steps[N].replies``, ``steps[N].events``, ``steps[N].eof``) and shows both
+    sides. Parts listed in the case's ``difference.skip`` are left out.
+    """
+    skip = skipped_parts(case)
+    out = []
+
+    def check(part: str, want: Any, have: Any) -> None:
+        if part in skip or part.split(".")[0] in skip:
+            return
+        if want != have:
+            out.append(f"{part}:\n  qsd:  {json.dumps(want)[:2000]}\n  got:  "
+                       f"{json.dumps(have)[:2000]}")
+
+    check("greeting", case.get("greeting"), got.get("greeting"))
+    check("greeting", case.get("after_greeting", []), got.get("after_greeting", []))
+    if case.get("negotiate"):
+        check("negotiation", case.get("negotiation"), got.get("negotiation"))
+    for i, want in enumerate(case["steps"]):
+        have = got["steps"][i] if i < len(got.get("steps", [])) else {"replies": []}
+        want_replies, want_events = split_replies(want["replies"])
+        have_replies, have_events = split_replies(have["replies"])
+        check(f"steps[{i}].replies", want_replies, have_replies)
+        check(f"steps[{i}].events", want_events, have_events)
+        check(f"steps[{i}].eof", bool(want.get("eof")), bool(have.get("eof")))
+    return out
+
+
 # --------------------------------------------------------------------------
 # Running qemu-storage-daemon
 
@@ -386,8 +422,8 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def record_case(case: Case) -> dict:
-    spec = case.to_json()
+def play_qsd(spec: dict) -> dict:
+    """Play a case against a fresh qsd; the normalised transcript."""
     tmp = tempfile.mkdtemp(prefix="qsd-")
     try:
         prepare(spec, tmp)
@@ -397,9 +433,14 @@ def record_case(case: Case) -> dict:
             raw = play(spec, sock, tmp)
         finally:
             stop(proc)
-        norm = Normaliser(tmp).transcript(raw)
+        return Normaliser(tmp).transcript(raw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def record_case(case: Case) -> dict:
+    spec = case.to_json()
+    norm = play_qsd(spec)
     spec["greeting"] = norm["greeting"]
     if "after_greeting" in norm:
         spec["after_greeting"] = norm["after_greeting"]
@@ -1153,15 +1194,34 @@ def record_group(group: str, only: set[str] | None = None) -> Path:
     return path
 
 
+def check_group(group: str, only: set[str] | None = None) -> int:
+    """Replay the recorded cases against qsd again: is the recording stable?"""
+    bad = 0
+    for case in load_group(group)["cases"]:
+        if only and case["name"] not in only:
+            continue
+        problems = compare(case, play_qsd(case))
+        if problems:
+            bad += 1
+            print(f"UNSTABLE {group}/{case['name']}:\n" + "\n".join(problems), flush=True)
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", action="append", choices=sorted(GROUPS),
                         help="record only this group (repeatable)")
     parser.add_argument("--case", action="append",
                         help="re-record only this case, keep the others (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help="do not record: replay the recorded cases against qsd "
+                             "and report the ones whose answers changed")
     ns = parser.parse_args(argv)
+    only = set(ns.case) if ns.case else None
+    if ns.check:
+        return 1 if sum(check_group(g, only) for g in ns.group or list(GROUPS)) else 0
     for group in ns.group or list(GROUPS):
-        print(record_group(group, set(ns.case) if ns.case else None))
+        print(record_group(group, only))
     return 0
 
 
