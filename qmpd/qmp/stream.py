@@ -622,9 +622,10 @@ class JSONStreamParser:
             if state == START:
                 m = bulk(data, i, i + _BULK_WINDOW)
                 if m is not None:
-                    self._take_run(data, i, m.end())
-                    i = m.end()
-                    continue
+                    taken = self._take_run(data, i, m.end())
+                    if taken > i:
+                        i = taken
+                        continue
                 m = quick(data, i)
                 if m is not None:
                     kind = m.lastindex
@@ -738,11 +739,13 @@ class JSONStreamParser:
         result = _parse_message(bytes(message))
         self._emit_and_reset(result)
 
-    def _take_run(self, data: bytes, start: int, end: int) -> None:
+    def _take_run(self, data: bytes, start: int, end: int) -> int:
         """_process_token() for each whole token in data[start:end], inlined.
 
         Token bytes are not copied one by one: the message buffer receives
         the slices of `data` that hold them, whitespace gaps included.
+        Stops before a token the lexer would cut for its size; returns
+        where it stopped.
         """
         max_size, max_count = self._max_token_size, self._max_token_count
         max_nesting = self._max_nesting
@@ -755,6 +758,9 @@ class JSONStreamParser:
             pos += len(gap)
             token_start = pos
             length = len(token)
+            if length > max_size:
+                end = token_start
+                break
             pos += length
             byte = token[0]
             if byte == 0x7B:
@@ -801,6 +807,7 @@ class JSONStreamParser:
             message.append(0x20)
         self._braces, self._brackets = braces, brackets
         self._token_size, self._token_count = size, count
+        return end
 
     def _emit_and_reset(self, result: Parsed | StreamError) -> None:
         self._out.append(result)
