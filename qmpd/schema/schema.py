@@ -10,7 +10,7 @@ input is walked the way QEMU visits it to report QEMU's own error text.
 from __future__ import annotations
 
 import copy
-import importlib.resources
+import importlib.util
 import pathlib
 
 from qmpd.qmp.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
@@ -22,14 +22,20 @@ from qmpd.schema.model import BuiltinType, CommandDef, EventDef, ObjectType, Typ
 
 
 def bundled_schema_directory() -> pathlib.Path:
-    """Where the schema shipped with qmpd lives (installed package or source tree)."""
+    """Where the schema shipped with qmpd lives (installed package or source tree).
+
+    ``qmpd._schema`` has no __init__.py (it is the top-level schema/ directory
+    mapped into the package), so it is a namespace package: ask the import
+    system for its directories rather than for a single path.
+    """
     try:
-        resource = importlib.resources.files("qmpd._schema")
-        path = pathlib.Path(str(resource))
-        if path.is_dir() and any(path.glob("*.json")):
+        spec = importlib.util.find_spec("qmpd._schema")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = pathlib.Path(location)
+        if any(path.glob("*.json")):
             return path
-    except (ModuleNotFoundError, TypeError):
-        pass
     return pathlib.Path(__file__).resolve().parents[2] / "schema"
 
 
