@@ -29,33 +29,27 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def qmpd_daemon() -> Iterator[StartDaemon]:
-    """Factory: ``start(*daemon_args, workdir=None) -> (socket_path, process)``.
+class QmpdLauncher:
+    """Starts ``python -m qmpd --socket PATH ...`` processes and stops them all."""
 
-    Starts ``python -m qmpd --socket PATH *daemon_args`` and returns once the
-    socket exists. The socket lives in ``workdir`` (a fresh short temporary
-    directory by default: Unix socket paths are limited to 107 bytes, which
-    pytest's tmp_path can exceed). The daemon's stdout and stderr go to
-    ``qmpd.log`` next to the socket and are shown if it dies during start-up.
-    Every daemon started is terminated at teardown.
-    """
-    started: list[subprocess.Popen] = []
-    own_dirs: list[str] = []
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+        self.own_dirs: list[str] = []
 
-    def start(*daemon_args: str, workdir: str | os.PathLike | None = None
+    def start(self, *daemon_args: str, workdir: str | os.PathLike | None = None
               ) -> tuple[str, subprocess.Popen]:
         if workdir is None:
             workdir = tempfile.mkdtemp(prefix="qmpd-")
-            own_dirs.append(workdir)
+            self.own_dirs.append(workdir)
         workdir = str(workdir)
-        sock = os.path.join(workdir, f"qmpd-{len(started)}.sock")
-        log_path = Path(workdir) / f"qmpd-{len(started)}.log"
+        n = len(self.started)
+        sock = os.path.join(workdir, f"qmpd-{n}.sock")
+        log_path = Path(workdir) / f"qmpd-{n}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "qmpd", "--socket", sock, *daemon_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        started.append(proc)
+        self.started.append(proc)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not os.path.exists(sock):
             if proc.poll() is not None:
@@ -67,10 +61,47 @@ def qmpd_daemon() -> Iterator[StartDaemon]:
             time.sleep(0.02)
         return sock, proc
 
-    try:
-        yield start
-    finally:
-        for proc in started:
+    def close(self) -> None:
+        for proc in self.started:
             _stop(proc)
-        for d in own_dirs:
+        for d in self.own_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def qmpd_daemon() -> Iterator[StartDaemon]:
+    """Factory: ``start(*daemon_args, workdir=None) -> (socket_path, process)``.
+
+    Starts ``python -m qmpd --socket PATH *daemon_args`` and returns once the
+    socket exists. The socket lives in ``workdir`` (a fresh short temporary
+    directory by default: Unix socket paths are limited to 107 bytes, which
+    pytest's tmp_path can exceed). The daemon's stdout and stderr go to
+    ``qmpd-N.log`` next to the socket and are shown if it dies during
+    start-up. Every daemon started is terminated at teardown.
+    """
+    launcher = QmpdLauncher()
+    try:
+        yield launcher.start
+    finally:
+        launcher.close()
+
+
+@pytest.fixture(scope="module")
+def shared_qmpd_daemon() -> Iterator[Callable[[], str]]:
+    """``get() -> socket_path`` of one plain qmpd shared by a module's tests.
+
+    For tests that only open their own connection and leave no state behind;
+    restarted if an earlier test made it exit.
+    """
+    launcher = QmpdLauncher()
+    current: list[tuple[str, subprocess.Popen]] = []
+
+    def get() -> str:
+        if not current or current[0][1].poll() is not None:
+            current[:] = [launcher.start()]
+        return current[0][0]
+
+    try:
+        yield get
+    finally:
+        launcher.close()

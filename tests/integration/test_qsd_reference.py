@@ -6,6 +6,10 @@ send the same bytes, and compare the normalised replies with qsd's. Returns
 and errors are compared in order; events are compared in order among
 themselves (their interleaving with replies depends on thread timing).
 
+Cases that cannot change daemon state (no images, no daemon arguments, no
+successful state-changing command in the recording) share one qmpd per run;
+the others each get a fresh one, as they did with qsd.
+
 A case may carry a ``difference``: ``{"note": why, "skip": [parts]}`` where a
 part is ``greeting``, ``negotiation``, ``steps[N]``, ``steps[N].replies`` or
 ``steps[N].events``; only those parts are left out of the comparison.
@@ -17,12 +21,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.oracles import require
 from tests.tools import record_qsd
-from tests.tools.record_qsd import Normaliser, compare, expand, play, prepare, split_replies
+from tests.tools.record_qsd import (Normaliser, compare, expand, needs_fresh_daemon, play,
+                                    prepare, split_replies)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
 
@@ -39,17 +45,32 @@ def load_cases() -> list:
 
 CASES = load_cases()
 
+#: Quiet time that ends a step: replay waits for the recorded number of
+#: replies and events first, so this only has to catch unexpected extras.
+REPLAY_SETTLE_SECONDS = 0.1
+
+
+@pytest.fixture(scope="module")
+def image_cache() -> Iterator[str]:
+    """Pristine images made once per run and copied into each case."""
+    path = tempfile.mkdtemp(prefix="qsdimg-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
 
 @pytest.mark.parametrize("case", CASES)
-def test_matches_qsd(case: dict, qmpd_daemon) -> None:
+def test_matches_qsd(case: dict, qmpd_daemon, shared_qmpd_daemon, image_cache) -> None:
     if case.get("images"):
         require("qemu-img")
     tmp = tempfile.mkdtemp(prefix="qsdref-")
     try:
-        prepare(case, tmp)
-        sock, _proc = qmpd_daemon(*[expand(a, tmp) for a in case.get("daemon_args", [])],
-                                  workdir=tmp)
-        got = Normaliser(tmp).transcript(play(case, sock, tmp))
+        if needs_fresh_daemon(case):
+            prepare(case, tmp, cache=image_cache)
+            sock, _proc = qmpd_daemon(*[expand(a, tmp) for a in case.get("daemon_args", [])],
+                                      workdir=tmp)
+        else:
+            sock = shared_qmpd_daemon()
+        got = Normaliser(tmp).transcript(play(case, sock, tmp, settle=REPLAY_SETTLE_SECONDS))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

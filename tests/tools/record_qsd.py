@@ -110,21 +110,59 @@ def expand(text: str, tmp: str) -> str:
 # Preparing images and files (shared with the replay)
 
 
-def prepare(case: dict, tmp: str) -> None:
-    """Make the images and files a case needs inside ``tmp``."""
-    from tests.oracles import qemu_img_create_luks, run_qemu_img
+def prepare(case: dict, tmp: str, cache: str | None = None) -> None:
+    """Make the images and files a case needs inside ``tmp``.
 
+    With ``cache`` (a directory), each distinct image is made once with
+    qemu-img and copied afterwards: the copies differ from fresh images only
+    in values the normaliser folds (UUID, salts).
+    """
     for f in case.get("files", []):
         Path(expand(f["path"], tmp)).write_text(f["text"])
     for img in case.get("images", []):
         path = expand(img["path"], tmp)
-        fmt = img["format"]
-        if fmt in ("luks", "qcow2-luks"):
-            qemu_img_create_luks(path, img["passphrase"], size=img.get("size", "16M"),
-                                 iter_time=img.get("iter_time", 10),
-                                 fmt="luks" if fmt == "luks" else "qcow2")
-        else:
-            run_qemu_img(["create", "-q", "-f", fmt, path, img.get("size", "16M")])
+        if cache is None:
+            make_image(img, path)
+            continue
+        key = json.dumps({k: v for k, v in sorted(img.items()) if k != "path"}, sort_keys=True)
+        cached = os.path.join(cache, f"img-{abs(hash(key)):x}")
+        if not os.path.exists(cached):
+            make_image(img, cached + ".part")
+            os.replace(cached + ".part", cached)
+        shutil.copyfile(cached, path)
+
+
+def make_image(img: dict, path: str) -> None:
+    from tests.oracles import qemu_img_create_luks, run_qemu_img
+
+    fmt = img["format"]
+    if fmt in ("luks", "qcow2-luks"):
+        qemu_img_create_luks(path, img["passphrase"], size=img.get("size", "16M"),
+                             iter_time=img.get("iter_time", 10),
+                             fmt="luks" if fmt == "luks" else "qcow2")
+    else:
+        run_qemu_img(["create", "-q", "-f", fmt, path, img.get("size", "16M")])
+
+
+MUTATING_COMMANDS = ("object-add", "object-del", "blockdev-add", "blockdev-del",
+                     "blockdev-create", "blockdev-amend", "blockdev-reopen", "job-", "quit")
+
+
+def needs_fresh_daemon(case: dict) -> bool:
+    """Whether a case may change daemon state, so it cannot share a daemon.
+
+    Cases with images, files or daemon arguments always get their own
+    daemon; so does any case that sends a state-changing command and got
+    anything but errors back.
+    """
+    if case.get("images") or case.get("files") or case.get("daemon_args"):
+        return True
+    for step in case["steps"]:
+        text = step_send_bytes(step).decode("utf-8", "replace")
+        if any(c in text for c in MUTATING_COMMANDS):
+            if any(not (isinstance(r, dict) and "error" in r) for r in step["replies"]):
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -154,8 +192,11 @@ class Wire:
         self.sock.close()
 
     def send(self, data: bytes) -> None:
-        if data:
-            self.sock.sendall(data)
+        if data and not self.eof:
+            try:
+                self.sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.eof = True     # what was said before the close is still read
 
     def _recv(self, timeout: float) -> bool:
         """Receive once; False on timeout or EOF."""
@@ -250,14 +291,13 @@ def event_matches(pattern: dict, msg: Any) -> bool:
     return all(data.get(k) == v for k, v in pattern.get("data", {}).items())
 
 
-def play(case: dict, sock_path: str, tmp: str) -> dict:
+def play(case: dict, sock_path: str, tmp: str, settle: float = SETTLE_SECONDS) -> dict:
     """Play one case over a fresh connection; the raw transcript."""
     wire = Wire(sock_path)
     try:
-        greeting = wire.read(0, [], settle=SETTLE_SECONDS, deadline=5)
-        # the greeting is a single message; wait for it explicitly if slow
-        if not greeting:
-            greeting = wire.read(1, [], deadline=5)
+        greeting = wire.read(0, [], settle=settle, deadline=5)
+        if not greeting:    # a slow start: wait for the greeting explicitly
+            greeting = wire.read(1, [], settle=settle, deadline=5)
         transcript: dict[str, Any] = {"greeting": greeting[0] if greeting else None}
         if len(greeting) > 1:
             transcript["after_greeting"] = greeting[1:]
@@ -265,7 +305,7 @@ def play(case: dict, sock_path: str, tmp: str) -> dict:
             args = {"enable": ["oob"]} if case["negotiate"] == "oob" else {}
             wire.send(json.dumps({"execute": "qmp_capabilities",
                                   "arguments": args}).encode())
-            transcript["negotiation"] = wire.read(1, [])
+            transcript["negotiation"] = wire.read(1, [], settle=settle)
         steps = []
         for step in case["steps"]:
             if wire.eof:
@@ -273,7 +313,7 @@ def play(case: dict, sock_path: str, tmp: str) -> dict:
                 continue
             data = expand(step_send_bytes(step).decode("utf-8", "surrogateescape"), tmp)
             wire.send(data.encode("utf-8", "surrogateescape"))
-            msgs = wire.read(step.get("responses", 1), step.get("until", []))
+            msgs = wire.read(step.get("responses", 1), step.get("until", []), settle=settle)
             entry: dict[str, Any] = {"replies": msgs}
             if wire.eof:
                 entry["eof"] = True
@@ -399,12 +439,14 @@ def start_qsd(sock_path: str, daemon_args: list[str], tmp: str) -> subprocess.Po
             "--chardev", f"socket,id=c0,path={sock_path},server=on,wait=off",
             "--monitor", "chardev=c0"]
     args += [expand(a, tmp) for a in daemon_args]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    log_path = os.path.join(tmp, "qsd.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while not os.path.exists(sock_path):
         if proc.poll() is not None:
-            raise RuntimeError(f"qsd exited: {proc.stderr.read().decode(errors='replace')}")
+            raise RuntimeError(f"qsd exited: {Path(log_path).read_text(errors='replace')}")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("qsd did not create its socket")
