@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass
 from enum import IntEnum
@@ -237,6 +238,7 @@ _BULK_RUN = re.compile(
     rb"(?:[ \t\r\n]{0,8}(?:" + _BULK_ITEM % (_KEYWORD_END, _NUMBER_END) + rb"))+")
 _BULK_TOKENS = re.compile(
     rb"([ \t\r\n]*)(" + _BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)") + rb")")
+_BULK_TOKENS_ONLY = re.compile(_BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)"))
 
 _STRUCTURAL = {ord("{"): _Tok.LCURLY, ord("}"): _Tok.RCURLY,
                ord("["): _Tok.LSQUARE, ord("]"): _Tok.RSQUARE,
@@ -335,6 +337,8 @@ def _text_as_qemu_writes_it(raw: bytes) -> str:
 
 def _integer(text: str) -> int | float:
     """JSON_INTEGER: int64, else uint64, else double (as QEMU's QNum)."""
+    if len(text) < 19:          # at most 18 digits always fit int64
+        return int(text)
     if len(text) <= 20:
         value = int(text)
         if -(1 << 63) <= value < (1 << 64):
@@ -617,9 +621,21 @@ class JSONStreamParser:
         START, RECOVERY = _START, _RECOVERY
         quick = _QUICK_TOKEN.match
         bulk = _BULK_RUN.match
+        whitespace = _STAY_RUN[_LexState.START].match
+        text = data.decode("ascii") if data.isascii() else None
         while i < n:
             state = self._state
             if state == START:
+                byte = data[i]
+                if byte in b" \t\r\n":
+                    i = whitespace(data, i).end()
+                    continue
+                if (text is not None and (byte == 0x7B or byte == 0x5B)
+                        and self._token_count == 0):
+                    taken = self._take_whole_message(text, data, i)
+                    if taken:
+                        i = taken
+                        continue
                 m = bulk(data, i, i + _BULK_WINDOW)
                 if m is not None:
                     taken = self._take_run(data, i, m.end())
@@ -739,6 +755,31 @@ class JSONStreamParser:
         result = _parse_message(bytes(message))
         self._emit_and_reset(result)
 
+    def _take_whole_message(self, text: str, data: bytes, start: int) -> int:
+        """Let the C decoder find and decode a whole message; 0 if it may not.
+
+        Only at a message's first token, on ASCII input.  For a valid JSON
+        object or array the streamer ends the message exactly at its last
+        closer; the result stands when no limit can trip inside it and the
+        decoder's hooks found nothing QEMU treats differently.
+        """
+        try:
+            value, end = _FAST_DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError, _RefuseFastPath):
+            return 0
+        span = end - start          # bounds both token bytes and token count
+        if span + 1 > self._max_token_size or span > self._max_token_count:
+            return 0
+        # The decoder gives up below the recursion limit: depth < limit.
+        if (sys.getrecursionlimit() > self._max_nesting
+                and data.count(b"{", start, end) + data.count(b"[", start, end)
+                > self._max_nesting):
+            return 0
+        if _RISKY_ESCAPE.search(data, start, end):
+            return 0
+        self._out.append(Parsed(value))
+        return end
+
     def _take_run(self, data: bytes, start: int, end: int) -> int:
         """_process_token() for each whole token in data[start:end], inlined.
 
@@ -751,6 +792,19 @@ class JSONStreamParser:
         max_nesting = self._max_nesting
         braces, brackets = self._braces, self._brackets
         size, count = self._token_size, self._token_count
+        if ((braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0
+                and not any(data.count(c, start, end) for c in (b"{", b"}", b"[", b"]"))):
+            # Inside a container and no brackets: no count the streamer
+            # acts on changes, so only the totals need checking.
+            tokens = _BULK_TOKENS_ONLY.findall(data, start, end)
+            run_size = sum(map(len, tokens))
+            if count + len(tokens) <= max_count and size + run_size + 1 <= max_size:
+                message = self._message
+                message += data[start:end]
+                message.append(0x20)
+                self._token_size = size + run_size
+                self._token_count = count + len(tokens)
+                return end
         begun = count > 0           # tokens of the current message are buffered
         first = -1                  # where the current message's bytes in data start
         pos = start
