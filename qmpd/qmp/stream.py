@@ -33,15 +33,23 @@ one of them (each error becomes one error reply), so we reproduce all three:
    sequences are rejected.  Integers become int when they fit int64 or
    uint64, otherwise float.  Duplicate keys are an error.
 
-Speed: the streamer does not keep token objects; it keeps the bytes of the
-message's tokens separated by single spaces (whitespace is not counted by
-QEMU, so memory stays within the token size and count limits).  A complete
-message is handed to the standard library's C JSON decoder first, with hooks
-that refuse everything on which it would differ from QEMU; when it refuses,
-the exact parser below (`_MessageParser`) decides.  The lexer runs whole
-tokens and long runs (string bodies, digits, whitespace, bytes skipped in
-recovery) through compiled regular expressions, and falls back to the
-byte-at-a-time table only at the edges of tokens and of input chunks.
+Speed, without giving up exactness:
+
+* The streamer keeps no token objects, only the message's bytes: its tokens
+  with whitespace gaps of at most 8 bytes (longer gaps shrink to one
+  space), so memory stays within the token size and count limits.
+* At the start of a message on ASCII input, the standard library's C
+  decoder finds and decodes the whole message (`_take_whole_message`); its
+  result stands only where QEMU provably agrees: no limit can trip inside
+  the message, no ``\\u`` escape that needs QEMU's checks, and hooks that
+  refuse ``0e5``, duplicate keys and NaN.
+* Otherwise whole tokens are matched by regular expressions, up to 64 KiB
+  at a time, and their bookkeeping runs in one tight loop (`_take_run`);
+  long runs (string bodies, digits, whitespace, bytes skipped in recovery)
+  are consumed in one step; only the edges of tokens and of input chunks go
+  through the table byte by byte.
+* A complete message goes to the C decoder too; if it refuses, the exact
+  parser (`_MessageParser`) gives QEMU's value or first error.
 
 Interpolation (``%d`` and friends) is off, as in QEMU's monitor, so ``%``
 is a stray character.  Messages are never logged here: they may carry
@@ -53,9 +61,9 @@ from __future__ import annotations
 import json
 import re
 import sys
-from json.decoder import scanstring as _scanstring
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
+from json.decoder import scanstring as _scanstring
 
 __all__ = ["JSONStreamParser", "Parsed", "StreamError"]
 
@@ -69,9 +77,9 @@ _PARSER_MESSAGE_MAX = 1023
 
 @dataclass(frozen=True)
 class Parsed:
-    """One complete top-level JSON value."""
+    """One complete top-level JSON value (not in the repr: it may hold secrets)."""
 
-    value: object
+    value: object = field(repr=False)
 
 
 @dataclass(frozen=True)

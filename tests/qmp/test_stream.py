@@ -277,6 +277,9 @@ def test_repr_does_not_show_buffered_bytes():
     parser = JSONStreamParser()
     parser.feed(b'{"arguments": {"data": "s3cr3t')
     assert "s3cr3t" not in repr(parser)
+    (item,) = parser.feed(b'"}}')
+    assert item == Parsed({"arguments": {"data": "s3cr3t"}})
+    assert "s3cr3t" not in repr(item)
 
 
 # -- properties ----------------------------------------------------------------
