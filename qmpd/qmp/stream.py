@@ -252,8 +252,9 @@ _STRUCTURAL = {ord("{"): _Tok.LCURLY, ord("}"): _Tok.RCURLY,
                ord("["): _Tok.LSQUARE, ord("]"): _Tok.RSQUARE,
                ord(":"): _Tok.COLON, ord(","): _Tok.COMMA}
 
-# Re-lexing a complete message: its tokens are well formed and separated by
-# single spaces, so a simple pattern recovers them.
+# Re-lexing a complete message: its tokens are all well formed, and where two
+# touch (as in "1true" or "0e5") the table split them where these greedy
+# patterns do.
 _MESSAGE_TOKEN = re.compile(
     rb"[ \t\r\n]*(?:([{}\[\],:])"
     rb'|("[^"\\]*(?:\\.[^"\\]*)*"|\'[^\'\\]*(?:\\.[^\'\\]*)*\')'
