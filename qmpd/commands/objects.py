@@ -18,6 +18,8 @@ def add_object(daemon, args: dict, file_contents: bytearray | None = None) -> No
     object_id = args["id"]
     if not id_wellformed(object_id):
         raise QMPError.generic("Parameter 'id' expects an identifier")
+    if "loaded" in args:  # deprecated read-only property, refused as QEMU 7.2 does
+        raise QMPError.generic("Property 'secret.loaded' is not writable")
     if object_id in daemon.objects:
         raise QMPError.generic(
             f"attempt to add duplicate property '{object_id}' to object (type 'container')")
@@ -41,7 +43,8 @@ async def object_add(ctx: CommandContext, args: dict) -> dict:
         try:
             contents = await trio.to_thread.run_sync(read_secret_file, args["file"])
         except CryptoError as exc:
-            if args["id"] in ctx.daemon.objects or not id_wellformed(args["id"]):
+            if (args["id"] in ctx.daemon.objects or not id_wellformed(args["id"])
+                    or "loaded" in args):
                 contents = None  # the id error comes first, as in QEMU
             else:
                 raise QMPError.generic(str(exc)) from None
