@@ -15,7 +15,10 @@ Crash safety
 
 Invariant: whatever instant the machine stops at, every passphrase that the
 operation does not remove still unlocks the volume, and the volume key is
-the same (cryptsetup agrees). The writes are ordered thus:
+the same (cryptsetup agrees). Stronger, and what fixes the order below: no
+slot is ever active with incomplete key material or a half-written entry,
+so every active slot opens with the passphrase it held before or the one
+being put in it. The writes are ordered thus:
 
 add (target slot inactive)
     1. the new key material into the slot's own area, sync;
@@ -35,21 +38,22 @@ erase
        sync; 2. random bytes over each target's key material, sync.
     Material is only destroyed once no header entry points to it.
 
+Header entries: only the target slot's 48-byte entry is ever written (the
+rest of the header never is), and its key-material offset and stripes never
+change, so no write can spoil another slot or make the header invalid. An
+entry inside one sector is written whole. Slot 6's entry straddles the
+header's two sectors; it is written in two steps with a sync between, the
+state word's sector last when activating and first when deactivating (see
+:func:`_entry_writes`).
+
 What this relies on: a write of an aligned 512-byte sector is all-or-nothing
-(old or new content), as disks and file systems guarantee; anything else may
-be reordered, torn at sector boundaries or lost after the last sync. Only
-the target slot's 48-byte entry is ever written in the header (the rest is
-never rewritten), and its key-material offset and stripes never change. So
-a torn entry write can only spoil the target slot, whose passphrase is the
-one being added or removed. The 592-byte header spans two sectors and slot
-6's entry straddles them, but every entry's state word and iteration count
-lie in one sector, so a torn write never yields a corrupt state word or an
-active slot with zero iterations (either would make QEMU and cryptsetup
-refuse the whole header). Erasure writes one pass of random bytes (QEMU
-writes 40; on today's disks more passes add nothing but time). The tests in
-tests/crypto/luks/test_crash_safety.py model exactly this: a write-back
-cache losing any suffix of the unsynced writes, the last surviving write
-torn at any sector boundary, or the Nth write or sync failing.
+(old or new content), as disks and file systems provide; anything else may
+be reordered, torn at sector boundaries or lost after the last sync.
+Erasure writes one pass of random bytes (QEMU writes 40; on today's disks
+more passes add nothing but time). tests/crypto/luks/test_crash_safety.py
+models exactly this: a write-back cache losing any suffix of the unsynced
+writes, the last surviving write torn at sector boundaries, or the Nth
+write or sync failing; it checks every resulting disk.
 
 The header is re-read and checked before planning; apply refuses to write
 if it changed on disk in between (nothing is written in that case).
@@ -129,8 +133,25 @@ def _c_int(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _entry_write(header: LuksHeader, index: int) -> tuple[int, bytes]:
-    return slot_entry_offset(index), header.slots[index].pack()
+def _entry_writes(header: LuksHeader, index: int, *, activating: bool,
+                  ) -> list[tuple[int, bytes] | None]:
+    """Steps writing slot ``index``'s entry so that no crash leaves it half-made.
+
+    An entry within one sector is one write. Slot 6's entry straddles the
+    header's two sectors: its state word, iteration count and first salt
+    bytes are in sector 0, the rest of the salt in sector 1. Activating
+    writes sector 1's part first (an inactive slot's salt means nothing),
+    syncs, then flips the state in sector 0; deactivating flips the state
+    first. Either way the slot is never active with a half-written salt.
+    """
+    offset = slot_entry_offset(index)
+    data = header.slots[index].pack()
+    boundary = (offset // SECTOR_SIZE + 1) * SECTOR_SIZE
+    if offset + len(data) <= boundary:
+        return [(offset, data)]
+    head = (offset, data[:boundary - offset])
+    tail = (boundary, data[boundary - offset:])
+    return [tail, None, head] if activating else [head, None, tail]
 
 
 class _Session:
@@ -236,8 +257,11 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     material_offset = slot.entry.key_offset * SECTOR_SIZE
     steps: list[tuple[int, bytes] | None] = []
     if was_active:
-        steps += [_entry_write(_inactive(header, keyslot), keyslot), None]
-    steps += [(material_offset, slot.material), None, _entry_write(new_header, keyslot), None]
+        steps += _entry_writes(_inactive(header, keyslot), keyslot, activating=False)
+        steps.append(None)
+    steps += [(material_offset, slot.material), None]
+    steps += _entry_writes(new_header, keyslot, activating=True)
+    steps.append(None)
     return AmendPlan(session.volume, session.raw, steps, new_header, f"add keyslot {keyslot}")
 
 
@@ -287,7 +311,9 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
     new_header = header
     for index in targets:
         new_header = _inactive(new_header, index)
-    steps: list[tuple[int, bytes] | None] = [_entry_write(new_header, i) for i in targets]
+    steps: list[tuple[int, bytes] | None] = []
+    for index in targets:
+        steps += _entry_writes(new_header, index, activating=False)
     steps.append(None)
     length = header.material_length()
     for index in targets:
