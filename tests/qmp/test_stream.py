@@ -296,7 +296,7 @@ _json_values = st.recursive(
     max_leaves=30)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(value=_json_values, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]),
        cuts=st.lists(st.integers(0, 10_000), max_size=8))
 def test_any_json_value_round_trips_at_any_split(value, ascii_only, indent, cuts):
@@ -326,3 +326,33 @@ def test_garbage_never_raises_and_a_message_after_resync_is_parsed(garbage, cut)
     parser = JSONStreamParser()
     cut = cut % (len(data) + 1)
     assert parser.feed(data[:cut]) + parser.feed(data[cut:]) == whole
+
+
+# -- speed (generous bounds: the machine is shared) ------------------------------
+
+def _timed(func) -> float:
+    import time
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+def test_ten_thousand_small_messages_take_well_under_a_second():
+    data = b'{"execute": "query-version"}\n' * 10_000
+    parser = JSONStreamParser()
+    assert _timed(lambda: parser.feed(data)) < 1.0
+    chunks = [data[i:i + 29] for i in range(0, len(data), 29)]
+    assert _timed(lambda: [parser.feed(c) for c in chunks]) < 1.0
+
+
+def test_one_megabyte_message_takes_well_under_a_second():
+    nodes = [{"node-name": f"n{i}", "size": i, "read-only": False} for i in range(18_000)]
+    data = json.dumps({"execute": "x", "arguments": {"nodes": nodes}}).encode()
+    assert len(data) > 1 << 20
+    out: list = []
+    assert _timed(lambda: out.extend(JSONStreamParser().feed(data))) < 1.0
+    parser = JSONStreamParser()
+    chunked = _timed(lambda: [out.extend(parser.feed(data[i:i + 65536]))
+                              for i in range(0, len(data), 65536)])
+    assert chunked < 2.0
+    assert out == [Parsed({"execute": "x", "arguments": {"nodes": nodes}})] * 2
