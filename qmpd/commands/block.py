@@ -28,31 +28,54 @@ async def query_named_block_nodes(ctx: CommandContext, args: dict) -> list:
     return ctx.daemon.nodes.query_named_block_nodes(args.get("flat", False))
 
 
+def _progress_like_qemu(work):
+    """QEMU's create and amend jobs report 0/1, then 1/1 whatever the outcome."""
+
+    async def body(job) -> None:
+        job.progress.set(0, 1)
+        try:
+            await work()
+        finally:
+            job.progress.set(1, 1)
+
+    return body
+
+
 @handler("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: dict) -> dict:
     options = args["options"]
     nodes = ctx.daemon.nodes
-
-    async def body(job) -> None:
-        await nodes.create(options, job.progress)
-
-    ctx.daemon.jobs.start(args["job-id"], "create", body)
+    ctx.daemon.jobs.start(args["job-id"], "create",
+                          _progress_like_qemu(lambda: nodes.create(options, _NO_PROGRESS)))
     return {}
 
 
 @handler("blockdev-amend", "x-blockdev-amend")
 async def blockdev_amend(ctx: CommandContext, args: dict) -> dict:
-    """QEMU checks the node, the driver and the permissions before the job exists."""
-    nodes = ctx.daemon.nodes
+    """As QEMU: node and driver checks, then the job is created, then the
+    permission checks of the driver's pre_run; if those fail the job goes
+    straight to 'null' and the command fails."""
+    nodes, jobs = ctx.daemon.nodes, ctx.daemon.jobs
     job_id, node_name, options = args["job-id"], args["node-name"], args["options"]
     force = args.get("force", False)
     command = ctx.command
     nodes.amend_precheck(node_name, options, command)
-    ctx.daemon.jobs.check_new_id(job_id)
-    await nodes.amend_check_permissions(node_name, options, command)
-
-    async def body(job) -> None:
-        await nodes.amend(node_name, options, force, job.progress, command)
-
-    ctx.daemon.jobs.start(job_id, "amend", body)
+    job = jobs.create(job_id, "amend")
+    try:
+        await nodes.amend_check_permissions(node_name, options, command)
+    except BaseException:
+        jobs.early_fail(job)
+        raise
+    jobs.begin(job, _progress_like_qemu(
+        lambda: nodes.amend(node_name, options, force, _NO_PROGRESS, command)))
     return {}
+
+
+class _NoProgress:
+    """The job wrapper reports progress; the block layer's own reports are not needed."""
+
+    def set(self, current: int, total: int) -> None:
+        pass
+
+
+_NO_PROGRESS = _NoProgress()

@@ -210,6 +210,19 @@ class JobManager:
         Emits 'created' and 'running' before returning. Defaults are those of
         QEMU's create and amend jobs (JOB_DEFAULT | JOB_MANUAL_DISMISS).
         """
+        job = self.create(job_id, job_type, auto_finalize=auto_finalize,
+                          auto_dismiss=auto_dismiss)
+        self.begin(job, body)
+        return job
+
+    def create(self, job_id: str, job_type: str, *, auto_finalize: bool = True,
+               auto_dismiss: bool = False) -> Job:
+        """QEMU's job_create alone: the job exists ('created') but does not run.
+
+        A command that has checks to make between creating and starting its
+        job (as x-blockdev-amend's pre_run) then calls :meth:`begin` or
+        :meth:`early_fail`.
+        """
         if self._nursery is None or self._closing:
             raise RuntimeError("the job manager is not running")
         if job_type not in states.JOB_TYPES:
@@ -219,9 +232,19 @@ class JobManager:
                   auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self._transition(job, states.CREATED)
         self._jobs.insert(0, job)
-        self._transition(job, states.RUNNING)
-        self._nursery.start_soon(self._run_job, job, body, name=f"job {job_id}")
         return job
+
+    def begin(self, job: Job, body: JobBody) -> None:
+        """QEMU's job_start: 'running', and the body runs in its own task."""
+        if self._nursery is None or self._closing:
+            self.early_fail(job)
+            raise RuntimeError("the job manager is not running")
+        self._transition(job, states.RUNNING)
+        self._nursery.start_soon(self._run_job, job, body, name=f"job {job.id}")
+
+    def early_fail(self, job: Job) -> None:
+        """QEMU's job_early_fail: a created job that never ran goes away ('null')."""
+        self._dismiss(job)
 
     def check_new_id(self, job_id: str) -> None:
         """QEMU's job_create checks of the id, for commands that must fail
