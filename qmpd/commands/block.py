@@ -34,7 +34,7 @@ def _progress_like_qemu(work):
     async def body(job) -> None:
         job.progress.set(0, 1)
         try:
-            await work()
+            await work(job.progress)
         finally:
             job.progress.set(1, 1)
 
@@ -46,7 +46,7 @@ async def blockdev_create(ctx: CommandContext, args: dict) -> dict:
     options = args["options"]
     nodes = ctx.daemon.nodes
     ctx.daemon.jobs.start(args["job-id"], "create",
-                          _progress_like_qemu(lambda: nodes.create(options, _NO_PROGRESS)))
+                          _progress_like_qemu(lambda progress: nodes.create(options, progress)))
     return {}
 
 
@@ -67,15 +67,5 @@ async def blockdev_amend(ctx: CommandContext, args: dict) -> dict:
         jobs.early_fail(job)
         raise
     jobs.begin(job, _progress_like_qemu(
-        lambda: nodes.amend(node_name, options, force, _NO_PROGRESS, command)))
+        lambda progress: nodes.amend(node_name, options, force, progress, command)))
     return {}
-
-
-class _NoProgress:
-    """The job wrapper reports progress; the block layer's own reports are not needed."""
-
-    def set(self, current: int, total: int) -> None:
-        pass
-
-
-_NO_PROGRESS = _NoProgress()
