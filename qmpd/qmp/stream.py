@@ -631,7 +631,7 @@ class JSONStreamParser:
         quick = _QUICK_TOKEN.match
         bulk = _BULK_RUN.match
         whitespace = _STAY_RUN[_LexState.START].match
-        text = data.decode("ascii") if data.isascii() else None
+        ascii_text = data.decode("ascii") if data.isascii() else None
         while i < n:
             state = self._state
             if state == START:
@@ -639,9 +639,9 @@ class JSONStreamParser:
                 if byte in b" \t\r\n":
                     i = whitespace(data, i).end()
                     continue
-                if (text is not None and (byte == 0x7B or byte == 0x5B)
+                if (ascii_text is not None and (byte == 0x7B or byte == 0x5B)
                         and self._token_count == 0):
-                    taken = self._take_whole_message(text, data, i)
+                    taken = self._take_whole_message(ascii_text, data, i)
                     if taken:
                         i = taken
                         continue
@@ -654,21 +654,21 @@ class JSONStreamParser:
                 m = quick(data, i)
                 if m is not None:
                     kind = m.lastindex
-                    text = m.group(kind)
+                    token = m.group(kind)
                     if kind == 1:
-                        self._process_token(_STRUCTURAL[text[0]], text)
+                        self._process_token(_STRUCTURAL[token[0]], token)
                         i = m.end()
                         continue
-                    if len(text) <= self._max_token_size:
+                    if len(token) <= self._max_token_size:
                         if kind == 2:
                             tok = _Tok.STRING
                         elif kind == 3:
                             tok = _Tok.KEYWORD
-                        elif b"." in text or b"e" in text or b"E" in text:
+                        elif b"." in token or b"e" in token or b"E" in token:
                             tok = _Tok.FLOAT
                         else:
                             tok = _Tok.INTEGER
-                        self._process_token(tok, text)
+                        self._process_token(tok, token)
                         i = m.end()
                         continue
             run = _STAY_RUN_BY_STATE[state]
