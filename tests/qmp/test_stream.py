@@ -367,3 +367,27 @@ def test_one_megabyte_message_takes_well_under_a_second():
                               for i in range(0, len(data), 65536)])
     assert chunked < 2.0
     assert out == [Parsed({"execute": "x", "arguments": {"nodes": nodes}})] * 2
+
+
+_PIECES = [b"{", b"}", b"[", b"]", b":", b",", b'"', b"'", b"\\", b"u", b"0", b"1", b"-", b".",
+           b"e", b"E", b"+", b"a", b"true", b"x", b"@", b" ", b"\n", b"\t", b"\x00", b"\x01",
+           b"\xc0\x80", b"\xc3\xa9", b"\xef\xbf\xbf", b"\xff", b"%", b"\\uD83D", b"\\u0000",
+           b'{"execute": "query-version", "id": 1}', b'[1, 2.5, -0, 0e5, "x"]',
+           b"'sq'", b'{"a":1,"a":2}', b" " * 12, b"12345678901234"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.lists(st.sampled_from(_PIECES), max_size=40).map(b"".join),
+       limits=st.sampled_from([{}, {"max_nesting": 3}, {"max_token_count": 7},
+                               {"max_token_size": 12}]),
+       sizes=st.lists(st.integers(1, 12), min_size=1, max_size=60))
+def test_fast_and_exact_paths_agree_however_the_input_is_cut(payload, limits, sizes):
+    whole = JSONStreamParser(**limits).feed(payload)
+    assert parse_bytewise(payload, **limits) == whole
+    parser, chunked, start = JSONStreamParser(**limits), [], 0
+    for size in sizes * (len(payload) // len(sizes) + 1):
+        if start >= len(payload):
+            break
+        chunked += parser.feed(payload[start:start + size])
+        start += size
+    assert chunked == whole
