@@ -57,45 +57,65 @@ def _encode_string(text: str) -> str:
     return "".join(out)
 
 
+class _Text(str):
+    """Output already encoded (punctuation, keys), queued among values."""
+
+    __slots__ = ()
+
+
+_COMMA = _Text(", ")
+_CLOSE_BRACE = _Text("}")
+_CLOSE_BRACKET = _Text("]")
+
+
+@lru_cache(maxsize=8192)
+def _member_prefix(key: str) -> _Text:
+    return _Text(_encode_key(key) + ": ")
+
+
 def _encode(value, out: list[str]) -> None:
-    if isinstance(value, str):
-        out.append(_encode_string(value))
-    elif value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, int):
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append("%.17g" % value)
-    elif isinstance(value, dict):
-        if not value:
-            out.append("{}")
-            return
-        out.append("{")
-        first = True
-        for key in qdict_order(tuple(value)):
-            if not first:
-                out.append(", ")
-            first = False
-            out.append(_encode_key(key))
-            out.append(": ")
-            _encode(value[key], out)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            out.append("[]")
-            return
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(", ")
-            _encode(item, out)
-        out.append("]")
-    else:
-        raise TypeError(f"cannot encode {type(value).__name__} as QMP JSON")
+    """Encode with an explicit stack: a client may send values nested 1024
+    deep (the parser's limit) and have them echoed back in ``id``, deeper
+    than Python's recursion limit allows."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            out.append(value if type(value) is _Text else _encode_string(value))
+        elif value is None:
+            out.append("null")
+        elif value is True:
+            out.append("true")
+        elif value is False:
+            out.append("false")
+        elif isinstance(value, int):
+            out.append(str(value))
+        elif isinstance(value, float):
+            out.append("%.17g" % value)
+        elif isinstance(value, dict):
+            if not value:
+                out.append("{}")
+                continue
+            out.append("{")
+            stack.append(_CLOSE_BRACE)
+            keys = qdict_order(tuple(value))
+            for i in range(len(keys) - 1, -1, -1):
+                stack.append(value[keys[i]])
+                stack.append(_member_prefix(keys[i]))
+                if i:
+                    stack.append(_COMMA)
+        elif isinstance(value, (list, tuple)):
+            if not value:
+                out.append("[]")
+                continue
+            out.append("[")
+            stack.append(_CLOSE_BRACKET)
+            for i in range(len(value) - 1, -1, -1):
+                stack.append(value[i])
+                if i:
+                    stack.append(_COMMA)
+        else:
+            raise TypeError(f"cannot encode {type(value).__name__} as QMP JSON")
 
 
 def encode_message(message: dict) -> bytes:
