@@ -371,18 +371,37 @@ class BlockGraph:
                 node = self.nodes.get(name)
                 if node is None:
                     raise QMPError.generic(f"Failed to find node with node-name='{name}'")
-                if opts.get("driver") != node.driver:
-                    raise QMPError.generic("Cannot change the option 'driver'")
-                if node.driver == "file" and opts.get("filename") != node.options.get("filename"):
-                    raise QMPError.generic("Cannot change the option 'filename'")
-                ref = opts.get("file")
-                if node.file is not None and ref is not None and ref != node.file.name:
-                    raise QMPError.generic("Cannot change the option 'file'")
-                if node.busy:
-                    raise QMPError.generic(f"Block device {name} is in use")
-                plan.append((node, bool(opts.get("read-only", False))))
+                self._plan_reopen(node, opts, bool(opts.get("read-only", False)), plan)
             with trio.CancelScope(shield=True):
                 await self._apply_reopen(plan)
+
+    def _plan_reopen(self, node: Node, opts: dict, read_only: bool,
+                     plan: list[tuple[Node, bool]]) -> None:
+        """Check one node's reopen options and queue it, with its implicit child.
+
+        As QEMU's reopen queue: a child the parent created from inline
+        options (given again inline or by its name) is reopened too and
+        inherits the parent's read-only unless its own options say otherwise;
+        a child added on its own is left alone.
+        """
+        if opts.get("driver") != node.driver:
+            raise QMPError.generic("Cannot change the option 'driver'")
+        if "node-name" in opts and opts["node-name"] != node.name:
+            raise QMPError.generic("Cannot change the option 'node-name'")
+        if node.driver == "file" and opts.get("filename") != node.options.get("filename"):
+            raise QMPError.generic("Cannot change the option 'filename'")
+        if node.busy:
+            raise QMPError.generic(f"Block device {node.name} is in use")
+        plan.append((node, read_only))
+        child, ref = node.file, opts.get("file")
+        if child is None or ref is None:
+            return
+        if isinstance(ref, dict) and child.implicit:
+            self._plan_reopen(child, ref, bool(ref.get("read-only", read_only)), plan)
+        elif ref != child.name:
+            raise QMPError.generic("Cannot change the option 'file'")
+        elif child.implicit:
+            self._plan_reopen(child, {**child.options, "node-name": child.name}, read_only, plan)
 
     async def _apply_reopen(self, plan: list[tuple[Node, bool]]) -> None:
         old = {node: node.read_only for node, _ in plan}
@@ -498,9 +517,14 @@ class BlockGraph:
             raise QMPError.generic(f"{command} doesn't support changing the block driver")
         if not isinstance(node, FormatNode):
             raise QMPError.generic(f"Driver does not support {command}")
-        if _file_handle(node).read_only:
-            raise QMPError.generic("Block node is read-only")
         return node
+
+    @staticmethod
+    def _amend_check_writable(node: FormatNode) -> None:
+        """QEMU's luks driver asks for WRITE on its file before the update
+        (after the job exists); qcow2 already holds it, or fails at the write."""
+        if node.driver == "luks" and _file_handle(node).read_only:
+            raise QMPError.generic("Block node is read-only")
 
     async def amend_check_permissions(self, node_name: str, options: dict, command: str) -> None:
         """Would the key update get its permissions now? Takes nothing.
@@ -511,6 +535,9 @@ class BlockGraph:
         node = self.amend_precheck(node_name, options, command)
         if not self._amend_has_work(node, options):
             return
+        self._amend_check_writable(node)
+        if _file_handle(node).read_only:
+            return  # qcow2: QEMU fails this in the job, at the first write
         async with self._lock:
             node.updating_keys = True
             try:
@@ -568,6 +595,7 @@ class BlockGraph:
         if not self._amend_has_work(node, options):
             progress.set(1, 1)
             return
+        self._amend_check_writable(node)
         from qmpd.crypto.luks.amend import apply_amend, prepare_amend
         amend_opts, secrets = self._luks_amend_options(node, options, force)
         node.busy = "amend"
@@ -575,6 +603,11 @@ class BlockGraph:
             handle = _file_handle(node)
             io = node.luks_io(handle)
             plan = await _in_thread(lambda: prepare_amend(node.volume, io, amend_opts))
+            if handle.read_only:
+                # A read-only qcow2 node: QEMU's qcow2 header-write callback
+                # reports the refused write with this (misworded) text.
+                raise QMPError.generic("Could not read encryption header: "
+                                       "Operation not permitted")
             await trio.lowlevel.checkpoint_if_cancelled()
             with trio.CancelScope(shield=True):
                 async with self._lock:
