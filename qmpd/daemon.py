@@ -27,6 +27,7 @@ from qmpd.jobs.manager import JobManager
 from qmpd.qmp.errors import QMPError
 from qmpd.qmp.server import Connection, event_message, open_unix_listener
 from qmpd.qmp.session import Call, Session
+from qmpd.qmp.wire import encode_message
 from qmpd.schema import Schema
 
 log = logging.getLogger("qmpd")
@@ -151,6 +152,15 @@ class Daemon:
         self._connection_count += 1
         if len(self.connections) >= self.limits.max_connections:
             log.warning("refusing a client: %d sessions already", len(self.connections))
+            # Say why instead of a bare hang-up; a short write to a fresh
+            # socket fits its buffer, and a client that is gone costs nothing.
+            refusal = Session.error_reply(QMPError.generic(
+                f"Too many QMP connections (at most {self.limits.max_connections})"))
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(encode_message(refusal))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
             await trio.aclose_forcefully(stream)
             return
         try:
