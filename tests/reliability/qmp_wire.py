@@ -38,6 +38,10 @@ class RawQMP:
 
     def recv(self, timeout: float | None = None) -> dict:
         """The next message (reply or event)."""
+        return decode_message(self.recv_line(timeout))
+
+    def recv_line(self, timeout: float | None = None) -> bytes:
+        """The next message's bytes."""
         if timeout is not None:
             self.sock.settimeout(timeout)
         while b"\n" not in self._buf:
@@ -46,7 +50,7 @@ class RawQMP:
                 raise ConnectionClosed(self._buf[:200])
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
-        return decode_message(line)
+        return line
 
     def reply(self, timeout: float | None = None) -> dict:
         """The next reply, setting events aside."""
