@@ -560,25 +560,24 @@ class BlockGraph:
             opts = options
         secrets: list[bytearray] = []
 
-        def secret(key: str) -> bytearray | None:
-            if opts.get(key) is None:
+        def lazy(secret_id: str | None):
+            """Looked up where QEMU looks it up (see LuksAmendOptions), then wiped."""
+            if secret_id is None:
                 return None
-            value = self.secrets.lookup(opts[key])
-            secrets.append(value)
-            return value
 
-        try:
-            amend = LuksAmendOptions(state=opts["state"], new_secret=secret("new-secret"),
-                                     old_secret=secret("old-secret"), keyslot=opts.get("keyslot"),
-                                     iter_time=opts.get("iter-time"), secret=secret("secret"),
-                                     force=force)
-            if amend.state == "active" and amend.secret is None and node.key_secret:
-                amend.opened_secret = self.secrets.lookup(node.key_secret)
-                secrets.append(amend.opened_secret)
-        except BaseException:
-            for value in secrets:
-                _wipe(value)
-            raise
+            def lookup() -> bytearray:
+                value = self.secrets.lookup(secret_id)
+                secrets.append(value)
+                return value
+
+            return lookup
+
+        amend = LuksAmendOptions(state=opts["state"], new_secret=lazy(opts.get("new-secret")),
+                                 old_secret=lazy(opts.get("old-secret")),
+                                 keyslot=opts.get("keyslot"), iter_time=opts.get("iter-time"),
+                                 secret=lazy(opts.get("secret")), force=force)
+        if amend.state == "active" and amend.secret is None and node.key_secret:
+            amend.opened_secret = lazy(node.key_secret)
         return amend, secrets
 
     async def amend(self, node_name: str, options: dict, force: bool, progress: Progress,

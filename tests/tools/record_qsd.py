@@ -966,6 +966,13 @@ def dismiss(job: str) -> Step:
     return S(cmd("job-dismiss", {"id": job}), 1, [job_event(job, "null")])
 
 
+#: qsd 7.2 takes iter-time 0 and writes a slot with the minimum iterations;
+#: qmpd refuses a zero or negative iter-time with a clear error, as its spec asks.
+ZERO_ITER_TIME = {"note": "qmpd refuses iter-time 0 (the job fails with a clear error)",
+                  "skip": ["steps[1].events", "steps[2].replies", "steps[4].replies",
+                           "steps[5].replies"]}
+
+
 def amend_case(name: str, options: dict, *, node: str = "l0", image: dict = LUKS_IMG,
                before: Iterable[str | Step] = (), extra: dict | None = None, **kw: Any) -> Case:
     """Open a node, amend it, read the job's life, dismiss it, look again."""
@@ -1065,7 +1072,8 @@ def block_cases() -> list[Case]:
         amend_case("amend-add-key-unknown-old-secret", add_key(**{"old-secret": "nope"})),
         amend_case("amend-add-key-wrong-old-secret", add_key(**{"old-secret": "bad"})),
         amend_case("amend-add-key-right-old-secret", add_key(**{"old-secret": "s0"})),
-        amend_case("amend-add-key-zero-iter-time", add_key(**{"iter-time": 0})),
+        amend_case("amend-add-key-zero-iter-time", add_key(**{"iter-time": 0}),
+                   difference=ZERO_ITER_TIME),
         amend_case("amend-erase-by-secret", erase(**{"old-secret": "s0"}), before=[add_s1]),
         amend_case("amend-erase-by-slot", erase(keyslot=1), before=[add_s1]),
         amend_case("amend-erase-only-slot", erase(keyslot=0)),

@@ -88,23 +88,33 @@ from qmpd.crypto.luks.volume import (
     LuksVolume, check_payload_in_file, find_key, parse_header_bytes, slot_state_digest)
 
 
+SecretValue = bytes | bytearray | Callable[[], bytes | bytearray]
+
+
+def _resolve(secret: SecretValue) -> bytes | bytearray:
+    return secret() if callable(secret) else secret
+
+
 @dataclass
 class LuksAmendOptions:
     """QCryptoBlockAmendOptionsLUKS plus ``force``; secrets as bytes.
 
-    ``None`` means "not given". ``opened_secret`` is not a QMP option: it is
+    ``None`` means "not given". A secret may also be a callable returning
+    the bytes: it is called only where QEMU looks the secret up, so an
+    unknown secret id is reported in QEMU's order, after the checks that
+    come before the lookup. ``opened_secret`` is not a QMP option: it is
     the current value of the secret the volume was opened with, which the
     caller supplies for adding a key when ``secret`` is not given.
     """
 
     state: str
-    new_secret: bytes | bytearray | None = None
-    old_secret: bytes | bytearray | None = None
+    new_secret: "SecretValue | None" = None
+    old_secret: "SecretValue | None" = None
     keyslot: int | None = None
     iter_time: int | None = None
-    secret: bytes | bytearray | None = None
+    secret: "SecretValue | None" = None
     force: bool = False
-    opened_secret: bytes | bytearray | None = field(default=None, repr=False)
+    opened_secret: "SecretValue | None" = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         given = [name for name in ("new_secret", "old_secret", "secret", "opened_secret")
@@ -246,12 +256,13 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     if unlock_secret is None:
         raise CryptoError("The passphrase to unlock the volume is not available: "
                           "give 'secret'")
-    session.unlock(unlock_secret)
+    session.unlock(_resolve(unlock_secret))
+    new_secret = _resolve(options.new_secret)
 
     iter_time = options.iter_time if options.iter_time is not None else DEFAULT_ITER_TIME
     check_iter_time(iter_time)
     iterations = pbkdf.iterations_for_time(session.hash_name, iter_time, header.key_bytes)
-    slot = build_slot(header, session.spec, session.hash_name, keyslot, options.new_secret,
+    slot = build_slot(header, session.spec, session.hash_name, keyslot, new_secret,
                       session.volume.volume_key, iterations, random_bytes)
     new_header = header.with_slot(keyslot, slot.entry)
     material_offset = slot.entry.key_offset * SECTOR_SIZE
@@ -280,7 +291,7 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
         raise CryptoError("'iter-time' must not be given when erasing keyslots")
     if options.secret is not None:
         raise CryptoError("'secret' must not be given when erasing keyslots")
-    old_secret = options.old_secret
+    old_secret = None if options.old_secret is None else _resolve(options.old_secret)
     if options.keyslot is not None:
         keyslot = _c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
