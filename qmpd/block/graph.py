@@ -58,8 +58,13 @@ def _wipe(buf: bytearray | None) -> None:
             buf[i] = 0
 
 
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking work in a worker thread; CryptoError becomes QMPError."""
+async def _in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    """Run blocking work in a worker thread; CryptoError becomes QMPError.
+
+    ``abandon_on_cancel``: on cancellation return at once and let the thread
+    finish unobserved; only for work that writes nothing (its result is
+    dropped), such as PBKDF2 over a hostile header's iteration count.
+    """
     def call() -> T:
         try:
             return fn(*args)
@@ -67,7 +72,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
             raise QMPError.generic(str(err)) from None
         except OSError as err:
             raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
-    return await trio.to_thread.run_sync(call)
+    return await trio.to_thread.run_sync(call, abandon_on_cancel=abandon_on_cancel)
 
 
 def node_name_error(name: str) -> QMPError | None:
@@ -601,7 +606,10 @@ class BlockGraph:
         try:
             handle = _file_handle(node)
             io = node.luks_io(handle)
-            plan = await _in_thread(lambda: prepare_amend(node.volume, io, amend_opts))
+            # Reads and computes only: a cancelled job need not wait for PBKDF2
+            # (a slot may claim billions of iterations).
+            plan = await _in_thread(lambda: prepare_amend(node.volume, io, amend_opts),
+                                    abandon_on_cancel=True)
             if handle.read_only:
                 # A read-only qcow2 node: QEMU's qcow2 header-write callback
                 # reports the refused write with this (misworded) text.
