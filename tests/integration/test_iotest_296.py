@@ -150,3 +150,20 @@ def test_qcow2_second_writer_cannot_even_open(qmpd_daemon, templates, tmp_path):
     assert image.unlockers() == {0, 1}
     for mon in monitors:
         mon.close()
+
+
+def test_read_only_qcow2_amend_fails_at_the_write(qmpd_daemon, templates, tmp_path):  # noqa: F811
+    """QEMU's qcow2 driver has no amend pre-run: the job starts, checks and
+    unlocks, and only its first header write is refused (with QEMU's text)."""
+    image, key = copy_image(templates, "qcow2", tmp_path)
+    mon = Monitor(qmpd_daemon()[0])
+    mon.add_secrets(2)
+    mon.ok("blockdev-add", image.blockdev("testdev", read_only=True))
+    before = image.digest()
+    assert mon.amend("testdev", image, add_key(1, keyslot=8)) == \
+        "Invalid keyslot 8 specified, must be between 0 and 7"
+    assert mon.amend("testdev", image, add_key(1)) == \
+        "Could not read encryption header: Operation not permitted"
+    assert image.digest() == before
+    assert image.unlockers() == {0}
+    mon.close()
