@@ -80,7 +80,9 @@ class Daemon:
                 args += ["--chardev", f"socket,id=c{i},path={path},server=on,wait=off",
                          "--monitor", f"chardev=c{i}"]
         else:
-            args = [sys.executable, "-m", "qmpd", "--socket", self.sockets[0]]
+            args = [sys.executable, "-m", "qmpd"]
+            for path in self.sockets:
+                args += ["--socket", path]
         self.proc = subprocess.Popen(args + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not all(os.path.exists(s) for s in self.sockets):
@@ -89,7 +91,7 @@ class Daemon:
             time.sleep(0.02)
 
     def client(self, index: int = 0) -> Client:
-        c = Client(self.sockets[index if self.kind == "qsd" else 0])
+        c = Client(self.sockets[index % len(self.sockets)])
         assert "return" in c.execute("qmp_capabilities")
         return c
 
@@ -105,10 +107,6 @@ class Daemon:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-def amend_command(kind: str) -> str:
-    return "x-blockdev-amend"
 
 
 # -- measurements: each returns a number (higher or lower is better, see table) --
@@ -192,7 +190,7 @@ def add_key_with_latency(d: Daemon, image: str, iter_time: int) -> tuple[float, 
     poller.start()
     time.sleep(0.05)
     t0 = time.perf_counter()
-    reply = c.execute(amend_command(d.kind), {"job-id": "add", "node-name": "l0", "options": {
+    reply = c.execute("x-blockdev-amend", {"job-id": "add", "node-name": "l0", "options": {
         "driver": "luks", "state": "active", "new-secret": "new", "iter-time": iter_time}})
     assert "return" in reply, reply
     c.wait_job("add")
