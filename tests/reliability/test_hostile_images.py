@@ -169,13 +169,13 @@ def test_corrupt_qcow2_headers_and_extensions(workdir, scale, figures):
             node = {"driver": "qcow2", "node-name": "v",
                     "encrypt": {"format": "luks", "key-secret": "s0"},
                     "file": {"driver": "file", "filename": target}}
-            variants = list(corrupt_variants(image, QCOW2_FIELDS, [], rng, scale(50, 4000),
+            variants = list(corrupt_variants(image, QCOW2_FIELDS, [], rng, scale(25, 4000),
                                              (0, fde + 64)))
             extension = [("fde.length", fde + 4, 4), ("fde.offset", fde + 8, 8),
                          ("fde.size", fde + 16, 8), ("ext.magic", fde, 4)]
             variants += list(corrupt_variants(image, extension, [], rng, 0, (0, 1)))[:-10]
             variants += list(corrupt_variants(image, LUKS_FIELDS, LUKS_ITERATION_FIELDS, rng,
-                                              scale(30, 2000),
+                                              scale(15, 2000),
                                               (luks_offset, luks_offset + 4096),
                                               base=luks_offset))[:-10]
             answered, opened = _check_answers(q, target, variants, node)

@@ -225,7 +225,7 @@ def test_sigkill_during_create(workdir, templates, fmt, scale, figures):
     bystander, _ = templates[fmt]
     digest = hashlib.sha256(open(bystander, "rb").read()).hexdigest()
     kills = opened = 0
-    for i in range(scale(2, 30)):
+    for i in range(scale(1, 30)):
         target = workdir.file(f"new-{i}.{fmt}")
         open(target, "wb").close()
         iter_time = rng.randint(100, 300)
