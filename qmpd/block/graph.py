@@ -35,6 +35,10 @@ from qmpd.block.locks import ImageLock
 from qmpd.block.permissions import (
     ALL, NONE, Perm, PermissionUse, check_conflicts, cumulative, format_child_perms)
 from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.luks import (
+    DEFAULT_ITER_TIME, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume,
+    header_length, open_volume, prepare_amend)
+from qmpd.crypto.secrets import wipe as _wipe
 from qmpd.qmp.errors import QMPError
 
 T = TypeVar("T")
@@ -50,12 +54,6 @@ class SecretLookup(Protocol):
 
 class Progress(Protocol):
     def set(self, current: int, total: int) -> None: ...
-
-
-def _wipe(buf: bytearray | None) -> None:
-    if buf is not None:
-        for i in range(len(buf)):
-            buf[i] = 0
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
@@ -330,7 +328,6 @@ class BlockGraph:
             raise QMPError.generic(missing)
         passphrase = self.secrets.lookup(secret_id)
         try:
-            from qmpd.crypto.luks.volume import open_volume
             io = node.luks_io(handle)
             node.volume = await _in_thread(
                 lambda: open_volume(io, passphrase, payload_in_file=node.driver == "luks"))
@@ -554,7 +551,6 @@ class BlockGraph:
         return node.driver == "luks" or options.get("encrypt") is not None
 
     def _luks_amend_options(self, node: FormatNode, options: dict, force: bool):
-        from qmpd.crypto.luks.amend import LuksAmendOptions
         if node.driver == "qcow2":
             opts = options.get("encrypt")
             if node.volume is None:
@@ -600,7 +596,6 @@ class BlockGraph:
             progress.set(1, 1)
             return
         self._amend_check_writable(node)
-        from qmpd.crypto.luks.amend import apply_amend, prepare_amend
         amend_opts, secrets = self._luks_amend_options(node, options, force)
         node.busy = "amend"
         try:
@@ -721,7 +716,6 @@ class BlockGraph:
 
 def luks_create_options(opts: dict):
     """QCryptoBlockCreateOptionsLUKS (dashed keys) to the engine's options."""
-    from qmpd.crypto.luks.create import DEFAULT_ITER_TIME, LuksCreateOptions
     return LuksCreateOptions(
         cipher_alg=opts.get("cipher-alg", "aes-256"),
         cipher_mode=opts.get("cipher-mode", "xts"),
@@ -773,7 +767,6 @@ def create_file(options: dict) -> None:
 
 def write_luks_image(handle: FileNode, options: dict, luks_opts, passphrase: bytearray) -> None:
     """blockdev-create driver=luks: header at 0, then a payload of ``size`` bytes."""
-    from qmpd.crypto.luks.create import create_volume, header_length
     try:
         length = header_length(luks_opts)
         handle.truncate(0)
@@ -805,7 +798,6 @@ def write_qcow2_image(handle: FileNode, options: dict, luks_opts, passphrase) ->
     refcount_bits = options.get("refcount-bits", 16)
     lazy = bool(options.get("lazy-refcounts", False))
     qcow2.check_create_options(size, cluster_size, refcount_bits, version, lazy)
-    from qmpd.crypto.luks.create import create_volume, header_length
     try:
         crypto_length = header_length(luks_opts) if luks_opts is not None else 0
         layout = qcow2.plan_layout(size, cluster_size, refcount_bits, crypto_length)
