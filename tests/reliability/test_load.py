@@ -96,6 +96,12 @@ async def test_256_sessions_with_jobs(scale, figures):
                 answered += 1
                 if index == 0 and received == per_session // 10:
                     rss["warm"] = rss_kib(proc.pid)
+            # Keep reading events while jobs run: a session that stops reading
+            # is the slow-reader case (test_limits), not this one.
+            with trio.CancelScope() as scope:
+                draining.append(scope)
+                while True:
+                    q.events.append(await q.recv())
 
         async def job_driver() -> None:
             await all_negotiated.wait()
@@ -111,11 +117,16 @@ async def test_256_sessions_with_jobs(scale, figures):
                                    "arguments": {"id": f"j{i}"}})
                 assert "return" in await driver.reply()
 
+        draining: list[trio.CancelScope] = []
         async with trio.open_nursery() as nursery:
             for index, q in enumerate(sessions):
                 nursery.start_soon(client, index, q)
-            nursery.start_soon(job_driver)
             all_negotiated.set()
+            await job_driver()
+            while len(draining) < SESSIONS:
+                await trio.sleep(0.01)
+            for scope in draining:
+                scope.cancel()
         # Drain: a sentinel reply proves every earlier event reached each session.
         expected = [e for e in driver.events if e["event"] == "JOB_STATUS_CHANGE"]
         assert len(expected) == jobs * 6  # created running waiting pending concluded null
