@@ -411,3 +411,48 @@ def test_unreadable_and_odd_files(workdir):
             assert q.ok("query-version")
     finally:
         stop(proc)
+
+
+def _slow_open_started(workdir: str):
+    """A daemon whose first session is opening an image with 2e9 PBKDF2 iterations."""
+    slow_image, ok_image = os.path.join(workdir, "slow.luks"), os.path.join(workdir, "ok.luks")
+    _make_luks(slow_image)
+    _make_luks(ok_image)
+    _forge_iterations(slow_image, 0, HUGE_ITERATIONS)
+    sock = os.path.join(workdir, "q.sock")
+    proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
+    slow = RawQMP(sock).negotiate()
+    slow.send(b'{"execute": "blockdev-add", "arguments": {"driver": "luks", '
+              b'"node-name": "slow", "key-secret": "s0", "file": {"driver": "file", '
+              b'"filename": "' + slow_image.encode() + b'"}}}')
+    time.sleep(0.3)
+    return proc, sock, slow, ok_image
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, reported: BlockGraph.add holds the graph "
+                   "lock through the PBKDF2 of the open, so one hostile header stalls every "
+                   "other session's block commands")
+def test_slow_open_does_not_stall_other_block_commands(workdir):
+    proc, sock, slow, ok_image = _slow_open_started(workdir)
+    try:
+        with RawQMP(sock, timeout=1.5) as other:
+            other.negotiate()
+            reply = other.cmd("blockdev-add", {"driver": "luks", "node-name": "ok",
+                                               "key-secret": "s0",
+                                               "file": {"driver": "file", "filename": ok_image}})
+            assert "return" in reply
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, reported: shutdown waits for the worker "
+                   "thread of an open (PBKDF2 over a hostile iteration count: minutes)")
+def test_sigterm_during_slow_open_exits_promptly(workdir):
+    proc, sock, slow, ok_image = _slow_open_started(workdir)
+    try:
+        proc.terminate()
+        proc.wait(3)
+    finally:
+        proc.kill()
+        proc.wait()
