@@ -94,6 +94,7 @@ class Node:
     file: "Node | None" = None
     parents: list["Node"] = field(default_factory=list)   # newest first
     busy: str | None = None                                # e.g. an amend in progress
+    job_refs: int = 0                                      # jobs that hold the node until dismissed
 
     # Format nodes override these.
     def child_perms(self) -> tuple[Perm, Perm]:
@@ -356,7 +357,7 @@ class BlockGraph:
                 raise QMPError.generic(f"Failed to find node with node-name='{node_name}'")
             if node.implicit:
                 raise QMPError.generic(f"Node {node_name} is not owned by the monitor")
-            if node.parents or node.busy:
+            if node.parents or node.busy or node.job_refs:
                 raise QMPError.generic(f"Block device {node_name} is in use")
             with trio.CancelScope(shield=True):
                 await self._close_node(node)

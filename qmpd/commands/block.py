@@ -59,8 +59,12 @@ async def blockdev_amend(ctx: CommandContext, args: dict) -> dict:
     job_id, node_name, options = args["job-id"], args["node-name"], args["options"]
     force = args.get("force", False)
     command = ctx.command
-    nodes.amend_precheck(node_name, options, command)
+    node = nodes.amend_precheck(node_name, options, command)
     job = jobs.create(job_id, "amend")
+    # The job holds the node until it is dismissed (QEMU's bdrv_ref): until
+    # then blockdev-del refuses it, though its permissions are long released.
+    node.job_refs += 1
+    job.on_dismiss.append(lambda: setattr(node, "job_refs", node.job_refs - 1))
     try:
         await nodes.amend_check_permissions(node_name, options, command)
     except BaseException:

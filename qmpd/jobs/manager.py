@@ -102,6 +102,9 @@ class Job:
         self._body_done = False
         self._unpause = trio.Event()
         self._scope = trio.CancelScope(shield=True)
+        #: Run when the job goes away ('null'): references it held to other
+        #: objects end there, as QEMU's job_unref drops them.
+        self.on_dismiss: list[Callable[[], None]] = []
         # Set once the job has concluded (or vanished): shutdown waits on it.
         self._concluded = trio.Event()
 
@@ -387,6 +390,9 @@ class JobManager:
         self._transition(job, states.NULL)
         self._jobs.remove(job)
         job._concluded.set()
+        for release in job.on_dismiss:
+            release()
+        job.on_dismiss.clear()
 
 
 def _failure_text(job: Job, exc: BaseException) -> str:

@@ -121,8 +121,6 @@ def test_write_lock_released_when_the_job_ends_not_at_dismiss(two):
     assert image.unlockers(key) == {0, 1, 2}
 
 
-@pytest.mark.xfail(strict=True, reason="qmpd bug: the amend job does not keep its node "
-                   "referenced until dismissed (qemu-storage-daemon 7.2 refuses the delete)")
 def test_node_of_an_undismissed_job_is_in_use(two):
     vm1, _, image, _ = two
     vm1.ok("blockdev-add", image.blockdev("testdev"))
@@ -131,6 +129,8 @@ def test_node_of_an_undismissed_job_is_in_use(two):
     assert vm1.job_statuses("job0")[-1] == "concluded"
     assert vm1.error("blockdev-del", {"node-name": "testdev"}) == \
         "Block device testdev is in use"
+    vm1.ok("job-dismiss", {"id": "job0"})
+    assert vm1.ok("blockdev-del", {"node-name": "testdev"}) == {}
 
 
 def test_qcow2_second_writer_cannot_even_open(qmpd_daemon, templates, tmp_path):  # noqa: F811
