@@ -145,3 +145,24 @@ def test_create_over_an_old_luks_image_replaces_it():
     with pytest.raises(CryptoError):
         open_volume(io, b"old", payload_in_file=False)
     open_volume(io, b"new", payload_in_file=False).close()
+
+
+def test_parallel_slot_tries_answer_with_the_lowest_slot_that_opens():
+    """Slots are tried in parallel, but the answer is QEMU's: the first slot."""
+    from qmpd.crypto.luks import (LuksAmendOptions, LuksCreateOptions, MemoryImageIO,
+                                  apply_amend, create_volume, open_volume, prepare_amend)
+
+    io = MemoryImageIO()
+    volume = create_volume(io, b"shared", LuksCreateOptions(iter_time=10))
+    for slot, passphrase in ((1, b"other"), (2, b"shared"), (3, b"last")):
+        apply_amend(prepare_amend(volume, io, LuksAmendOptions(
+            state="active", new_secret=passphrase, secret=b"shared", keyslot=slot,
+            iter_time=10)), io)
+    key = bytes(volume.volume_key)
+    for passphrase, slot in ((b"shared", 0), (b"other", 1), (b"last", 3)):
+        opened = open_volume(io, passphrase)
+        assert bytes(opened.volume_key) == key
+        assert opened.witness.slot_index == slot
+        opened.close()
+    with pytest.raises(CryptoError, match="^Invalid password, cannot unlock any keyslot$"):
+        open_volume(io, b"nothing")
