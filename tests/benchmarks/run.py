@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.oracles import qemu_img_create_luks  # noqa: E402
+from tests.oracles import qemu_img_create_luks, run_qemu_img  # noqa: E402
 
 PASSWORD = "bench-pass"
 
@@ -157,8 +157,18 @@ def concurrent_rate(d: Daemon, n_clients: int, per_client: int) -> float:
     return rate
 
 
-def open_luks(c: Client, image: str, node: str = "l0") -> float:
-    c.execute("object-add", {"qom-type": "secret", "id": f"pw-{node}", "data": PASSWORD})
+def add_slots_with_qemu_img(image: str, count: int, iter_time: int) -> str:
+    """Fill slots 1..count with other passphrases; the last one is returned."""
+    for n in range(1, count + 1):
+        run_qemu_img(["amend", "--object", f"secret,id=s0,data={PASSWORD}",
+                      "--object", f"secret,id=s1,data={PASSWORD}-{n}",
+                      "--image-opts", f"driver=luks,key-secret=s0,file.filename={image}",
+                      "-o", f"state=active,new-secret=s1,iter-time={iter_time}"])
+    return f"{PASSWORD}-{count}"
+
+
+def open_luks(c: Client, image: str, node: str = "l0", passphrase: str = PASSWORD) -> float:
+    c.execute("object-add", {"qom-type": "secret", "id": f"pw-{node}", "data": passphrase})
     t0 = time.perf_counter()
     reply = c.execute("blockdev-add", {"driver": "luks", "node-name": node, "key-secret": f"pw-{node}",
                                        "file": {"driver": "file", "filename": image}})
@@ -241,6 +251,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="qmpd-bench-") as tmp:
         work = Path(tmp)
+        multi = str(work / "four-slots.luks")
+        qemu_img_create_luks(multi, PASSWORD, size="16M", iter_time=iter_time // 2)
+        last = add_slots_with_qemu_img(multi, 3, iter_time // 2)
         for run in range(opts.runs):
             for kind in ("qsd", "qmpd"):
                 image = str(work / f"{kind}-{run}.luks")
@@ -255,6 +268,9 @@ def main() -> int:
                     c = d.client(2)
                     record(kind, "blockdev-add of a qemu-img image (s)", open_luks(c, image, "probe"))
                     c.execute("blockdev-del", {"node-name": "probe"})
+                    record(kind, "blockdev-add, 4 slots, passphrase in the last (s)",
+                           open_luks(c, multi, "multi", last))
+                    c.execute("blockdev-del", {"node-name": "multi"})
                     c.close()
                     wall, worst, iters = add_key_with_latency(d, image, iter_time)
                     record(kind, f"add-key job, iter-time {iter_time} (s)", wall)
