@@ -87,6 +87,7 @@ class Daemon:
         deadline = time.monotonic() + 20
         while not all(os.path.exists(s) for s in self.sockets):
             if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
                 raise RuntimeError(f"{kind} did not start")
             time.sleep(0.02)
 
