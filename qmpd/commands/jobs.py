@@ -1,6 +1,6 @@
 """QMP handlers of QEMU's job-* commands and query-jobs (qapi/job.json).
 
-Thin: arguments arrive validated against schema/jobs.json; every rule and
+Thin: arguments arrive validated against schema/job.json; every rule and
 error text lives in :mod:`qmpd.jobs`.
 """
 
@@ -14,37 +14,16 @@ async def query_jobs(ctx: CommandContext, args: dict) -> list[dict]:
     return ctx.daemon.jobs.query()
 
 
-@handler("job-cancel")
-async def job_cancel(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.cancel(args["id"])
-    return {}
+def _verb(name: str):
+    """job-<name> {id}: the JobManager method of the same name."""
+
+    async def run(ctx: CommandContext, args: dict) -> dict:
+        await getattr(ctx.daemon.jobs, name)(args["id"])
+        return {}
+
+    run.__name__ = f"job_{name}"
+    return run
 
 
-@handler("job-pause")
-async def job_pause(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.pause(args["id"])
-    return {}
-
-
-@handler("job-resume")
-async def job_resume(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.resume(args["id"])
-    return {}
-
-
-@handler("job-complete")
-async def job_complete(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.complete(args["id"])
-    return {}
-
-
-@handler("job-finalize")
-async def job_finalize(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.finalize(args["id"])
-    return {}
-
-
-@handler("job-dismiss")
-async def job_dismiss(ctx: CommandContext, args: dict) -> dict:
-    await ctx.daemon.jobs.dismiss(args["id"])
-    return {}
+for _name in ("cancel", "pause", "resume", "complete", "finalize", "dismiss"):
+    handler(f"job-{_name}")(_verb(_name))
