@@ -83,6 +83,10 @@ def corrupt_variants(image: bytes, fields, iteration_fields, rng: random.Random,
         for _ in range(rng.randint(1, 8)):
             i = rng.randrange(*flip_range)
             data[i] = rng.randrange(256)
+        # Keep iteration counts sane: a flipped high byte asks for billions,
+        # which is the slow-header case with tests of its own.
+        for _, offset in iteration_fields:
+            data[base + offset:base + offset + 4] = image[base + offset:base + offset + 4]
         yield "flips", bytes(data)
     for cut in (0, 1, 100, 591, 592, 1000, 4096, 8192, len(image) // 2, len(image) - 1):
         yield f"truncated to {cut}", image[:cut]
@@ -142,7 +146,7 @@ def test_corrupt_luks_headers(workdir, scale, soak, figures):
             node = {"driver": "luks", "node-name": "v", "key-secret": "s0",
                     "file": {"driver": "file", "filename": target}}
             answered, opened = _check_answers(q, target, corrupt_variants(
-                image, _fast_slots(LUKS_FIELDS, soak), _fast_slots(LUKS_ITERATION_FIELDS, soak),
+                image, _fast_slots(LUKS_FIELDS, soak), LUKS_ITERATION_FIELDS,
                 rng, scale(60, 5000), (0, 4096 + 2048)),
                 node)
     finally:
