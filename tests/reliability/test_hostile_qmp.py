@@ -87,7 +87,7 @@ def test_seeded_mutator_fuzz_keeps_serving(qmpd_daemon, scale, figures):
     path, proc = qmpd_daemon()
     bystander = RawQMP(path).negotiate()
     rng = random.Random(20260601)
-    count = scale(3000, 60000)
+    count = scale(2000, 60000)
     session = FuzzSession(path)
     for data in fuzz_inputs.SPECIALS:
         session.feed(data)
