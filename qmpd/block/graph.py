@@ -155,6 +155,8 @@ class BlockGraph:
         self.nodes: dict[str, Node] = {}
         self._order: list[Node] = []            # creation order
         self._lock = trio.Lock()
+        #: Names of nodes being opened while the lock is let go (see _unlock_volume).
+        self._opening: set[str] = set()
         self._implicit_counter = 0
 
     # -- lookup ------------------------------------------------------------------
@@ -234,7 +236,7 @@ class BlockGraph:
         error = node_name_error(name)
         if error:
             raise error
-        if name in self.nodes:
+        if name in self.nodes or name in self._opening:
             raise QMPError.generic(f"Duplicate nodes with node-name='{name}'")
         return name
 
@@ -330,11 +332,29 @@ class BlockGraph:
         passphrase = self.secrets.lookup(secret_id)
         try:
             io = node.luks_io(handle)
-            node.volume = await _in_thread(
-                lambda: open_volume(io, passphrase, payload_in_file=node.driver == "luks"))
+            node.volume = await self._unlock_volume(
+                node, lambda: open_volume(io, passphrase, payload_in_file=node.driver == "luks"))
         finally:
             _wipe(passphrase)
         node.key_secret = secret_id
+
+    async def _unlock_volume(self, node: FormatNode, unlock: Callable[[], Any]) -> Any:
+        """Run the PBKDF2 of an open without holding the graph lock.
+
+        A header may ask for billions of iterations: that open is slow, but
+        no other session's block command may wait for it. The node's name is
+        reserved meanwhile, and its child already counts it as a parent (so
+        it cannot be deleted under us). The work writes nothing, so a cancel
+        (shutdown, a client gone) abandons the thread at once.
+        """
+        self._opening.add(node.name)
+        self._lock.release()
+        try:
+            return await _in_thread(unlock, abandon_on_cancel=True)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._lock.acquire()
+            self._opening.discard(node.name)
 
     async def _close_node(self, node: Node) -> None:
         """Close ``node`` and its implicit children (already detached from parents)."""
