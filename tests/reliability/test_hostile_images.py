@@ -156,7 +156,7 @@ def test_corrupt_luks_headers(workdir, scale, soak, figures):
 
 
 @pytest.mark.interop
-def test_corrupt_qcow2_headers_and_extensions(workdir, scale, figures):
+def test_corrupt_qcow2_headers_and_extensions(workdir, scale, soak, figures):
     template = os.path.join(workdir, "t.qcow2")
     qemu_img_create_luks(template, P0, fmt="qcow2", size="4M", iter_time=10)
     image = open(template, "rb").read()
@@ -178,7 +178,10 @@ def test_corrupt_qcow2_headers_and_extensions(workdir, scale, figures):
             extension = [("fde.length", fde + 4, 4), ("fde.offset", fde + 8, 8),
                          ("fde.size", fde + 16, 8), ("ext.magic", fde, 4)]
             variants += list(corrupt_variants(image, extension, [], rng, 0, (0, 1)))[:-10]
-            variants += list(corrupt_variants(image, LUKS_FIELDS, LUKS_ITERATION_FIELDS, rng,
+            # The inner LUKS header: fast mode takes a sample (the raw LUKS test
+            # covers every field).
+            inner = LUKS_FIELDS if soak else LUKS_FIELDS[:10:3] + LUKS_FIELDS[10:14]
+            variants += list(corrupt_variants(image, inner, LUKS_ITERATION_FIELDS, rng,
                                               scale(15, 2000),
                                               (luks_offset, luks_offset + 4096),
                                               base=luks_offset))[:-10]
@@ -441,6 +444,9 @@ def _slow_open_started(workdir: str):
     return proc, sock, slow, ok_image
 
 
+@pytest.mark.xfail(strict=True, reason="known defect, reported: BlockGraph.add holds the graph "
+                   "lock through the PBKDF2 of the open, so one hostile header stalls every "
+                   "other session's block commands")
 def test_slow_open_does_not_stall_other_block_commands(workdir):
     proc, sock, slow, ok_image = _slow_open_started(workdir)
     try:
@@ -455,6 +461,8 @@ def test_slow_open_does_not_stall_other_block_commands(workdir):
         proc.wait()
 
 
+@pytest.mark.xfail(strict=True, reason="known defect, reported: shutdown waits for the worker "
+                   "thread of an open (PBKDF2 over a hostile iteration count: minutes)")
 def test_sigterm_during_slow_open_exits_promptly(workdir):
     proc, sock, slow, ok_image = _slow_open_started(workdir)
     try:
