@@ -27,7 +27,7 @@ import time
 import pytest
 
 from qmpd.crypto.luks import FileImageIO, LuksCreateOptions, create_volume, open_volume
-from tests.oracles import qemu_img_create_luks
+from tests.reliability.images import qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 
@@ -158,7 +158,7 @@ def test_corrupt_luks_headers(workdir, scale, soak, figures):
 @pytest.mark.interop
 def test_corrupt_qcow2_headers_and_extensions(workdir, scale, soak, figures):
     template = os.path.join(workdir, "t.qcow2")
-    qemu_img_create_luks(template, P0, fmt="qcow2", size="4M", iter_time=10)
+    qemu_img_luks(template, P0, fmt="qcow2", size="4M")
     image = open(template, "rb").read()
     fde = image.find(b"\x05\x37\xbe\x77")
     assert fde > 0

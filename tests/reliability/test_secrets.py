@@ -24,7 +24,8 @@ import threading
 import pytest
 import trio
 
-from tests.oracles import cryptsetup_volume_key, qemu_img_create_luks
+from tests.oracles import cryptsetup_volume_key
+from tests.reliability.images import qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 
@@ -43,7 +44,7 @@ def test_no_secret_in_replies_events_errors_or_logs(fmt, figures):
     work = tempfile.mkdtemp(prefix="qmpd-s-")
     image = os.path.join(work, f"img.{fmt}")
     p0, p1, p2 = PLANTED
-    qemu_img_create_luks(image, p0, fmt=fmt, iter_time=10)
+    qemu_img_luks(image, p0, fmt=fmt)
     volume_key = cryptsetup_volume_key(image, p0.encode()) if fmt == "luks" else None
     sock, log_path = os.path.join(work, "q.sock"), os.path.join(work, "qmpd.log")
     proc = start_qmpd(sock, log_path, "--log-level", "debug", "--object",

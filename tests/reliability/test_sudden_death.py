@@ -31,8 +31,8 @@ import time
 
 import pytest
 
-from tests.oracles import (cryptsetup_unlocks, cryptsetup_volume_key, qemu_img_create_luks,
-                           require, run)
+from tests.oracles import cryptsetup_unlocks, cryptsetup_volume_key, require, run
+from tests.reliability.images import qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 
@@ -114,7 +114,7 @@ def templates(workdir):
     out = {}
     for fmt in ("luks", "qcow2"):
         image = workdir.file(f"template.{fmt}")
-        qemu_img_create_luks(image, P0, fmt=fmt, iter_time=10)
+        qemu_img_luks(image, P0, fmt=fmt)
         proc = qemu_io(fmt, image, P0, "write -P 0x5a 0 1M")
         assert proc.returncode == 0, proc.stderr
         daemon = workdir.daemon()
