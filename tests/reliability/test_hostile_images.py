@@ -444,9 +444,6 @@ def _slow_open_started(workdir: str):
     return proc, sock, slow, ok_image
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, reported: BlockGraph.add holds the graph "
-                   "lock through the PBKDF2 of the open, so one hostile header stalls every "
-                   "other session's block commands")
 def test_slow_open_does_not_stall_other_block_commands(workdir):
     proc, sock, slow, ok_image = _slow_open_started(workdir)
     try:
@@ -461,8 +458,6 @@ def test_slow_open_does_not_stall_other_block_commands(workdir):
         proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, reported: shutdown waits for the worker "
-                   "thread of an open (PBKDF2 over a hostile iteration count: minutes)")
 def test_sigterm_during_slow_open_exits_promptly(workdir):
     proc, sock, slow, ok_image = _slow_open_started(workdir)
     try:
