@@ -206,7 +206,7 @@ def _restart_reopens(workdir, fmt: str, image: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["luks", "qcow2"])
 def test_sigkill_during_amend(workdir, templates, fmt, scale, figures):
-    rng = random.Random(hash(fmt) & 0xFFFF)
+    rng = random.Random(f"kill-{fmt}")
     rounds = scale(1, 40)
     kills = inside = 0
     for _ in range(rounds):
