@@ -34,10 +34,6 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, reported: find_key's parallel unlock "
-                   "(980a0ab) leaves slot 1's PBKDF2 running in a non-daemon pool thread after "
-                   "the open returns; it burns a core for minutes and the daemon's exit waits "
-                   "for it")
 def test_unneeded_hostile_slot_costs_nothing_after_the_open(workdir, figures):
     image = os.path.join(workdir, "img.luks")
     _make_luks(image)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from typing import Callable
 
 from qmpd.crypto import ciphers, hashes
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
@@ -189,39 +191,84 @@ def find_key(io: ImageIO, header: LuksHeader, spec: CipherSpec,
     """QEMU's find_key: (volume key, slot index, slot digest) of the first slot that opens.
 
     QEMU tries the active slots one after another. PBKDF2 releases the GIL,
-    so with several active slots we try them in parallel, one per core, and
-    still answer with the lowest slot that opens: a passphrase in the last
-    slot, or a wrong one, costs a fraction of QEMU's wait.
+    so when several active slots cost about the same we try them in
+    parallel, one per core, and still answer with the lowest slot that
+    opens: a passphrase in a later slot, or a wrong one, costs a fraction of
+    QEMU's wait. Slots of very unequal cost (a hostile header claiming
+    billions of iterations) are tried in order, as QEMU does, so work the
+    answer does not need is never started.
     """
     hash_name = header.hash_spec_str
     active = [i for i in range(NUM_KEY_SLOTS) if header.slots[i].is_active]
     materials = {i: read_material(io, header, i) for i in active}
+
+    def attempt(index: int) -> bytearray | None:
+        return try_slot(header, spec, hash_name, index, passphrase, materials[index])
+
+    iterations = [header.slots[i].iterations for i in active]
     workers = min(len(active), os.cpu_count() or 1)
-    if workers <= 1:
-        for index in active:
-            key = try_slot(header, spec, hash_name, index, passphrase, materials[index])
-            if key is not None:
-                return key, index, slot_state_digest(header, index, materials[index])
-        raise CryptoError("Invalid password, cannot unlock any keyslot")
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="luks-slot")
-    futures = {i: pool.submit(try_slot, header, spec, hash_name, i, passphrase, materials[i])
-               for i in active}
+    if workers > 1 and max(iterations) <= 2 * max(1, min(iterations)):
+        race = _SlotRace(attempt, active, workers)
+        outcome = race.result
+    else:
+        race = None
+        outcome = attempt
     try:
         for index in active:
-            key = futures[index].result()
+            key = outcome(index)
             if key is not None:
-                for other in active:
-                    if other != index:  # a later slot may open too: wipe its copy
-                        futures[other].add_done_callback(_wipe_result)
                 return key, index, slot_state_digest(header, index, materials[index])
         raise CryptoError("Invalid password, cannot unlock any keyslot")
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if race is not None:
+            race.finish()
 
 
-def _wipe_result(future: Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        wipe(future.result())
+class _SlotRace:
+    """Slots tried by a few daemon threads; results read back in slot order.
+
+    Daemon threads: an exit never waits for a try nobody needs any more.
+    Every volume key found but not handed out is wiped.
+    """
+
+    def __init__(self, attempt: Callable[[int], bytearray | None], slots: list[int],
+                 workers: int) -> None:
+        self._lock = threading.Lock()
+        self._todo = list(slots)
+        self._finished = False
+        self._results: dict[int, queue.SimpleQueue] = {i: queue.SimpleQueue() for i in slots}
+        for _ in range(workers):
+            threading.Thread(target=self._work, args=(attempt,), daemon=True,
+                             name="luks-slot").start()
+
+    def _work(self, attempt: Callable[[int], bytearray | None]) -> None:
+        while True:
+            with self._lock:
+                if self._finished or not self._todo:
+                    return
+                index = self._todo.pop(0)
+            try:
+                outcome = (attempt(index), None)
+            except BaseException as exc:  # handed to the reader of this slot
+                outcome = (None, exc)
+            with self._lock:
+                if self._finished:
+                    wipe(outcome[0])
+                    continue
+                self._results[index].put(outcome)
+
+    def result(self, index: int) -> bytearray | None:
+        key, exc = self._results[index].get()
+        if exc is not None:
+            raise exc
+        return key
+
+    def finish(self) -> None:
+        with self._lock:
+            self._finished = True
+            for results in self._results.values():
+                while not results.empty():
+                    wipe(results.get()[0])
 
 
 def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
