@@ -22,12 +22,7 @@ from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.header import (
     DIGEST_LEN, SALT_LEN, SECTOR_SIZE, SLOT_ACTIVE, KeySlot, LuksHeader)
 from qmpd.crypto.luks.io import ImageIO
-
-
-def wipe(buffer: bytearray | None) -> None:
-    """Overwrite a secret buffer in place."""
-    if buffer is not None:
-        buffer[:] = bytes(len(buffer))
+from qmpd.crypto.secrets import wipe  # noqa: F401  (re-exported for the engine)
 
 
 def read_exact(io: ImageIO, offset: int, length: int, what: str) -> bytes:
