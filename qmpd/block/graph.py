@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
@@ -54,6 +55,44 @@ class SecretLookup(Protocol):
 
 class Progress(Protocol):
     def set(self, current: int, total: int) -> None: ...
+
+
+async def _abandonable(fn: Callable[[], T], discard: Callable[[T | None], None]) -> T:
+    """Work that writes nothing, in a thread a cancel abandons at once.
+
+    When the work ends after we stopped waiting, ``discard`` gets its result
+    (None if it failed) to wipe what it holds: a late volume key, secrets
+    looked up meanwhile. Nothing secret is just dropped.
+    """
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def work() -> T:
+        result = None
+        try:
+            result = fn()
+            return result
+        finally:
+            with lock:
+                if state.get("abandoned"):
+                    discard(result)
+                else:
+                    state["result"] = result
+
+    try:
+        return await _in_thread(work, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with lock:
+            state["abandoned"] = True
+            late = state.pop("result", None)
+        if late is not None:
+            discard(late)
+        raise
+
+
+def _wipe_all(buffers: list[bytearray]) -> None:
+    for buf in buffers:
+        _wipe(buf)
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
@@ -350,7 +389,7 @@ class BlockGraph:
         self._opening.add(node.name)
         self._lock.release()
         try:
-            return await _in_thread(unlock, abandon_on_cancel=True)
+            return await _abandonable(unlock, lambda volume: volume and volume.close())
         finally:
             with trio.CancelScope(shield=True):
                 await self._lock.acquire()
@@ -624,8 +663,8 @@ class BlockGraph:
             io = node.luks_io(handle)
             # Reads and computes only: a cancelled job need not wait for PBKDF2
             # (a slot may claim billions of iterations).
-            plan = await _in_thread(lambda: prepare_amend(node.volume, io, amend_opts),
-                                    abandon_on_cancel=True)
+            plan = await _abandonable(lambda: prepare_amend(node.volume, io, amend_opts),
+                                      lambda _plan: _wipe_all(secrets))
             if handle.read_only:
                 # A read-only qcow2 node: QEMU's qcow2 header-write callback
                 # reports the refused write with this (misworded) text.
