@@ -13,20 +13,12 @@ from typing import Callable, Iterator
 
 import pytest
 
+from tests.processes import accepts, stop
+
 #: How long a fresh daemon may take to create its socket.
 STARTUP_TIMEOUT = 10.0
 
 StartDaemon = Callable[..., tuple[str, subprocess.Popen]]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class QmpdLauncher:
@@ -51,7 +43,7 @@ class QmpdLauncher:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         self.started.append(proc)
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not os.path.exists(sock):
+        while not accepts(sock):
             if proc.poll() is not None:
                 pytest.fail(f"qmpd exited with {proc.returncode} before creating its socket:\n"
                             f"{log_path.read_text(errors='replace')}")
@@ -63,7 +55,7 @@ class QmpdLauncher:
 
     def close(self) -> None:
         for proc in self.started:
-            _stop(proc)
+            stop(proc)
         for d in self.own_dirs:
             shutil.rmtree(d, ignore_errors=True)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from tests.processes import accepts, stop  # noqa: F401  (stop: re-exported to the tests)
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,23 +16,12 @@ WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Until the daemon accepts (a stale socket file from a killed one may exist)."""
     deadline = time.monotonic() + timeout
-    while not _accepts(path):
+    while not accepts(path):
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited with {proc.returncode} before listening")
         if time.monotonic() > deadline:
             raise AssertionError(f"no socket {path} after {timeout} s")
         time.sleep(0.01)
-
-
-def _accepts(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def start_limited(path: str, log_path: str, **limits) -> subprocess.Popen:
@@ -52,13 +42,3 @@ def start_qmpd(path: str, log_path: str, *args: str, cwd: str | None = None) -> 
                                 stderr=subprocess.STDOUT)
     wait_for_socket(path, proc)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tests.processes import stop
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
 
 #: How long the socket must stay silent before a step is over.
@@ -452,16 +454,6 @@ def start_qsd(sock_path: str, daemon_args: list[str], tmp: str) -> subprocess.Po
             raise RuntimeError("qsd did not create its socket")
         time.sleep(0.01)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def play_qsd(spec: dict) -> dict:
