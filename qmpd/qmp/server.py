@@ -66,10 +66,10 @@ def prepare_socket_path(path: str) -> None:
 def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
     """Bind with umask 0177 so the socket is 0600 from its first instant."""
     prepare_socket_path(path)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock._sock.bind(path)  # a local bind never blocks
+        sock.bind(path)  # a local bind never blocks
     except OSError as exc:
         sock.close()
         raise ServerError(f"Could not listen on '{path}': {os.strerror(exc.errno or errno.EIO)}") from None
@@ -77,7 +77,7 @@ def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
         os.umask(old_umask)
     os.chmod(path, 0o600)
     sock.listen(backlog)
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 class Connection:
