@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from qmpd import keyval
 from qmpd.commands import CommandContext, handler
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
@@ -67,20 +68,9 @@ async def object_del(ctx: CommandContext, args: dict) -> dict:
 
 async def object_from_cli(daemon, text: str) -> None:
     """``--object secret,id=...``: parsed, validated and created like object-add."""
-    from qmpd import keyval
-
     try:
         args = keyval.parse(text, implied_key="qom-type")
     except keyval.KeyvalError as exc:
         raise QMPError.generic(str(exc)) from None
     daemon.schema.validate_arguments("object-add", args)
-    await object_add(_CliContext(daemon), args)
-
-
-class _CliContext:
-    """The context of a command given on the command line: no session."""
-
-    def __init__(self, daemon) -> None:
-        self.daemon = daemon
-        self.session = None
-        self.command = "object-add"
+    await object_add(CommandContext(daemon=daemon, session=None, command="object-add"), args)
