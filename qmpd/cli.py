@@ -93,26 +93,23 @@ async def _startup(daemon, args: argparse.Namespace) -> None:
 
 
 async def _main(args: argparse.Namespace, paths: list[str]) -> int:
+    # Imported here so that --help and --version answer without loading the daemon.
+    from qmpd.commands import BindingError
     from qmpd.daemon import Daemon
     from qmpd.qmp.errors import QMPError
     from qmpd.qmp.server import ServerError
     from qmpd.schema import Schema, SchemaError
 
     try:
-        schema = Schema.load(args.schema)
-        daemon = Daemon(schema)
-    except (SchemaError, Exception) as exc:  # BindingError, SchemaError: a broken install
+        daemon = Daemon(Schema.load(args.schema))
+    except (SchemaError, BindingError) as exc:  # a broken schema directory or install
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     try:
         await _startup(daemon, args)
         await daemon.serve(paths, pidfile=args.pidfile)
-    except (QMPError, keyval.KeyvalError) as exc:
+    except (QMPError, keyval.KeyvalError, ServerError) as exc:
         print(f"{PROG}: {getattr(exc, 'desc', exc)}", file=sys.stderr)
-        await daemon.close()
-        return 1
-    except ServerError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
         await daemon.close()
         return 1
     return 0
