@@ -38,7 +38,7 @@ def run(args: list[str], *, input: bytes | None = None, check: bool = True,
     return proc
 
 
-def run_qemu_img(args: list[str], *, retries: int = 8, **kw) -> subprocess.CompletedProcess:
+def run_qemu_img(args: list[str], *, retries: int = 20, **kw) -> subprocess.CompletedProcess:
     """qemu-img, retried when QEMU 7.2's PBKDF2 calibration flakes.
 
     QEMU sometimes fails with "Unable to get accurate CPU usage" on a busy
@@ -51,7 +51,7 @@ def run_qemu_img(args: list[str], *, retries: int = 8, **kw) -> subprocess.Compl
             return proc
         if b"Unable to get accurate CPU usage" not in proc.stderr:
             break
-        time.sleep(0.05 * (attempt + 1))
+        time.sleep(min(0.1 * (attempt + 1), 1.0))
     raise AssertionError(f"qemu-img {' '.join(args)} failed: {proc.stderr.decode(errors='replace')}")
 
 

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from qmpd.crypto.luks import FileImageIO, LuksCreateOptions, create_volume, open_volume
-from tests.reliability.images import qemu_img_luks
+from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from tests.oracles import cryptsetup_volume_key
-from tests.reliability.images import qemu_img_luks
+from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 

@@ -32,7 +32,7 @@ import time
 import pytest
 
 from tests.oracles import cryptsetup_unlocks, cryptsetup_volume_key, require, run
-from tests.reliability.images import qemu_img_luks
+from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
 
