@@ -24,7 +24,7 @@ from qmpd.commands import CommandContext, bind
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import SecretStore
 from qmpd.jobs.manager import JobManager
-from qmpd.qmp.errors import QMPError
+from qmpd.qmp.errors import QMPError, describe_bug
 from qmpd.qmp.server import Connection, event_message, open_unix_listener
 from qmpd.qmp.session import Call, Session
 from qmpd.qmp.wire import encode_message
@@ -95,8 +95,8 @@ class Daemon:
             return Session.error_reply(exc, call.id)
         except CryptoError as exc:
             return Session.error_reply(QMPError.generic(str(exc)), call.id)
-        except Exception:
-            log.exception("command %s failed unexpectedly", call.command)
+        except Exception as exc:
+            log.error("command %s failed unexpectedly: %s", call.command, describe_bug(exc))
             return Session.error_reply(
                 QMPError.generic(f"Internal error while executing {call.command}"), call.id)
         return Session.reply(result, call)
@@ -165,8 +165,9 @@ class Daemon:
             return
         try:
             await Connection(self, stream, self._connection_count).run()
-        except Exception:  # one client's trouble must never end the daemon
-            log.exception("session %d ended with an error", self._connection_count)
+        except Exception as exc:  # one client's trouble must never end the daemon
+            log.error("session %d ended with an error: %s", self._connection_count,
+                      describe_bug(exc))
 
     async def _flush_connections(self, timeout: float = 1.0) -> None:
         with trio.move_on_after(timeout):

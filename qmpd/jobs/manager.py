@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import logging
 import os
-import traceback
 from typing import Awaitable, Callable
 
 import trio
 
 from qmpd.crypto.errors import CryptoError
 from qmpd.jobs import states
-from qmpd.qmp.errors import GENERIC_ERROR, QMPError
+from qmpd.qmp.errors import GENERIC_ERROR, QMPError, describe_bug
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +410,5 @@ def _failure_text(job: Job, exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         # QEMU's fallback when a job returns -errno without a message.
         return os.strerror(exc.errno)
-    frames = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}"
-                       for frame in traceback.extract_tb(exc.__traceback__))
-    log.error("job %s: body raised %s at %s", job.id, type(exc).__name__, frames)
+    log.error("job %s: body raised %s", job.id, describe_bug(exc))
     return f"Internal error in job '{job.id}' ({type(exc).__name__})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class QMPError(Exception):
     """An error to report to a QMP client as ``{"error": {"class", "desc"}}``.
@@ -26,3 +28,15 @@ class QMPError(Exception):
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
 DEVICE_NOT_FOUND = "DeviceNotFound"
+
+
+def describe_bug(exc: BaseException) -> str:
+    """An unexpected exception for the log: its type and where, never its message.
+
+    The message of an exception we did not make could hold a secret (a
+    passphrase in a value that reached the wrong place); the traceback's
+    file, line and function names cannot.
+    """
+    frames = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}"
+                       for frame in traceback.extract_tb(exc.__traceback__))
+    return f"{type(exc).__name__} at {frames}"
