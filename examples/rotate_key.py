@@ -21,7 +21,8 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 async def run_job(client: QMPClient, command: str, arguments: dict) -> None:
     """Start a job and wait for it; raise with the job's error if it failed."""
     job_id = arguments["job-id"]
-    with client.listen(EventListener(("JOB_STATUS_CHANGE",))) as listener:
+    listener = EventListener(("JOB_STATUS_CHANGE",))
+    with client.listen(listener):
         await client.execute(command, arguments)
         async for event in listener:
             if event["data"] == {"id": job_id, "status": "concluded"}:
