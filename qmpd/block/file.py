@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from qmpd.block.locks import ImageLock
 from qmpd.block.permissions import ALL, Perm
+from qmpd.crypto.luks.io import pread_fully
 from qmpd.qmp.errors import QMPError
 
 LOCKING_MODES = ("auto", "on", "off")
@@ -132,15 +133,7 @@ class FileNode:
     # -- I/O ----------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         with self._mutex:
-            chunks = []
-            while length > 0:
-                chunk = os.pread(self._fd, length, offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                offset += len(chunk)
-                length -= len(chunk)
-            return b"".join(chunks)
+            return pread_fully(self._fd, length, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         with self._mutex:

@@ -12,6 +12,19 @@ import os
 from typing import Protocol, runtime_checkable
 
 
+def pread_fully(fd: int, length: int, offset: int) -> bytes:
+    """pread() until ``length`` bytes or end of file (a short read is not EOF)."""
+    chunks = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
 @runtime_checkable
 class ImageIO(Protocol):
     def read(self, offset: int, length: int) -> bytes:
@@ -68,16 +81,7 @@ class FileImageIO:
         self._base = base_offset
 
     def read(self, offset: int, length: int) -> bytes:
-        chunks = []
-        position = self._base + offset
-        while length > 0:
-            chunk = os.pread(self._fd, length, position)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            position += len(chunk)
-            length -= len(chunk)
-        return b"".join(chunks)
+        return pread_fully(self._fd, length, self._base + offset)
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
