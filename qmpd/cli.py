@@ -96,7 +96,7 @@ async def _main(args: argparse.Namespace, paths: list[str]) -> int:
     # Imported here so that --help and --version answer without loading the daemon.
     from qmpd.commands import BindingError
     from qmpd.daemon import Daemon
-    from qmpd.qmp.errors import QMPError
+    from qmpd.errors import QMPError
     from qmpd.qmp.server import ServerError
     from qmpd.schema import Schema, SchemaError
 

@@ -24,7 +24,7 @@ from qmpd.commands import CommandContext, bind
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import SecretStore
 from qmpd.jobs.manager import JobManager
-from qmpd.qmp.errors import QMPError, describe_bug
+from qmpd.errors import QMPError, describe_bug
 from qmpd.qmp.server import Connection, event_message, open_unix_listener
 from qmpd.qmp.session import Call, Session
 from qmpd.qmp.wire import encode_message

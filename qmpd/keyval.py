@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 class KeyvalError(ValueError):

@@ -3,7 +3,7 @@
 import pytest
 
 from qmpd import keyval
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 def test_nested_keys_and_escaped_commas():

@@ -30,8 +30,8 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import trio
 
-from qmpd.block import qcow2
-from qmpd.block.file import FileNode, FileOptions, FileRegionIO, open_error
+from qmpd.block.drivers import qcow2_metadata as qcow2
+from qmpd.block.drivers.file import FileNode, FileOptions, FileRegionIO, open_error
 from qmpd.block.locks import ImageLock
 from qmpd.block.permissions import (
     ALL, NONE, Perm, PermissionUse, check_conflicts, cumulative, format_child_perms)
@@ -40,7 +40,7 @@ from qmpd.crypto.luks import (
     DEFAULT_ITER_TIME, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume,
     header_length, open_volume, prepare_amend)
 from qmpd.crypto.secrets import wipe as _wipe
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 T = TypeVar("T")
 

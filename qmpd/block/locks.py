@@ -27,7 +27,7 @@ import os
 import struct
 
 from qmpd.block.permissions import ALL, PERM_ORDER, Perm, perm_names
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200

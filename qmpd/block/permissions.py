@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 class Perm(enum.IntFlag):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qmpd.commands import CommandContext, handler
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 @handler("qmp_capabilities")

@@ -8,7 +8,7 @@ from qmpd import keyval
 from qmpd.commands import CommandContext, handler
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 def add_object(daemon, args: dict, file_contents: bytearray | None = None) -> None:

@@ -46,7 +46,7 @@ import trio
 
 from qmpd.crypto.errors import CryptoError
 from qmpd.jobs import states
-from qmpd.qmp.errors import GENERIC_ERROR, QMPError, describe_bug
+from qmpd.errors import GENERIC_ERROR, QMPError, describe_bug
 
 log = logging.getLogger(__name__)
 

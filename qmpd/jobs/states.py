@@ -13,7 +13,7 @@ client's mistake and becomes QEMU's GenericError text.
 
 from __future__ import annotations
 
-from qmpd.qmp.errors import GENERIC_ERROR, QMPError
+from qmpd.errors import GENERIC_ERROR, QMPError
 
 # Statuses, in QAPI's JobStatus order (query-qmp-schema lists them so).
 UNDEFINED = "undefined"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from qmpd.commands import CommandContext
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from qmpd.qmp.session import Call, Incoming, Session
 from qmpd.qmp.wire import encode_message
 

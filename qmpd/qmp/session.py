@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from qmpd.qmp.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
+from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
 from qmpd.qmp.stream import JSONStreamParser, Parsed, StreamError
 from qmpd.qmp.wire import qdict_order
 

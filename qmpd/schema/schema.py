@@ -13,7 +13,7 @@ import copy
 import importlib.util
 import pathlib
 
-from qmpd.qmp.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
+from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
 from qmpd.schema.compiler import compile_validator
 from qmpd.schema.input_visitor import first_error
 from qmpd.schema.introspection import introspect

@@ -10,7 +10,7 @@ import sys
 import trio
 
 from qmpd.block.graph import BlockGraph
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 
 class Secrets:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from qmpd.block.graph import BlockGraph
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from tests.block.graph_peer import NoProgress, Secrets
 from tests.block.test_locks import held_bytes
 from tests.oracles import (cryptsetup_unlocks, qemu_img_create_luks, require, run,

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from qmpd.block.file import FileNode, FileOptions
+from qmpd.block.drivers.file import FileNode, FileOptions
 from qmpd.block.locks import ImageLock, ofd_byte_is_held
 from qmpd.block.permissions import ALL, Perm
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from tests.oracles import require
 
 CR, W, R = Perm.CONSISTENT_READ, Perm.WRITE, Perm.RESIZE

@@ -2,7 +2,7 @@ import pytest
 
 from qmpd.block.permissions import (
     ALL, Perm, PermissionUse, check_conflicts, cumulative, format_child_perms, perm_names)
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 CR, W, R = Perm.CONSISTENT_READ, Perm.WRITE, Perm.RESIZE
 

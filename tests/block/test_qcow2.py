@@ -3,8 +3,8 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qmpd.block import qcow2
-from qmpd.qmp.errors import QMPError
+from qmpd.block.drivers import qcow2_metadata as qcow2
+from qmpd.errors import QMPError
 
 
 def build(size=16 << 20, cluster_size=65536, refcount_bits=16, version="v3", crypto=0,

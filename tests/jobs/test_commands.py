@@ -12,7 +12,7 @@ import trio.testing
 
 from qmpd.commands import CommandContext, load_handlers
 from qmpd.jobs.manager import Job, JobManager
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schema" / "job.json"
 JOB_COMMANDS = {"query-jobs", "job-pause", "job-resume", "job-cancel",

@@ -17,7 +17,7 @@ import trio.testing
 
 from qmpd.crypto.errors import CryptoError
 from qmpd.jobs.manager import OPERATION_CANCELED, Job, JobManager
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 SUCCESS = ["created", "running", "waiting", "pending", "concluded"]
 FAILURE = ["created", "running", "aborting", "concluded"]

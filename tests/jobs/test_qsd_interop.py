@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from qmpd.jobs.manager import Job, JobManager
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from tests.oracles import require
 
 pytestmark = pytest.mark.interop

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qmpd.jobs import states
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 COLUMNS = ["undefined", "created", "running", "paused", "ready", "standby",
            "waiting", "pending", "aborting", "concluded", "null"]

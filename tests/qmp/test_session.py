@@ -2,7 +2,7 @@
 
 import pytest
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from qmpd.qmp.session import Call, Session
 
 

@@ -26,7 +26,8 @@ import time
 
 import pytest
 
-from qmpd.crypto.luks import FileImageIO, LuksCreateOptions, create_volume, open_volume
+from qmpd.posixio import FileImageIO
+from qmpd.crypto.luks import LuksCreateOptions, create_volume, open_volume
 from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
 from tests.reliability.qmp_wire import RawQMP
@@ -336,7 +337,7 @@ ERASE_P1 = {"driver": "luks", "state": "inactive", "old-secret": "s1"}
 async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
     """EIO on each read, write and sync of key add and erase in turn: a clear
     error, P0 and the volume key intact on disk, and the node still works."""
-    from qmpd.qmp.errors import QMPError
+    from qmpd.errors import QMPError
 
     template = os.path.join(workdir, "t.luks")
     _make_luks(template)
@@ -393,7 +394,7 @@ async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
 
 
 async def test_file_shrinks_while_open(workdir):
-    from qmpd.qmp.errors import QMPError
+    from qmpd.errors import QMPError
 
     image = os.path.join(workdir, "s.luks")
     _make_luks(image)

@@ -146,7 +146,8 @@ async def test_owned_buffers_are_wiped():
 
     work = tempfile.mkdtemp(prefix="qmpd-w-")
     image = os.path.join(work, "img.luks")
-    from qmpd.crypto.luks import FileImageIO, LuksCreateOptions, create_volume
+    from qmpd.posixio import FileImageIO
+from qmpd.crypto.luks import LuksCreateOptions, create_volume
     with open(image, "wb") as f:
         f.truncate(4 << 20)
     with FileImageIO(image) as io:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from qmpd.schema import Schema
 from tests.oracles import require
 from tests.schema.qsd_client import QemuStorageDaemon

@@ -80,7 +80,7 @@ def test_sample_schema_with_every_kind(tmp_path):
     schema = Schema.load(tmp_path)
     schema.validate_arguments("paint", {"what": {"kind": "red", "shade": 3}})
     schema.validate_arguments("paint", {"what": None, "more": [{"kind": "x-blue", "n": 255}]})
-    from qmpd.qmp.errors import QMPError
+    from qmpd.errors import QMPError
     with pytest.raises(QMPError, match="Parameter 'n' expects uint8_t"):
         schema.validate_arguments("paint", {"what": "w", "more": [{"kind": "red", "shade": 1,
                                                                    "n": 256}]})

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from qmpd.schema import Schema
 from qmpd.schema.input_visitor import first_error
 from tests.schema.schema_values import ANY_JSON, NAMES, values_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 from qmpd.schema import Schema
 
 AMEND = {"job-id": "j", "node-name": "n"}

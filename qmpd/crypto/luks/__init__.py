@@ -13,11 +13,11 @@ from qmpd.crypto.luks.amend import AmendPlan, LuksAmendOptions, apply_amend, pre
 from qmpd.crypto.luks.create import (
     DEFAULT_ITER_TIME, LuksCreateOptions, create_volume, header_length)
 from qmpd.crypto.luks.header import LuksHeader, KeySlot
-from qmpd.crypto.luks.io import FileImageIO, ImageIO, MemoryImageIO
+from qmpd.crypto.luks.io import ImageIO, MemoryImageIO
 from qmpd.crypto.luks.volume import LuksVolume, open_volume, read_header
 
 __all__ = [
-    "AmendPlan", "DEFAULT_ITER_TIME", "FileImageIO", "ImageIO", "KeySlot", "LuksAmendOptions",
+    "AmendPlan", "DEFAULT_ITER_TIME", "ImageIO", "KeySlot", "LuksAmendOptions",
     "LuksCreateOptions", "LuksHeader", "LuksVolume", "MemoryImageIO", "apply_amend",
     "create_volume", "header_length", "open_volume", "prepare_amend", "read_header",
 ]

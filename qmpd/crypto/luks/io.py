@@ -8,21 +8,7 @@ calls are synchronous: the daemon runs the engine in worker threads.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol, runtime_checkable
-
-
-def pread_fully(fd: int, length: int, offset: int) -> bytes:
-    """pread() until ``length`` bytes or end of file (a short read is not EOF)."""
-    chunks = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-        length -= len(chunk)
-    return b"".join(chunks)
 
 
 @runtime_checkable
@@ -60,50 +46,3 @@ class MemoryImageIO:
 
     def size(self) -> int:
         return len(self.data)
-
-
-class FileImageIO:
-    """A file, by path or by an already open descriptor, from ``base_offset``.
-
-    A descriptor passed in stays the caller's; a path is opened (read-write
-    unless ``readonly``) and closed by :meth:`close`.
-    """
-
-    def __init__(self, fd_or_path: int | str | os.PathLike, base_offset: int = 0,
-                 *, readonly: bool = False) -> None:
-        if isinstance(fd_or_path, int):
-            self._fd = fd_or_path
-            self._owned = False
-        else:
-            flags = os.O_RDONLY if readonly else os.O_RDWR
-            self._fd = os.open(fd_or_path, flags | getattr(os, "O_CLOEXEC", 0))
-            self._owned = True
-        self._base = base_offset
-
-    def read(self, offset: int, length: int) -> bytes:
-        return pread_fully(self._fd, length, self._base + offset)
-
-    def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        position = self._base + offset
-        while view:
-            written = os.pwrite(self._fd, view, position)
-            view = view[written:]
-            position += written
-
-    def sync(self) -> None:
-        os.fsync(self._fd)
-
-    def size(self) -> int:
-        return max(0, os.fstat(self._fd).st_size - self._base)
-
-    def close(self) -> None:
-        if self._owned and self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "FileImageIO":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -8,8 +8,9 @@ import os
 import pytest
 
 from qmpd.crypto.errors import CryptoError
+from qmpd.posixio import FileImageIO
 from qmpd.crypto.luks import (
-    FileImageIO, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume, open_volume,
+    LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume, open_volume,
     prepare_amend)
 from tests import oracles
 

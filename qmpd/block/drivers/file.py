@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from qmpd.block.locks import ImageLock
 from qmpd.block.permissions import ALL, Perm
-from qmpd.crypto.luks.io import pread_fully
-from qmpd.qmp.errors import QMPError
+from qmpd.posixio import pread_fully, pwrite_fully
+from qmpd.errors import QMPError
 
 LOCKING_MODES = ("auto", "on", "off")
 
@@ -139,11 +139,7 @@ class FileNode:
         with self._mutex:
             if self.read_only:
                 raise QMPError.generic("Block node is read-only")
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view = view[written:]
-                offset += written
+            pwrite_fully(self._fd, data, offset)
 
     def flush(self) -> None:
         with self._mutex:

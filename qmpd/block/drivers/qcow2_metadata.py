@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qmpd.qmp.errors import QMPError
+from qmpd.errors import QMPError
 
 MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9
