@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import accumulate
 from json.decoder import scanstring as _scanstring
 
 __all__ = ["JSONStreamParser", "Parsed", "StreamError"]
@@ -576,6 +576,45 @@ def _message_tokens(message: bytes) -> list[tuple[_Tok, bytes]]:
     return tokens
 
 
+# _deeper_than(): the marks that matter for nesting, with {} folded into [].
+_MARKS = bytes.maketrans(b"{}", b"[]")
+_NOT_A_MARK = bytes(b for b in range(256) if b not in b'{}[]"')
+_BRACKET_STEP = [1 if b == 0x5B else -1 if b == 0x5D else 0 for b in range(256)]
+_STRIPPED_LEVELS = 8
+
+
+def _deeper_than(limit: int, data: bytes, start: int, end: int) -> bool:
+    """Whether the valid JSON text data[start:end] nests more than `limit` deep.
+
+    Everything runs at C speed except the last step, which only deep input
+    reaches.  Escaped backslashes and quotes are dropped (the others cannot
+    end a string), then all but brackets and quotes.  No more openers than
+    the limit settle it.  Otherwise only brackets outside strings count: an
+    adjacent pair of quotes (an empty string, or two strings with nothing
+    between them) is dropped, which leaves every bracket inside or outside
+    a string as before, and the strings left (those holding brackets) go
+    with a split.  Then the innermost containers are stripped a few times
+    over (each time lowers the depth by one), and the depth of what is left
+    is its highest running sum.
+    """
+    text = data[start:end]
+    if b"\\" in text:  # only \\ and \" can move where a string ends
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = text.translate(_MARKS, _NOT_A_MARK)
+    if marks.count(b"[") <= limit:
+        return False
+    marks = marks.replace(b'""', b"")
+    if b'"' in marks:
+        marks = b"".join(marks.split(b'"')[::2])
+    stripped = 0
+    while marks and stripped < _STRIPPED_LEVELS:
+        marks = marks.replace(b"[]", b"")
+        stripped += 1
+    if not marks:
+        return stripped > limit
+    return stripped + max(accumulate(map(_BRACKET_STEP.__getitem__, marks))) > limit
+
+
 def _parse_message(message: bytes) -> Parsed | StreamError:
     """One complete message (tokens separated by spaces) to a value or error."""
     if not _RISKY_ESCAPE.search(message):
@@ -779,10 +818,12 @@ class JSONStreamParser:
         span = end - start          # bounds both token bytes and token count
         if span + 1 > self._max_token_size or span > self._max_token_count:
             return 0
-        # The decoder gives up below the recursion limit: depth < limit.
-        if (sys.getrecursionlimit() > self._max_nesting
-                and data.count(b"{", start, end) + data.count(b"[", start, end)
-                > self._max_nesting):
+        # Nesting is checked here, not left to the decoder (whether it gives
+        # up, and how deep, is the interpreter's business: 3.13 goes deeper
+        # than 3.12).  Going deeper than the limit takes that many openers
+        # and as many closers, so a shorter message cannot.
+        if (span > 2 * self._max_nesting
+                and _deeper_than(self._max_nesting, data, start, end)):
             return 0
         if _RISKY_ESCAPE.search(data, start, end):
             return 0

@@ -7,6 +7,7 @@ Expected texts and error counts were checked against qemu-storage-daemon
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -231,6 +232,86 @@ def test_deep_objects_and_mixed_nesting_parse_without_recursion():
         v = v["a"] if isinstance(v, dict) else v[0]
         depth += 1
     assert depth == 600 + 423
+
+
+@pytest.mark.parametrize("recursion_limit", [None, 50_000])
+def test_nesting_limit_does_not_depend_on_the_interpreter(recursion_limit):
+    # How deep the C decoder of the fast path goes is the interpreter's
+    # business (3.13's goes deeper than 3.12's, a raised recursion limit
+    # lets any go deeper): the limit must hold whatever it is.
+    saved = sys.getrecursionlimit()
+    if recursion_limit is not None:
+        sys.setrecursionlimit(recursion_limit)
+    try:
+        arrays = parse(b"[" * 1025 + b"]" * 1025)
+        objects = parse(b'{"a":' * 1025 + b"1" + b"}" * 1025 + b"\n")
+        mixed = parse(b'{"a":' * 600 + b"[" * 425 + b"]" * 425 + b"}" * 600)
+    finally:
+        sys.setrecursionlimit(saved)
+    assert descs(arrays)[0] == "JSON nesting depth limit exceeded"
+    assert descs(objects)[0] == "JSON nesting depth limit exceeded"
+    assert descs(mixed)[0] == "JSON nesting depth limit exceeded"
+
+
+def test_far_too_deep_input_is_refused_without_a_crash():
+    items = parse(b"[" * 30_000 + b"]" * 30_000)
+    # Each 1025th opener trips the limit; the 275 openers left make a
+    # message with their closers, and the closers left over are strays.
+    inner: list = []
+    for _ in range(274):
+        inner = [inner]
+    assert descs(items) == (["JSON nesting depth limit exceeded"] * 29 + [("value", inner)]
+                            + [err("expecting value")] * (30_000 - 275))
+
+
+def test_brackets_in_strings_do_not_count_as_nesting():
+    data = b"[" * 1023 + b'"' + b"[{" * 2000 + b'\\"[' + b'"' + b"]" * 1023
+    (value,) = values(parse(data))
+    for _ in range(1022):
+        (value,) = value
+    assert value == ["[{" * 2000 + '"[']
+    assert values(parse(b'["[[[[", {"a": "{{{{"}]', max_nesting=2)) == [["[[[[", {"a": "{{{{"}]]
+    assert descs(parse(b"[[[1]]]", max_nesting=2))[0] == "JSON nesting depth limit exceeded"
+
+
+def test_many_shallow_containers_keep_the_fast_path(monkeypatch):
+    # More openers than the nesting limit, but only three deep: the whole
+    # message is still the C decoder's (the token-by-token path is not used).
+    message = b'{"execute": "x", "arguments": {"l": [' + b", ".join([b'{"a": [1]}'] * 2000) + b"]}}"
+    monkeypatch.setattr(JSONStreamParser, "_take_run",
+                        lambda *args: pytest.fail("left the whole-message fast path"))
+    (value,) = values(parse(message))
+    assert value == {"execute": "x", "arguments": {"l": [{"a": [1]}] * 2000}}
+
+
+def _depth(value) -> int:
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            pending += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
+_TRICKY_TEXT = st.text(alphabet='[]{}"\\/ a\n', max_size=6)
+_JSON_VALUES = st.recursive(
+    st.none() | st.integers(-3, 3) | _TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TRICKY_TEXT, inner, max_size=4),
+    max_leaves=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON_VALUES.map(lambda v: [[v]]), limit=st.integers(0, 12))
+def test_nesting_is_measured_outside_strings(value, limit):
+    from qmpd.qmp.stream import _deeper_than
+    data = b" " + json.dumps(value).encode() + b" "
+    assert _deeper_than(limit, data, 1, len(data) - 1) == (_depth(value) > limit)
+    items = parse(data, max_nesting=limit)
+    if _depth(value) > limit:
+        assert isinstance(items[0], StreamError)
+    else:
+        assert items == [Parsed(value)]
 
 
 def test_token_count_limit():
