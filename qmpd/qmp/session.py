@@ -20,12 +20,15 @@ a :class:`Call` for the server to run; :meth:`Session.reply` and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
+from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError, describe_bug
 from qmpd.qmp.stream import JSONStreamParser, Parsed, StreamError
 from qmpd.qmp.wire import qdict_order
+
+log = logging.getLogger("qmpd.session")
 
 NEGOTIATION_COMMAND = "qmp_capabilities"
 _NOT_NEGOTIATED = "Expecting capabilities negotiation with 'qmp_capabilities'"
@@ -110,10 +113,22 @@ class Session:
             command, oob = self._check_envelope(request)
             self._check_command(command, oob)
             arguments = request.get("arguments", {})
-            self._commands.validate_arguments(command, arguments)
+            self._validate_arguments(command, arguments)
         except QMPError as exc:
             return self.error_reply(exc, request_id)
         return Call(command=command, arguments=arguments, oob=oob, id=request_id)
+
+    def _validate_arguments(self, command: str, arguments: dict) -> None:
+        """The command table's check; a bug in it costs one reply, not the session."""
+        try:
+            self._commands.validate_arguments(command, arguments)
+        except QMPError:
+            raise
+        except Exception as exc:  # never its message: the arguments may hold secrets
+            log.error("checking the arguments of command '%s' failed: %s",
+                      command, describe_bug(exc))
+            raise QMPError.generic(f"The arguments of command '{command}' could not be "
+                                   "validated (an internal error in qmpd, see its log)") from None
 
     def _check_envelope(self, request: dict) -> tuple[str, bool]:
         allow_oob = self.oob_enabled

@@ -17,7 +17,6 @@ from __future__ import annotations
 import jsonschema
 from jsonschema import validators
 
-from qmpd.schema.input_visitor import INT64_MAX, INT64_MIN, UINT64_MAX
 from qmpd.schema.model import (
     AlternateType, ArrayType, BuiltinType, EnumType, Member, ObjectType, Type,
 )
@@ -32,23 +31,14 @@ QEMUValidator = validators.extend(
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
 )
 
-_INTEGER_RANGES = {
-    "int": (INT64_MIN, INT64_MAX), "int64": (INT64_MIN, INT64_MAX),
-    "int8": (-(1 << 7), (1 << 7) - 1), "int16": (-(1 << 15), (1 << 15) - 1),
-    "int32": (-(1 << 31), (1 << 31) - 1),
-    "uint8": (0, (1 << 8) - 1), "uint16": (0, (1 << 16) - 1), "uint32": (0, (1 << 32) - 1),
-    # QEMU casts negative int64 to uint64 instead of refusing them.
-    "uint64": (INT64_MIN, UINT64_MAX), "size": (INT64_MIN, UINT64_MAX),
-}
 
-
-def _builtin_schema(name: str) -> dict:
-    if name in _INTEGER_RANGES:
-        low, high = _INTEGER_RANGES[name]
-        return {"type": "integer", "minimum": low, "maximum": high}
+def _builtin_schema(typ: BuiltinType) -> dict:
+    integers = typ.integer_range  # the model's, which the input visitor checks too
+    if integers is not None:
+        return {"type": "integer", "minimum": integers.low, "maximum": integers.high}
     return {"str": {"type": "string"}, "bool": {"type": "boolean"},
             "number": {"type": "number"}, "null": {"type": "null"},
-            "any": {}}[name]
+            "any": {}}[typ.name]
 
 
 def _referenced_types(typ: Type) -> list[Type]:
@@ -130,7 +120,7 @@ class _Compiler:
 
     def _expand(self, typ: Type) -> dict:
         if isinstance(typ, BuiltinType):
-            return _builtin_schema(typ.name)
+            return _builtin_schema(typ)
         if isinstance(typ, EnumType):
             return {"type": "string", "enum": [v.name for v in typ.values]}
         if isinstance(typ, ArrayType):

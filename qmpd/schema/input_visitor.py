@@ -14,7 +14,9 @@ in the same order with the same rules and returns that first problem's text:
   none of its branches takes, and a narrow integer out of range;
 * numbers follow QEMU's QNum: integers in [-2^63, 2^64) are integers, others
   are doubles; ``int`` takes int64, ``uint64``/``size`` also take negative
-  int64 (QEMU casts them, for backward compatibility), ``number`` takes any.
+  int64 (QEMU casts them, for backward compatibility), ``number`` takes any;
+  every integer type's range is the schema model's (``INTEGER_RANGES``),
+  which the JSON Schema compiler uses too.
 
 Only the error path uses this walk; valid input is accepted by the compiled
 JSON Schema (see compiler), and tests check the two agree.
@@ -23,19 +25,10 @@ JSON Schema (see compiler), and tests check the two agree.
 from __future__ import annotations
 
 from qmpd.schema.model import (
-    AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, Type,
+    INT64_MIN, INTEGER_BASES, UINT64_MAX, AlternateType, ArrayType, BuiltinType, EnumType,
+    ObjectType, Type,
 )
 from qmpd.schema.unvisited_keys import UnvisitedKeys
-
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-UINT64_MAX = (1 << 64) - 1
-
-_SIGNED_RANGES = {"int8": (-(1 << 7), (1 << 7) - 1, "int8_t"),
-                  "int16": (-(1 << 15), (1 << 15) - 1, "int16_t"),
-                  "int32": (-(1 << 31), (1 << 31) - 1, "int32_t")}
-_UNSIGNED_MAX = {"uint8": ((1 << 8) - 1, "uint8_t"),
-                 "uint16": ((1 << 16) - 1, "uint16_t"),
-                 "uint32": ((1 << 32) - 1, "uint32_t")}
 
 
 class InvalidInput(Exception):
@@ -99,7 +92,7 @@ class InputVisitor:
         if isinstance(typ, ObjectType):
             self._visit_object(typ, name, value)
         elif isinstance(typ, BuiltinType):
-            self._visit_builtin(typ.name, name, value)
+            self._visit_builtin(typ, name, value)
         elif isinstance(typ, EnumType):
             if not isinstance(value, str):
                 raise self._type_error(name, "string")
@@ -153,8 +146,21 @@ class InputVisitor:
         raise InvalidInput(f"Invalid parameter type for '{self.bare_name(name)}', "
                            f"expected: {typ.name}")
 
-    def _visit_builtin(self, builtin: str, name: str | None, value: object) -> None:
-        if builtin == "str":
+    def _visit_builtin(self, typ: BuiltinType, name: str | None, value: object) -> None:
+        builtin = typ.name
+        integers = typ.integer_range
+        if integers is not None:
+            # QEMU's type_int64 or type_uint64, then the narrower type's range.
+            low, high = INTEGER_BASES[integers.base]
+            if not (isinstance(value, int) and not isinstance(value, bool)
+                    and low <= value <= high):
+                if integers.base == "int64":
+                    raise self._type_error(name, "integer")
+                raise InvalidInput(f"Parameter '{self.full_name(name)}' expects uint64")
+            if integers.c_type is not None and not integers.low <= value <= integers.high:
+                raise InvalidInput(f"Parameter '{self.bare_name(name)}' expects "
+                                   f"{integers.c_type}")
+        elif builtin == "str":
             if not isinstance(value, str):
                 raise self._type_error(name, "string")
         elif builtin == "bool":
@@ -166,22 +172,7 @@ class InputVisitor:
         elif builtin == "null":
             if value is not None:
                 raise self._type_error(name, "null")
-        elif builtin == "any":
-            pass
-        elif builtin in ("int", "int64") or builtin in _SIGNED_RANGES:
-            if not (is_qnum_int(value) and value <= INT64_MAX):  # type: ignore[operator]
-                raise self._type_error(name, "integer")
-            if builtin in _SIGNED_RANGES:
-                low, high, c_type = _SIGNED_RANGES[builtin]
-                if not low <= value <= high:  # type: ignore[operator]
-                    raise InvalidInput(f"Parameter '{self.bare_name(name)}' expects {c_type}")
-        else:  # uint8..uint64, size: QEMU's type_uint64, then a range check
-            if not is_qnum_int(value):
-                raise InvalidInput(f"Parameter '{self.full_name(name)}' expects uint64")
-            if builtin in _UNSIGNED_MAX:
-                high, c_type = _UNSIGNED_MAX[builtin]
-                if not 0 <= value <= high:  # type: ignore[operator]
-                    raise InvalidInput(f"Parameter '{self.bare_name(name)}' expects {c_type}")
+        # "any" takes every value.
 
 
 def _takes_json_type(typ: Type, value: object) -> bool:

@@ -9,12 +9,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class IntegerRange:
+    """The integers an integer built-in type takes, as QEMU's visitor checks them.
+
+    QEMU visits every integer as an int64 or a uint64 first (``base``; an
+    integer QNum that does not fit is refused with that type's text), then
+    the narrower types check ``low``..``high`` and name their ``c_type``
+    when the value is out of it.  A uint64 also takes negative int64s:
+    QEMU casts them, for backward compatibility.  The JSON Schema compiler
+    and the input visitor both read these, so the two cannot drift apart.
+    """
+
+    base: str
+    low: int
+    high: int
+    c_type: str | None = None  # None: nothing is checked beyond the base
+
+
+def _signed(bits: int) -> IntegerRange:
+    return IntegerRange("int64", -(1 << (bits - 1)), (1 << (bits - 1)) - 1, f"int{bits}_t")
+
+
+def _unsigned(bits: int) -> IntegerRange:
+    return IntegerRange("uint64", 0, (1 << bits) - 1, f"uint{bits}_t")
+
+
+#: What QEMU's visitor takes as an int64 and as a uint64, the two bases.
+INTEGER_BASES: dict[str, tuple[int, int]] = {
+    "int64": (INT64_MIN, INT64_MAX),
+    "uint64": (INT64_MIN, UINT64_MAX),
+}
+_INT64 = IntegerRange("int64", *INTEGER_BASES["int64"])
+_UINT64 = IntegerRange("uint64", *INTEGER_BASES["uint64"])
+
+#: Every integer built-in type and what it takes.
+INTEGER_RANGES: dict[str, IntegerRange] = {
+    "int": _INT64, "int8": _signed(8), "int16": _signed(16), "int32": _signed(32),
+    "int64": _INT64,
+    "uint8": _unsigned(8), "uint16": _unsigned(16), "uint32": _unsigned(32),
+    "uint64": _UINT64,
+    "size": _UINT64,
+}
+
 #: Built-in type names and the JSON type QEMU's introspection reports for them.
 BUILTIN_JSON_TYPES: dict[str, str] = {
     "str": "string",
-    "int": "int", "int8": "int", "int16": "int", "int32": "int", "int64": "int",
-    "uint8": "int", "uint16": "int", "uint32": "int", "uint64": "int",
-    "size": "int",
+    **{name: "int" for name in INTEGER_RANGES},
     "number": "number",
     "bool": "boolean",
     "null": "null",
@@ -32,6 +77,11 @@ class BuiltinType:
     @property
     def json_type(self) -> str:
         return BUILTIN_JSON_TYPES[self.name]
+
+    @property
+    def integer_range(self) -> IntegerRange | None:
+        """What an integer type takes; None for the other built-in types."""
+        return INTEGER_RANGES.get(self.name)
 
 
 @dataclass(eq=False)

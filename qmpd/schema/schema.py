@@ -11,14 +11,30 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import pathlib
 
-from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError
+from qmpd.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, QMPError, describe_bug
 from qmpd.schema.compiler import compile_validator
 from qmpd.schema.input_visitor import first_error
 from qmpd.schema.introspection import introspect
 from qmpd.schema.loader import SchemaError, load_directory
 from qmpd.schema.model import BuiltinType, CommandDef, EventDef, ObjectType, Type
+
+log = logging.getLogger("qmpd.schema")
+
+
+class ValidatorsDisagree(Exception):
+    """The compiled JSON Schema refused a value the QEMU-order walk accepts.
+
+    A bug in qmpd, never the client's fault: integer ranges and the rest
+    come from the one schema model, so the two should always agree.
+    """
+
+
+def _not_validated(what: str) -> QMPError:
+    return QMPError(GENERIC_ERROR, f"The {what} could not be validated "
+                                   "(an internal error in qmpd, see its log)")
 
 
 def bundled_schema_directory() -> pathlib.Path:
@@ -53,8 +69,22 @@ class _TypeCheck:
             return
         text = first_error(self.type, value)
         if text is None:  # the two checkers disagree: a bug here, not the client's
-            raise AssertionError(f"schema validators disagree on a value of {self.type.name}")
+            raise ValidatorsDisagree(self.type.name)
         raise QMPError(GENERIC_ERROR, text)
+
+    def check_or_report(self, value: object, what: str) -> None:
+        """`check`, with a bug in the checking logged and answered as a QMPError.
+
+        Only the exception's type and place are logged, never its message
+        or the value: arguments may hold secrets.
+        """
+        try:
+            self.check(value)
+        except QMPError:
+            raise
+        except Exception as exc:  # RecursionError on deep input included
+            log.error("checking the %s failed: %s", what, describe_bug(exc))
+            raise _not_validated(what) from None
 
 
 class Schema:
@@ -84,19 +114,23 @@ class Schema:
         """Check a command's arguments (None: the request had none) like QEMU does.
 
         Raises QMPError("GenericError", QEMU's text) for invalid arguments and
-        QMPError("CommandNotFound", ...) for an undeclared command.
+        QMPError("CommandNotFound", ...) for an undeclared command.  A bug in
+        the checking itself (the two validators disagree, or one of them
+        fails) is logged and raised as a GenericError that says the arguments
+        of the command could not be validated: the session goes on.
         """
         check = self._arguments.get(command)
         if check is None:
             raise QMPError(COMMAND_NOT_FOUND, f"The command {command} has not been found")
-        check.check({} if arguments is None else arguments)
+        check.check_or_report({} if arguments is None else arguments,
+                              f"arguments of command '{command}'")
 
     def validate_event(self, event: str, data: dict | None) -> None:
         """Check an event's data against its declaration (self-checks, tests)."""
         check = self._event_data.get(event)
         if check is None:
             raise QMPError(GENERIC_ERROR, f"Event '{event}' is not declared")
-        check.check({} if data is None else data)
+        check.check_or_report({} if data is None else data, f"data of event '{event}'")
 
     def introspect(self) -> list[dict]:
         """QEMU's SchemaInfo list, the reply of query-qmp-schema (a fresh copy)."""

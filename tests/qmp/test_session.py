@@ -110,3 +110,82 @@ def test_parse_error_costs_one_reply_and_later_messages_still_work():
 def test_reply_without_id_has_no_id_member():
     [call] = dispatch_all(negotiated(), b'{"execute": "query-version"}')
     assert Session.reply(None, call) == {"return": {}}
+
+
+class BuggyCommands(FakeCommands):
+    def validate_arguments(self, name, arguments):
+        if name == "query-version" and arguments:
+            raise AssertionError(f"validators disagree on {arguments['secret']}")
+
+
+def test_a_bug_in_argument_checking_costs_one_reply_not_the_session(caplog):
+    session = Session(BuggyCommands())
+    session.negotiate([])
+    with caplog.at_level("ERROR", logger="qmpd.session"):
+        replies = dispatch_all(session, b'{"execute": "query-version", "id": 7,'
+                                        b' "arguments": {"secret": "hunter2"}}'
+                                        b'{"execute": "query-version", "id": 8}')
+    assert replies[0] == {"id": 7, "error": {"class": "GenericError", "desc": (
+        "The arguments of command 'query-version' could not be validated "
+        "(an internal error in qmpd, see its log)")}}
+    assert isinstance(replies[1], Call) and replies[1].id == 8
+    assert "AssertionError at " in caplog.text and "hunter2" not in caplog.text
+
+
+class _SchemaOnlyDaemon:
+    """What a Connection asks of its daemon, with the real schema and two commands."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from qmpd.schema import Schema
+        self.schema = Schema.load()
+        self.limits = SimpleNamespace(max_queued_bytes=1 << 20, max_message_bytes=1 << 20)
+        self.connections = set()
+
+    def greeting(self):
+        return {"QMP": {"version": {}, "capabilities": ["oob"]}}
+
+    async def execute(self, call, session, connection=None):
+        if call.command == "qmp_capabilities":
+            session.negotiate(call.arguments.get("enable", []))
+            return Session.reply(None, call)
+        return Session.reply({"qemu": {"major": 7, "minor": 2, "micro": 0}}, call)
+
+
+async def test_validators_that_disagree_leave_the_connection_serving(monkeypatch):
+    """Over a stream, with the real schema: the forced disagreement is
+    answered, and the next command on the same connection still runs."""
+    import json
+
+    import trio
+    import trio.testing
+
+    import qmpd.schema.schema as schema_module
+    from qmpd.qmp.server import Connection
+
+    monkeypatch.setattr(schema_module, "first_error", lambda typ, value: None)
+    client, server = trio.testing.memory_stream_pair()
+    received = b""
+
+    async def reply() -> dict:
+        nonlocal received
+        while b"\r\n" not in received:
+            received += await client.receive_some()
+        line, received = received.split(b"\r\n", 1)
+        return json.loads(line)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Connection(_SchemaOnlyDaemon(), server, 1).run)
+        with trio.fail_after(10):
+            assert "QMP" in await reply()
+            await client.send_all(b'{"execute": "qmp_capabilities"}\n')
+            assert await reply() == {"return": {}}
+            await client.send_all(b'{"execute": "query-version", "arguments": {"x": 1}, "id": 1}\n')
+            assert await reply() == {"id": 1, "error": {"class": "GenericError", "desc": (
+                "The arguments of command 'query-version' could not be validated "
+                "(an internal error in qmpd, see its log)")}}
+            await client.send_all(b'{"execute": "query-version", "id": 2}\n')
+            answer = await reply()
+            assert answer["id"] == 2 and "qemu" in answer["return"]
+        await client.aclose()

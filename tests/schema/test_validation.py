@@ -261,3 +261,68 @@ def test_error_texts_never_echo_string_values(schema):
         with pytest.raises(QMPError) as caught:
             schema.validate_arguments("blockdev-amend", {**AMEND, "options": options})
         assert secret not in caught.value.desc
+
+
+NOT_VALIDATED = ("The arguments of command '{}' could not be validated "
+                 "(an internal error in qmpd, see its log)")
+
+
+def test_validators_that_disagree_are_a_logged_bug_not_the_clients_error(schema, monkeypatch,
+                                                                        caplog):
+    # Force a disagreement: jsonschema refuses, the QEMU-order walk finds nothing.
+    import qmpd.schema.schema as schema_module
+    monkeypatch.setattr(schema_module, "first_error", lambda typ, value: None)
+    secret = "hunter2-secret"
+    arguments = {**AMEND, "options": {"driver": "luks", "state": "active", "new-secret": secret,
+                                      "bogus": secret}}
+    with caplog.at_level("ERROR", logger="qmpd.schema"):
+        with pytest.raises(QMPError) as caught:
+            schema.validate_arguments("blockdev-amend", arguments)
+    assert caught.value.error_class == "GenericError"
+    assert caught.value.desc == NOT_VALIDATED.format("blockdev-amend")
+    [record] = caplog.records
+    logged = record.getMessage()
+    assert "blockdev-amend" in logged and "ValidatorsDisagree at " in logged
+    assert "schema.py" in logged  # the place, not the message
+    assert secret not in logged and "BlockdevAmend" not in logged
+    # Valid input takes the fast way and never reaches the walk.
+    schema.validate_arguments("query-version", {})
+
+
+def test_a_failing_validator_is_reported_as_such(schema, monkeypatch, caplog):
+    import qmpd.schema.schema as schema_module
+
+    def broken(typ, value):
+        raise KeyError("s3cret")
+    monkeypatch.setattr(schema_module, "first_error", broken)
+    with caplog.at_level("ERROR", logger="qmpd.schema"):
+        with pytest.raises(QMPError) as caught:
+            schema.validate_arguments("job-pause", {"id": 1})
+    assert caught.value.desc == NOT_VALIDATED.format("job-pause")
+    assert "KeyError at " in caplog.text and "s3cret" not in caplog.text
+
+
+def test_integer_ranges_come_from_the_model():
+    from qmpd.schema.compiler import compile_type
+    from qmpd.schema.input_visitor import InputVisitor, InvalidInput
+    from qmpd.schema.model import INTEGER_RANGES, BuiltinType
+    for name, integers in INTEGER_RANGES.items():
+        typ = BuiltinType(name)
+        assert compile_type(typ)["minimum"] == integers.low
+        assert compile_type(typ)["maximum"] == integers.high
+        for value in (integers.low, integers.high):
+            InputVisitor().visit(typ, "v", value)
+        for value in (integers.low - 1, integers.high + 1):
+            with pytest.raises(InvalidInput):
+                InputVisitor().visit(typ, "v", value)
+
+
+def test_arguments_too_deep_for_the_validators_are_answered(schema):
+    # jsonschema recurses; 400 nested luks nodes exhaust Python's stack. QEMU
+    # would take them; qmpd answers instead of dropping the connection.
+    options = {"driver": "file", "filename": "/x.img"}
+    for _ in range(400):
+        options = {"driver": "luks", "key-secret": "s", "file": options}
+    with pytest.raises(QMPError) as caught:
+        schema.validate_arguments("blockdev-add", options)
+    assert caught.value.desc == NOT_VALIDATED.format("blockdev-add")
