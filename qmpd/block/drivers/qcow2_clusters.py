@@ -17,7 +17,9 @@ which ``qemu-img check`` reports as leaks, never as errors.
 
 Allocating a cluster (``_allocate``)::
 
-    refcount entries := 1 in existing refcount blocks  | flush
+    refcount entries := 1 in existing refcount blocks,
+    file extended over the new clusters (a lost data write must not leave
+    an L2 entry pointing past the end of the file)     | flush
 
   with a missing refcount block first made (``_new_refblock``)::
 
@@ -495,6 +497,10 @@ class Qcow2Clusters:
             if start <= self._free_index:
                 self._free_index = start + run
             found.extend(range(start, start + run))
+        end = (max(found) + 1) << self.cluster_bits
+        if end > self.child.size():
+            # the file covers every cluster before anything can reference it
+            self.child.truncate(end)
         self.child.flush()
         return [c << self.cluster_bits for c in found]
 
