@@ -82,6 +82,7 @@ def socket_paths(args: argparse.Namespace) -> list[str]:
 
 async def _startup(daemon, args: argparse.Namespace) -> None:
     """Create --object and --blockdev items in order, as qsd does."""
+    from qmpd.block import blockdev
     from qmpd.commands.objects import object_from_cli
 
     for text in args.object:
@@ -89,7 +90,7 @@ async def _startup(daemon, args: argparse.Namespace) -> None:
     for text in args.blockdev:
         options = keyval.parse(text)
         options = keyval.coerce(options, lambda o: daemon.schema.validate_arguments("blockdev-add", o))
-        await daemon.nodes.add(options)
+        await blockdev.add(daemon.nodes, options)
 
 
 async def _main(args: argparse.Namespace, paths: list[str]) -> int:

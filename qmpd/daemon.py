@@ -69,6 +69,7 @@ class Daemon:
         self.objects: dict[str, str] = {}
         self.nodes = BlockGraph(SecretsForBlock(self.secrets))
         self.jobs = JobManager(self.emit_event)
+        self.exports: Any = None
         self.connections: set[Connection] = set()
         self._connection_count = 0
         self._shutdown = trio.Event()
@@ -85,9 +86,17 @@ class Daemon:
         return {"QMP": {"version": self.version_info(), "capabilities": ["oob"]}}
 
     # -- commands and events ----------------------------------------------------
+    def context(self, session: Session | None, command: str) -> CommandContext:
+        """What a handler of ``command`` may touch."""
+        return CommandContext(nodes=self.nodes, jobs=self.jobs, objects=self.objects,
+                              secrets=self.secrets, schema=self.schema, exports=self.exports,
+                              session=session, command=command,
+                              request_shutdown=self.request_shutdown,
+                              version_info=self.version_info)
+
     async def execute(self, call: Call, session: Session | None, connection: Any = None) -> dict:
         """Run a checked request's handler and build its reply."""
-        context = CommandContext(daemon=self, session=session, command=call.command)
+        context = self.context(session, call.command)
         log.debug("executing %s", call.command)  # never the arguments: they may hold secrets
         try:
             result = await self.handlers[call.command](context, call.arguments)

@@ -1,6 +1,6 @@
-"""Block nodes (file, luks, qcow2), QEMU's permission model and image locks.
+"""The block layer: nodes, their drivers, QEMU's permission model, image locks.
 
-The command handlers use :class:`qmpd.block.graph.BlockGraph`; the rest is
-its machinery: permissions.py (the model as data), locks.py (OFD lock
-bytes), file.py (the file node), qcow2.py (headers and new images).
+graph.py holds the nodes and their links; drivers/ one module per node
+type; the verbs (blockdev.py, create.py, amend.py, query.py, resize.py)
+take the graph as an argument and are what command handlers call.
 """

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qmpd.daemon import Daemon
+    from qmpd.block.graph import BlockGraph
+    from qmpd.crypto.secrets import SecretStore
+    from qmpd.exports.registry import ExportRegistry
+    from qmpd.jobs.manager import JobManager
     from qmpd.qmp.session import Session
+    from qmpd.schema import Schema
 
 #: Modules whose import registers handlers.
 DOMAIN_MODULES = ("core", "objects", "block", "jobs")
@@ -24,9 +28,17 @@ DOMAIN_MODULES = ("core", "objects", "block", "jobs")
 class CommandContext:
     """What a handler may touch: the daemon's registries and the caller."""
 
-    daemon: "Daemon"
+    nodes: "BlockGraph"
+    jobs: "JobManager"
+    #: Every user-created object by id, with its qom-type (ids are one namespace).
+    objects: dict[str, str]
+    secrets: "SecretStore"
+    schema: "Schema"
+    exports: "ExportRegistry"
     session: "Session | None"
     command: str
+    request_shutdown: Callable[[str], None]
+    version_info: Callable[[], dict]
 
 
 Handler = Callable[[CommandContext, dict], Awaitable[Any]]

@@ -16,21 +16,21 @@ async def qmp_capabilities(ctx: CommandContext, args: dict) -> dict:
 
 @handler("query-version")
 async def query_version(ctx: CommandContext, args: dict) -> dict:
-    return ctx.daemon.version_info()
+    return ctx.version_info()
 
 
 @handler("query-commands")
 async def query_commands(ctx: CommandContext, args: dict) -> list:
     # QEMU lists the most recently registered command first.
-    return [{"name": name} for name in reversed(list(ctx.daemon.schema.commands))]
+    return [{"name": name} for name in reversed(list(ctx.schema.commands))]
 
 
 @handler("query-qmp-schema")
 async def query_qmp_schema(ctx: CommandContext, args: dict) -> list:
-    return ctx.daemon.schema.introspect()
+    return ctx.schema.introspect()
 
 
 @handler("quit")
 async def quit_(ctx: CommandContext, args: dict) -> dict:
-    ctx.daemon.request_shutdown("host-qmp-quit")
+    ctx.request_shutdown("host-qmp-quit")
     return {}

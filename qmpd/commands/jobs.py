@@ -11,14 +11,14 @@ from qmpd.commands import CommandContext, handler
 
 @handler("query-jobs")
 async def query_jobs(ctx: CommandContext, args: dict) -> list[dict]:
-    return ctx.daemon.jobs.query()
+    return ctx.jobs.query()
 
 
 def _verb(name: str):
     """job-<name> {id}: the JobManager method of the same name."""
 
     async def run(ctx: CommandContext, args: dict) -> dict:
-        await getattr(ctx.daemon.jobs, name)(args["id"])
+        await getattr(ctx.jobs, name)(args["id"])
         return {}
 
     run.__name__ = f"job_{name}"

@@ -11,7 +11,7 @@ from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
 from qmpd.errors import QMPError
 
 
-def add_object(daemon, args: dict, file_contents: bytearray | None = None) -> None:
+def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None = None) -> None:
     """Create an object from validated ObjectOptions (also used by --object).
 
     ``file_contents`` is the secret file, read beforehand off the event loop.
@@ -21,19 +21,19 @@ def add_object(daemon, args: dict, file_contents: bytearray | None = None) -> No
         raise QMPError.generic("Parameter 'id' expects an identifier")
     if "loaded" in args:  # deprecated read-only property, refused as QEMU 7.2 does
         raise QMPError.generic("Property 'secret.loaded' is not writable")
-    if object_id in daemon.objects:
+    if object_id in ctx.objects:
         raise QMPError.generic(
             f"attempt to add duplicate property '{object_id}' to object (type 'container')")
     qom_type = args["qom-type"]
     if qom_type != "secret":  # the schema's ObjectType only offers 'secret'
         raise QMPError.generic(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     try:
-        daemon.secrets.add(object_id, data=args.get("data"), file=args.get("file"),
+        ctx.secrets.add(object_id, data=args.get("data"), file=args.get("file"),
                            format=args.get("format", "raw"), keyid=args.get("keyid"),
                            iv=args.get("iv"), file_contents=file_contents)
     except CryptoError as exc:
         raise QMPError.generic(str(exc)) from None
-    daemon.objects[object_id] = qom_type
+    ctx.objects[object_id] = qom_type
 
 
 @handler("object-add")
@@ -44,13 +44,13 @@ async def object_add(ctx: CommandContext, args: dict) -> dict:
         try:
             contents = await trio.to_thread.run_sync(read_secret_file, args["file"])
         except CryptoError as exc:
-            if (args["id"] in ctx.daemon.objects or not id_wellformed(args["id"])
+            if (args["id"] in ctx.objects or not id_wellformed(args["id"])
                     or "loaded" in args):
                 contents = None  # the id error comes first, as in QEMU
             else:
                 raise QMPError.generic(str(exc)) from None
     try:
-        add_object(ctx.daemon, args, contents)
+        add_object(ctx, args, contents)
     finally:
         wipe(contents)
     return {}
@@ -59,10 +59,10 @@ async def object_add(ctx: CommandContext, args: dict) -> dict:
 @handler("object-del")
 async def object_del(ctx: CommandContext, args: dict) -> dict:
     object_id = args["id"]
-    if object_id not in ctx.daemon.objects:
+    if object_id not in ctx.objects:
         raise QMPError.generic(f"object '{object_id}' not found")
-    del ctx.daemon.objects[object_id]
-    ctx.daemon.secrets.delete(object_id)
+    del ctx.objects[object_id]
+    ctx.secrets.delete(object_id)
     return {}
 
 
@@ -73,4 +73,4 @@ async def object_from_cli(daemon, text: str) -> None:
     except keyval.KeyvalError as exc:
         raise QMPError.generic(str(exc)) from None
     daemon.schema.validate_arguments("object-add", args)
-    await object_add(CommandContext(daemon=daemon, session=None, command="object-add"), args)
+    await object_add(daemon.context(None, "object-add"), args)

@@ -9,6 +9,8 @@ import sys
 
 import trio
 
+from qmpd.block import blockdev
+from qmpd.block import amend as block_amend
 from qmpd.block.graph import BlockGraph
 from qmpd.errors import QMPError
 
@@ -34,11 +36,11 @@ async def main() -> None:
         command = json.loads(line)
         try:
             if command[0] == "add":
-                await graph.add(command[1])
+                await blockdev.add(graph, command[1])
             elif command[0] == "amend":
-                await graph.amend(command[1], command[2], False, NoProgress(), "blockdev-amend")
+                await block_amend.run(graph, command[1], command[2], False, NoProgress(), "blockdev-amend")
             elif command[0] == "reopen":
-                await graph.reopen(command[1])
+                await blockdev.reopen(graph, command[1])
             elif command[0] == "close":
                 await graph.close_all()
             print("ok", flush=True)

@@ -11,6 +11,9 @@ import time
 import pytest
 import trio
 
+from qmpd.block import blockdev, query
+from qmpd.block import amend as block_amend
+from qmpd.block import create as block_create
 from qmpd.block.graph import BlockGraph
 from qmpd.errors import QMPError
 from tests.block.graph_peer import NoProgress, Secrets
@@ -69,36 +72,36 @@ async def error_of(coro) -> str:
 
 
 async def test_add_errors_have_qemu_texts(graph, raw_img, tmp_path):
-    assert await error_of(graph.add({"driver": "file", "filename": raw_img})) == \
+    assert await error_of(blockdev.add(graph, {"driver": "file", "filename": raw_img})) == \
         "'node-name' must be specified for the root node"
-    assert await error_of(graph.add({"driver": "file", "node-name": "1bad",
+    assert await error_of(blockdev.add(graph, {"driver": "file", "node-name": "1bad",
                                      "filename": raw_img})) == "Invalid node-name: '1bad'"
     missing = str(tmp_path / "nope")
-    assert await error_of(graph.add({"driver": "file", "node-name": "f",
+    assert await error_of(blockdev.add(graph, {"driver": "file", "node-name": "f",
                                      "filename": missing})) == \
         f"Could not open '{missing}': No such file or directory"
-    assert await error_of(graph.add({"driver": "luks", "node-name": "l",
+    assert await error_of(blockdev.add(graph, {"driver": "luks", "node-name": "l",
                                      "file": {"driver": "file", "filename": raw_img}})) == \
         "Parameter 'key-secret' is required for cipher"
-    assert await error_of(graph.add(luks("l", raw_img, "s1"))) == \
+    assert await error_of(blockdev.add(graph, luks("l", raw_img, "s1"))) == \
         "Invalid password, cannot unlock any keyslot"
-    assert await error_of(graph.add(luks("l", raw_img, "zz"))) == "No secret with id 'zz'"
-    assert await error_of(graph.add({"driver": "qcow2", "node-name": "q",
+    assert await error_of(blockdev.add(graph, luks("l", raw_img, "zz"))) == "No secret with id 'zz'"
+    assert await error_of(blockdev.add(graph, {"driver": "qcow2", "node-name": "q",
                                      "file": {"driver": "file", "filename": raw_img}})) == \
         "Image is not in qcow2 format"
-    assert await error_of(graph.add({"driver": "luks", "node-name": "l", "key-secret": "s0",
+    assert await error_of(blockdev.add(graph, {"driver": "luks", "node-name": "l", "key-secret": "s0",
                                      "file": "f9"})) == "Cannot find device='f9' nor node-name='f9'"
     # failed adds leave nothing open or locked
-    assert graph.query_named_block_nodes() == []
+    assert query.named_block_nodes(graph) == []
     assert held_bytes(raw_img) == set()
 
 
 async def test_nodes_query_and_delete(graph, raw_img):
-    await graph.add({"driver": "file", "node-name": "f0", "filename": raw_img})
-    assert await error_of(graph.add({"driver": "file", "node-name": "f0",
+    await blockdev.add(graph, {"driver": "file", "node-name": "f0", "filename": raw_img})
+    assert await error_of(blockdev.add(graph, {"driver": "file", "node-name": "f0",
                                      "filename": raw_img})) == "Duplicate nodes with node-name='f0'"
-    await graph.add({"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f0"})
-    nodes = graph.query_named_block_nodes()
+    await blockdev.add(graph, {"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f0"})
+    nodes = query.named_block_nodes(graph)
     assert [n["node-name"] for n in nodes] == ["l0", "f0"]
     l0 = nodes[0]
     assert l0["drv"] == "luks" and l0["encrypted"] and not l0["ro"] and l0["file"].startswith("json:")
@@ -110,27 +113,27 @@ async def test_nodes_query_and_delete(graph, raw_img):
     assert data["slots"][0]["active"] and not data["slots"][1]["active"]
     assert nodes[1]["image"]["virtual-size"] == os.path.getsize(raw_img)
     assert held_bytes(raw_img) == {100}
-    assert await error_of(graph.delete("f0")) == "Block device f0 is in use"
-    assert await error_of(graph.delete("zz")) == "Failed to find node with node-name='zz'"
-    await graph.delete("l0")
-    await graph.delete("f0")
+    assert await error_of(blockdev.delete(graph, "f0")) == "Block device f0 is in use"
+    assert await error_of(blockdev.delete(graph, "zz")) == "Failed to find node with node-name='zz'"
+    await blockdev.delete(graph, "l0")
+    await blockdev.delete(graph, "f0")
     assert held_bytes(raw_img) == set()
 
 
 async def test_implicit_child_named_and_owned(graph, qcow2_img):
-    await graph.add({"driver": "qcow2", "node-name": "q0", "file": {"driver": "file", "filename": qcow2_img},
+    await blockdev.add(graph, {"driver": "qcow2", "node-name": "q0", "file": {"driver": "file", "filename": qcow2_img},
                      "encrypt": {"format": "luks", "key-secret": "s0"}})
-    names = [n["node-name"] for n in graph.query_named_block_nodes()]
+    names = [n["node-name"] for n in query.named_block_nodes(graph)]
     assert names[0] == "q0" and names[1].startswith("#block")
-    assert await error_of(graph.delete(names[1])) == f"Node {names[1]} is not owned by the monitor"
+    assert await error_of(blockdev.delete(graph, names[1])) == f"Node {names[1]} is not owned by the monitor"
     assert held_bytes(qcow2_img) == {100, 101, 103, 201, 203}
-    info = graph.query_named_block_nodes()[0]["image"]
+    info = query.named_block_nodes(graph)[0]["image"]
     assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
     assert info["virtual-size"] == 4 << 20 and info["cluster-size"] == 65536
 
 
 async def test_qcow2_without_secret(graph, qcow2_img):
-    assert await error_of(graph.add({"driver": "qcow2", "node-name": "q0",
+    assert await error_of(blockdev.add(graph, {"driver": "qcow2", "node-name": "q0",
                                      "file": {"driver": "file", "filename": qcow2_img}})) == \
         "Parameter 'encrypt.key-secret' is required for cipher"
 
@@ -138,9 +141,9 @@ async def test_qcow2_without_secret(graph, qcow2_img):
 async def test_second_qcow2_parent_conflicts(graph, tmp_path):
     path = str(tmp_path / "plain.qcow2")
     run_qemu_img(["create", "-q", "-f", "qcow2", path, "1M"])
-    await graph.add({"driver": "file", "node-name": "f0", "filename": path})
-    await graph.add({"driver": "qcow2", "node-name": "q0", "file": "f0"})
-    assert await error_of(graph.add({"driver": "qcow2", "node-name": "q1", "file": "f0"})) == (
+    await blockdev.add(graph, {"driver": "file", "node-name": "f0", "filename": path})
+    await blockdev.add(graph, {"driver": "qcow2", "node-name": "q0", "file": "f0"})
+    assert await error_of(blockdev.add(graph, {"driver": "qcow2", "node-name": "q1", "file": "f0"})) == (
         "Permission conflict on node 'f0': permissions 'write, resize' are both required by "
         "node 'q0' (uses node 'f0' as 'file' child) and unshared by node 'q1' "
         "(uses node 'f0' as 'file' child).")
@@ -148,19 +151,19 @@ async def test_second_qcow2_parent_conflicts(graph, tmp_path):
 
 @pytest.mark.interop
 async def test_amend_raw_luks_and_locks_released(graph, raw_img):
-    await graph.add(luks("l0", raw_img))
-    await graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
+    await blockdev.add(graph, luks("l0", raw_img))
+    await block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
     assert held_bytes(raw_img) == {100}
     assert cryptsetup_unlocks(raw_img, b"pw2") and cryptsetup_unlocks(raw_img, b"pw")
-    slots = graph.query_named_block_nodes()[0]["image"]["format-specific"]["data"]["slots"]
+    slots = query.named_block_nodes(graph)[0]["image"]["format-specific"]["data"]["slots"]
     assert slots[1]["active"]
 
 
 @pytest.mark.interop
 async def test_amend_qcow2(graph, qcow2_img):
-    await graph.add({"driver": "qcow2", "node-name": "q0", "file": {"driver": "file", "filename": qcow2_img},
+    await blockdev.add(graph, {"driver": "qcow2", "node-name": "q0", "file": {"driver": "file", "filename": qcow2_img},
                      "encrypt": {"format": "luks", "key-secret": "s0"}})
-    await graph.amend("q0", {"driver": "qcow2", "encrypt": {"format": "luks", **{
+    await block_amend.run(graph, "q0", {"driver": "qcow2", "encrypt": {"format": "luks", **{
         k: v for k, v in AMEND_ADD.items() if k != "driver"}}}, False, NoProgress(), "blockdev-amend")
     await graph.close_all()
     proc = run_qemu_img(["info", "--object", "secret,id=s0,data=pw2", "--image-opts",
@@ -169,40 +172,40 @@ async def test_amend_qcow2(graph, qcow2_img):
 
 
 async def test_amend_refusals(graph, raw_img):
-    await graph.add({"driver": "file", "node-name": "f0", "filename": raw_img, "read-only": True})
-    await graph.add({"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f0"})
-    assert await error_of(graph.amend("zz", AMEND_ADD, False, NoProgress(), "x-blockdev-amend")) == \
+    await blockdev.add(graph, {"driver": "file", "node-name": "f0", "filename": raw_img, "read-only": True})
+    await blockdev.add(graph, {"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f0"})
+    assert await error_of(block_amend.run(graph, "zz", AMEND_ADD, False, NoProgress(), "x-blockdev-amend")) == \
         "Cannot find device='' nor node-name='zz'"
-    assert await error_of(graph.amend("l0", {"driver": "qcow2"}, False, NoProgress(),
+    assert await error_of(block_amend.run(graph, "l0", {"driver": "qcow2"}, False, NoProgress(),
                                       "x-blockdev-amend")) == \
         "x-blockdev-amend doesn't support changing the block driver"
-    assert await error_of(graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
+    assert await error_of(block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
         "Block node is read-only"
-    await graph.reopen([{"driver": "file", "node-name": "f0", "filename": raw_img,
+    await blockdev.reopen(graph, [{"driver": "file", "node-name": "f0", "filename": raw_img,
                          "read-only": False}])
-    await graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
-    await graph.reopen([{"driver": "file", "node-name": "f0", "filename": raw_img,
+    await block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
+    await blockdev.reopen(graph, [{"driver": "file", "node-name": "f0", "filename": raw_img,
                          "read-only": True}])
-    assert graph.query_named_block_nodes()[1]["ro"] is True
+    assert query.named_block_nodes(graph)[1]["ro"] is True
 
 
 async def test_amend_conflicts_with_second_reader_in_process(graph, raw_img):
-    await graph.add({"driver": "file", "node-name": "f1", "filename": raw_img})
-    await graph.add({"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f1"})
-    await graph.add({"driver": "luks", "node-name": "l1", "key-secret": "s0", "file": "f1"})
+    await blockdev.add(graph, {"driver": "file", "node-name": "f1", "filename": raw_img})
+    await blockdev.add(graph, {"driver": "luks", "node-name": "l0", "key-secret": "s0", "file": "f1"})
+    await blockdev.add(graph, {"driver": "luks", "node-name": "l1", "key-secret": "s0", "file": "f1"})
     expected = ("Permission conflict on node 'f1': permissions 'consistent read' are both "
                 "required by node 'l1' (uses node 'f1' as 'file' child) and unshared by node "
                 "'l0' (uses node 'f1' as 'file' child).")
-    assert await error_of(graph.amend_check_permissions("l0", AMEND_ADD, "blockdev-amend")) == expected
-    assert await error_of(graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == expected
+    assert await error_of(block_amend.check_permissions(graph, "l0", AMEND_ADD, "blockdev-amend")) == expected
+    assert await error_of(block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == expected
     assert held_bytes(raw_img) == {100}
 
 
 async def test_cancel_before_apply_leaves_image_untouched(graph, raw_img):
-    await graph.add(luks("l0", raw_img))
+    await blockdev.add(graph, luks("l0", raw_img))
     before = open(raw_img, "rb").read()
     with trio.move_on_after(0.001):
-        await graph.amend("l0", {**AMEND_ADD, "iter-time": 200}, False, NoProgress(),
+        await block_amend.run(graph, "l0", {**AMEND_ADD, "iter-time": 200}, False, NoProgress(),
                           "blockdev-amend")
     assert open(raw_img, "rb").read() == before
     assert held_bytes(raw_img) == {100}
@@ -212,12 +215,12 @@ async def test_cancel_before_apply_leaves_image_untouched(graph, raw_img):
 async def test_create_qcow2_passes_qemu_img_check_and_qemu_io(graph, tmp_path):
     require("qemu-io")
     path = str(tmp_path / "new.qcow2")
-    await graph.create({"driver": "file", "filename": path, "size": 0}, NoProgress())
-    await graph.add({"driver": "file", "node-name": "f0", "filename": path})
-    await graph.create({"driver": "qcow2", "file": "f0", "size": 8 << 20, "cluster-size": 4096,
+    await block_create.run(graph, {"driver": "file", "filename": path, "size": 0}, NoProgress())
+    await blockdev.add(graph, {"driver": "file", "node-name": "f0", "filename": path})
+    await block_create.run(graph, {"driver": "qcow2", "file": "f0", "size": 8 << 20, "cluster-size": 4096,
                         "encrypt": {"format": "luks", "key-secret": "s0", "iter-time": 10}},
                        NoProgress())
-    await graph.delete("f0")
+    await blockdev.delete(graph, "f0")
     opts = f"driver=qcow2,encrypt.key-secret=s0,file.filename={path}"
     proc = run_qemu_img(["check", "--object", "secret,id=s0,data=pw", "--image-opts", opts])
     assert b"No errors were found" in proc.stdout
@@ -231,11 +234,11 @@ async def test_create_qcow2_passes_qemu_img_check_and_qemu_io(graph, tmp_path):
 @pytest.mark.interop
 async def test_create_raw_luks_opens_in_qemu(graph, tmp_path):
     path = str(tmp_path / "new.luks")
-    await graph.create({"driver": "file", "filename": path, "size": 0}, NoProgress())
-    await graph.add({"driver": "file", "node-name": "f0", "filename": path})
-    await graph.create({"driver": "luks", "file": "f0", "size": 1 << 20, "key-secret": "s0",
+    await block_create.run(graph, {"driver": "file", "filename": path, "size": 0}, NoProgress())
+    await blockdev.add(graph, {"driver": "file", "node-name": "f0", "filename": path})
+    await block_create.run(graph, {"driver": "luks", "file": "f0", "size": 1 << 20, "key-secret": "s0",
                         "iter-time": 10}, NoProgress())
-    await graph.delete("f0")
+    await blockdev.delete(graph, "f0")
     assert cryptsetup_unlocks(path, b"pw")
     proc = run_qemu_img(["info", "--output=json", "--object", "secret,id=s0,data=pw",
                          "--image-opts", f"driver=luks,key-secret=s0,file.filename={path}"])
@@ -273,20 +276,20 @@ def peer():
 
 async def test_iotest_296_two_processes(graph, peer, raw_img):
     assert peer.send("add", luks("l0", raw_img)) == "ok"
-    await graph.add(luks("l0", raw_img))
+    await blockdev.add(graph, luks("l0", raw_img))
     # both hold the image: neither can update keys
-    assert await error_of(graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
+    assert await error_of(block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
         'Failed to get shared "consistent read" lock'
     assert peer.send("amend", "l0", AMEND_ADD) == 'ERR Failed to get shared "consistent read" lock'
     # one closes: the other can
     assert peer.send("close") == "ok"
-    await graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
+    await block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
 
 
 async def test_iotest_296_read_only_opener_blocks_amend(graph, peer, raw_img):
     assert peer.send("add", luks("l0", raw_img, **{"read-only": True})) == "ok"
-    await graph.add(luks("l0", raw_img))
-    assert await error_of(graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
+    await blockdev.add(graph, luks("l0", raw_img))
+    assert await error_of(block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
         'Failed to get shared "consistent read" lock'
     assert peer.send("amend", "l0", AMEND_ADD) == "ERR Block node is read-only"
 
@@ -332,9 +335,9 @@ async def test_qsd_holding_qcow2_refuses_our_write(graph, tmp_path, qcow2_img):
         assert qsd.wait_for_locks(qcow2_img) == {100, 101, 103, 201, 203}
         opts = {"driver": "qcow2", "node-name": "q0", "encrypt": {"format": "luks", "key-secret": "s0"},
                 "file": {"driver": "file", "filename": qcow2_img}}
-        assert await error_of(graph.add(opts)) == 'Failed to get "write" lock'
+        assert await error_of(blockdev.add(graph, opts)) == 'Failed to get "write" lock'
         # read-only with force-share: allowed, like qemu-img -U
-        await graph.add({**opts, "read-only": True, "file": {
+        await blockdev.add(graph, {**opts, "read-only": True, "file": {
             "driver": "file", "filename": qcow2_img, "force-share": True, "read-only": True}})
     finally:
         qsd.stop()
@@ -346,18 +349,18 @@ async def test_qsd_raw_luks_blocks_our_amend_and_we_block_its_open(graph, tmp_pa
               "driver=luks,node-name=l0,file=f0,key-secret=s0")
     try:
         assert qsd.wait_for_locks(raw_img) == {100}
-        await graph.add(luks("l0", raw_img))
-        assert await error_of(graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
+        await blockdev.add(graph, luks("l0", raw_img))
+        assert await error_of(block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")) == \
             'Failed to get shared "consistent read" lock'
     finally:
         qsd.stop()
-    await graph.amend("l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
+    await block_amend.run(graph, "l0", AMEND_ADD, False, NoProgress(), "blockdev-amend")
     assert cryptsetup_unlocks(raw_img, b"pw2")
 
 
 @pytest.mark.interop
 async def test_our_qcow2_refuses_qemu_img_writers(graph, qcow2_img):
-    await graph.add({"driver": "qcow2", "node-name": "q0", "encrypt": {"format": "luks", "key-secret": "s0"},
+    await blockdev.add(graph, {"driver": "qcow2", "node-name": "q0", "encrypt": {"format": "luks", "key-secret": "s0"},
                      "file": {"driver": "file", "filename": qcow2_img}})
     proc = run(["qemu-io", "--object", "secret,id=s0,data=pw", "--image-opts",
                 f"driver=qcow2,encrypt.key-secret=s0,file.filename={qcow2_img}",

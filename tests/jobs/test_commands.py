@@ -32,11 +32,12 @@ async def call(nursery):
     events: list[tuple[str, dict]] = []
     manager = JobManager(lambda name, data: events.append((name, data)))
     await nursery.start(manager.run)
-    daemon = SimpleNamespace(jobs=manager)
     handlers = load_handlers()
 
     async def call(command: str, args: dict | None = None):
-        ctx = CommandContext(daemon=daemon, session=None, command=command)
+        ctx = CommandContext(nodes=None, jobs=manager, objects={}, secrets=None, schema=None,
+                             exports=None, session=None, command=command,
+                             request_shutdown=lambda reason: None, version_info=dict)
         return await handlers[command](ctx, args or {})
 
     call.manager = manager

@@ -26,6 +26,8 @@ import time
 
 import pytest
 
+from qmpd.block import blockdev, query
+from qmpd.block import amend as block_amend
 from qmpd.posixio import FileImageIO
 from qmpd.crypto.luks import LuksCreateOptions, create_volume, open_volume
 from tests.oracles import qemu_img_create_luks as qemu_img_luks
@@ -325,7 +327,7 @@ async def _daemon_with_node(image: str):
     for sid, data in (("s0", P0), ("s1", P1)):
         daemon.secrets.add(sid, data=data)
         daemon.objects[sid] = "secret"
-    await daemon.nodes.add({"driver": "luks", "node-name": "d0", "key-secret": "s0",
+    await blockdev.add(daemon.nodes, {"driver": "luks", "node-name": "d0", "key-secret": "s0",
                             "file": {"driver": "file", "filename": image}})
     return daemon, daemon.nodes.find("d0")
 
@@ -345,7 +347,7 @@ async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
     with_p1 = os.path.join(workdir, "t1.luks")
     shutil.copyfile(template, with_p1)
     daemon, node = await _daemon_with_node(with_p1)
-    await daemon.nodes.amend("d0", ADD_P1, False, _Progress(), "x-blockdev-amend")
+    await block_amend.run(daemon.nodes, "d0", ADD_P1, False, _Progress(), "x-blockdev-amend")
     await daemon.close()
     injected = 0
     for start, options, removed in ((template, ADD_P1, None), (with_p1, ERASE_P1, P1)):
@@ -357,7 +359,7 @@ async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
         original = node.luks_io
         node.luks_io = lambda handle: counting.append(FailingIO(original(handle), "-", 0)) \
             or counting[-1]
-        await daemon.nodes.amend("d0", options, False, _Progress(), "x-blockdev-amend")
+        await block_amend.run(daemon.nodes, "d0", options, False, _Progress(), "x-blockdev-amend")
         await daemon.close()
         totals = {k: max(c.calls[k] for c in counting) for k in ("read", "write", "sync")}
         assert totals["write"] and totals["sync"]
@@ -368,7 +370,7 @@ async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
                 original = node.luks_io
                 node.luks_io = lambda handle, k=kind, n=n: FailingIO(original(handle), k, n)
                 with pytest.raises(QMPError) as err:
-                    await daemon.nodes.amend("d0", options, False, _Progress(),
+                    await block_amend.run(daemon.nodes, "d0", options, False, _Progress(),
                                              "x-blockdev-amend")
                 assert err.value.desc == "Input/output error", err.value.desc
                 injected += 1
@@ -382,10 +384,10 @@ async def test_eio_at_every_io_call_of_an_amend(workdir, figures):
                 node.luks_io = original
                 if removed is not None and _volume_key(image, P1) is None:
                     with pytest.raises(QMPError, match="No keyslots match"):
-                        await daemon.nodes.amend("d0", options, False, _Progress(),
+                        await block_amend.run(daemon.nodes, "d0", options, False, _Progress(),
                                                  "x-blockdev-amend")
                 else:
-                    await daemon.nodes.amend("d0", options, False, _Progress(),
+                    await block_amend.run(daemon.nodes, "d0", options, False, _Progress(),
                                              "x-blockdev-amend")
                 assert (_volume_key(image, P1) == key) == (removed is None)
                 assert _volume_key(image, P0) == key
@@ -402,11 +404,11 @@ async def test_file_shrinks_while_open(workdir):
     for size in (4096, 600, 0):
         os.truncate(image, size)
         with pytest.raises(QMPError) as err:
-            await daemon.nodes.amend("d0", ADD_P1, False, _Progress(), "x-blockdev-amend")
+            await block_amend.run(daemon.nodes, "d0", ADD_P1, False, _Progress(), "x-blockdev-amend")
         assert err.value.desc and "Internal" not in err.value.desc
         assert os.path.getsize(image) == size  # nothing written past what is left
-    assert daemon.nodes.query_named_block_nodes()
-    await daemon.nodes.delete("d0")
+    assert query.named_block_nodes(daemon.nodes)
+    await blockdev.delete(daemon.nodes, "d0")
     await daemon.close()
 
 

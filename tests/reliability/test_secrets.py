@@ -146,8 +146,9 @@ async def test_owned_buffers_are_wiped():
 
     work = tempfile.mkdtemp(prefix="qmpd-w-")
     image = os.path.join(work, "img.luks")
+    from qmpd.block import blockdev
+    from qmpd.crypto.luks import LuksCreateOptions, create_volume
     from qmpd.posixio import FileImageIO
-from qmpd.crypto.luks import LuksCreateOptions, create_volume
     with open(image, "wb") as f:
         f.truncate(4 << 20)
     with FileImageIO(image) as io:
@@ -165,7 +166,7 @@ from qmpd.crypto.luks import LuksCreateOptions, create_volume
         return copy
 
     daemon.secrets.lookup = spying_lookup
-    await daemon.nodes.add({"driver": "luks", "node-name": "d0", "key-secret": "s0",
+    await blockdev.add(daemon.nodes, {"driver": "luks", "node-name": "d0", "key-secret": "s0",
                             "file": {"driver": "file", "filename": image}})
     node = daemon.nodes.find("d0")
     volume = node.volume
@@ -173,7 +174,7 @@ from qmpd.crypto.luks import LuksCreateOptions, create_volume
     cipher_key = volume.cipher._key
     assert any(volume_key) and any(cipher_key)
     assert copies and all(not any(c) for c in copies), "a lookup copy was not wiped"
-    await daemon.nodes.delete("d0")
+    await blockdev.delete(daemon.nodes, "d0")
     assert not any(volume_key) and not any(cipher_key), "volume key survives blockdev-del"
     daemon.secrets.delete("s0")
     assert not any(value), "secret value survives object-del"

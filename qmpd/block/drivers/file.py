@@ -1,30 +1,57 @@
 """The ``file`` driver: a POSIX file, its descriptor and its image locks.
 
-Every method is synchronous and meant to run in a worker thread; a lock
-serialises them, so concurrent callers from several threads are safe.
+:class:`FileNode` is the open file; :class:`FileBlockNode` is the graph's
+node over it, with the data path (pread/pwrite/fdatasync, SEEK_DATA and
+SEEK_HOLE for block status, fallocate punch-hole and zero-range where the
+filesystem has them). Every method is synchronous and meant to run in a
+worker thread; metadata changes (reopen, locks, truncate) take a lock, data
+I/O uses positioned calls on the descriptor and needs none.
 Opening follows QEMU's file-posix: errors read "Could not open 'PATH':
 <strerror>", ``auto-read-only`` falls back to read-only when the file cannot
 be opened for writing, and locking=auto means on (Linux has OFD locks).
 
-cache.direct is accepted and reported but I/O stays buffered: the images
-this daemon touches are key headers, where O_DIRECT's alignment rules buy
-nothing. cache.no-flush skips fsync as QEMU does.
+cache.direct is accepted and reported but I/O stays buffered (O_DIRECT's
+alignment rules would bounce every unaligned guest request and buy nothing
+for images this daemon holds). cache.no-flush skips fsync as QEMU does.
+The node's length is the file size rounded up to 512 bytes, as QEMU's
+bdrv_getlength counts sectors; the tail past the end of the file reads as
+zeroes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import stat
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
+from qmpd.block.datapath import Extent
+from qmpd.block.drivers.base import BlockDriver, OpenFlags
 from qmpd.block.locks import ImageLock
+from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import ALL, Perm
 from qmpd.posixio import pread_fully, pwrite_fully
 from qmpd.errors import QMPError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpd.block.graph import BlockGraph
+
 LOCKING_MODES = ("auto", "on", "off")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+try:  # ctypes calls release the GIL; os has no fallocate with flags
+    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _libc = None
 
 
 def open_error(filename: str, err: OSError) -> QMPError:
@@ -91,6 +118,10 @@ class FileNode:
             raise
         self._fd = fd
         self.lock = ImageLock(fd, enabled=options.locking != "off")
+        # Guest I/O runs concurrently on the descriptor; reopen and close
+        # wait for it (a closed descriptor's number could be reused).
+        self._idle = threading.Condition(self._mutex)
+        self._in_flight = 0
 
     def _open_fd(self, writable: bool, may_fall_back: bool) -> int:
         flags = os.O_CLOEXEC | (os.O_RDWR if writable else os.O_RDONLY)
@@ -131,20 +162,75 @@ class FileNode:
             raise QMPError.generic("Block node is read-only")
 
     # -- I/O ----------------------------------------------------------------
-    def pread(self, offset: int, length: int) -> bytes:
+    @contextmanager
+    def _io(self) -> Iterator[int]:
+        """The descriptor, held open for one I/O that runs outside the mutex."""
         with self._mutex:
-            return pread_fully(self._fd, length, offset)
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the image is closed")
+            self._in_flight += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._mutex:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    def _quiesce(self) -> None:
+        """Wait (holding the mutex) until no I/O uses the descriptor."""
+        while self._in_flight:
+            self._idle.wait()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        with self._io() as fd:
+            return pread_fully(fd, length, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        with self._mutex:
-            if self.read_only:
-                raise QMPError.generic("Block node is read-only")
-            pwrite_fully(self._fd, data, offset)
+        if self.read_only:
+            raise QMPError.generic("Block node is read-only")
+        with self._io() as fd:
+            pwrite_fully(fd, data, offset)
 
     def flush(self) -> None:
-        with self._mutex:
-            if not self.options.cache_no_flush:
-                os.fsync(self._fd)
+        if not self.options.cache_no_flush:
+            with self._io() as fd:
+                os.fdatasync(fd)
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """Linux fallocate(2) with flags (punch hole, zero range); OSError
+        EOPNOTSUPP where the filesystem has no such operation."""
+        with self._io() as fd:
+            if _libc is None or _libc.fallocate(fd, mode, ctypes.c_long(offset),
+                                                 ctypes.c_long(length)) != 0:
+                err = ctypes.get_errno() if _libc is not None else errno.EOPNOTSUPP
+                raise OSError(err, os.strerror(err))
+
+    def seek_extents(self, offset: int, end: int) -> list[tuple[int, bool]]:
+        """(length, is_data) runs from ``offset`` up to ``end`` (SEEK_DATA/HOLE);
+        stops after the first few runs, as QEMU's file-posix asks one at a time."""
+        runs: list[tuple[int, bool]] = []
+        with self._io() as fd:
+            position = offset
+            while position < end and len(runs) < 64:
+                try:
+                    data = os.lseek(fd, position, os.SEEK_DATA)
+                except OSError as err:
+                    if err.errno == errno.ENXIO:   # only a hole up to the end of file
+                        runs.append((end - position, False))
+                        break
+                    runs.append((end - position, True))  # no SEEK_DATA: all data
+                    break
+                if data > position:
+                    runs.append((min(data, end) - position, False))
+                    position = min(data, end)
+                    continue
+                hole = os.lseek(fd, position, os.SEEK_HOLE)
+                hole = min(hole, end)
+                runs.append((hole - position, True))
+                position = hole
+        return [run for run in runs if run[0] > 0]
 
     def size(self) -> int:
         with self._mutex:
@@ -173,6 +259,7 @@ class FileNode:
                 return
             if read_only and self.lock.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
                 raise QMPError.generic("Block node is read-only")
+            self._quiesce()
             new_fd = self._open_fd(writable=not read_only, may_fall_back=False)
             old_fd = self._fd
             try:
@@ -188,6 +275,7 @@ class FileNode:
 
     def close(self) -> None:
         with self._mutex:
+            self._quiesce()
             if self._fd >= 0:
                 os.close(self._fd)  # closing the description drops its OFD locks
                 self._fd = -1
@@ -197,22 +285,25 @@ class FileNode:
         return self._fd < 0
 
 
-class FileRegionIO:
-    """The LUKS engine's ImageIO over a file node, from ``base`` on.
+class NodeRegionIO:
+    """The LUKS engine's ImageIO over a node's data path, from ``base`` on.
 
     ``limit`` bounds the region (a LUKS header inside qcow2 must stay within
     the clusters the FDE extension gives it); reads past the limit return
     short and writes past it are refused with QEMU's text.
     """
 
-    def __init__(self, node: FileNode, base: int = 0, limit: int | None = None) -> None:
+    def __init__(self, node: "FileBlockNode | Any", base: int = 0, limit: int | None = None) -> None:
         self.node = node
         self.base = base
         self.limit = limit
 
+    def size(self) -> int:
+        size = max(0, self.node.size() - self.base)
+        return size if self.limit is None else min(size, self.limit)
+
     def read(self, offset: int, length: int) -> bytes:
-        if self.limit is not None:
-            length = max(0, min(length, self.limit - offset))
+        length = max(0, min(length, self.size() - offset))
         return self.node.pread(self.base + offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -223,6 +314,197 @@ class FileRegionIO:
     def sync(self) -> None:
         self.node.flush()
 
+
+class FileBlockNode(Node):
+    """A ``file`` node: the graph's view of an open image file."""
+
+    driver = "file"
+    holds_locks = True
+
+    def __init__(self, name: str, handle: FileNode, *, implicit: bool, options: dict) -> None:
+        super().__init__(name, implicit=implicit, read_only=handle.read_only, options=options)
+        self.handle = handle
+
+    # -- locks -----------------------------------------------------------------
+    def check_locks(self, perm: Perm, shared: Perm) -> None:
+        self.handle.check_perm(perm, shared)
+
+    def update_locks(self, perm: Perm, shared: Perm) -> None:
+        self.handle.set_perm(perm, shared)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    # -- what format drivers and the engine use -----------------------------------
     def size(self) -> int:
-        size = max(0, self.node.size() - self.base)
-        return size if self.limit is None else min(size, self.limit)
+        """The file's real size in bytes."""
+        return self.handle.size()
+
+    def truncate(self, size: int) -> None:
+        self.handle.truncate(size)
+
+    # -- the data path ----------------------------------------------------------
+    def length(self) -> int:
+        return -(-self.handle.size() // 512) * 512
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = self.handle.pread(offset, length)
+        if len(data) < length:          # the sector-rounded tail, or past EOF
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        try:
+            self.handle.pwrite(offset, data)
+        except QMPError:
+            raise OSError(errno.EPERM, "read-only") from None
+        if fua:
+            self.handle.flush()
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                      fua: bool = False, fast: bool = False) -> None:
+        """As file-posix: punch a hole when unmapping is allowed, else zero
+        the range in place; write zeroes only where neither exists."""
+        if self.read_only:
+            raise OSError(errno.EPERM, "read-only")
+        size = self.handle.size()
+        modes = [FALLOC_FL_ZERO_RANGE]
+        if may_unmap and self.handle.options.discard == "unmap":
+            modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        inside = max(0, min(length, size - offset))
+        done = False
+        if inside:
+            for mode in modes:
+                try:
+                    self.handle.fallocate(mode, offset, inside)
+                    done = True
+                    break
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+        else:
+            done = True
+        if not done:
+            if fast:
+                raise OSError(errno.ENOTSUP, "no fast zeroes here")
+            super().pwrite_zeroes(offset, inside)
+        if length > inside:     # past the end of the file: grow it with a hole
+            self.handle.truncate(offset + length)
+        if fua:
+            self.handle.flush()
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """Punch a hole with discard=unmap; ignored with discard=ignore (QEMU's default)."""
+        if self.handle.options.discard != "unmap" or self.read_only:
+            return
+        try:
+            self.handle.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        size = self.handle.size()
+        end = offset + length
+        extents: list[Extent] = []
+        if offset < size:
+            for run, is_data in self.handle.seek_extents(offset, min(end, size)):
+                extents.append(Extent(run, data=is_data, zero=not is_data))
+        if end > size:   # the rounded tail reads as zeroes
+            extents.append(Extent(end - max(offset, size), data=False, zero=True))
+        return extents
+
+    def resize(self, size: int) -> None:
+        """As file-posix: the file is truncated to the new size (shrinking too)."""
+        try:
+            self.handle.truncate(size)
+        except (OSError, OverflowError) as err:
+            text = os.strerror(getattr(err, "errno", None) or errno.EFBIG)
+            raise QMPError.generic(f"Failed to resize file: {text}") from None
+
+    # -- queries -----------------------------------------------------------------
+    def filename(self) -> str:
+        return self.options["filename"]
+
+    def image_info(self) -> dict:
+        try:
+            size, actual = self.length(), self.handle.allocated_size()
+        except (OSError, ValueError):
+            size = actual = 0
+        return {"filename": self.filename(), "format": "file", "actual-size": actual,
+                "dirty-flag": False, "virtual-size": size}
+
+
+async def open_file(graph: "BlockGraph", options: dict, name: str | None, implicit: bool,
+                    flags: OpenFlags) -> Node:
+    file_opts = FileOptions.from_qapi({**options, "read-only": flags.read_only,
+                                       "auto-read-only": flags.auto_read_only,
+                                       "cache": flags.cache})
+    handle = await in_thread(FileNode, file_opts)
+    try:
+        node_name = graph.claim_name(name, implicit)
+    except BaseException:
+        await in_thread(handle.close)
+        raise
+    node = FileBlockNode(node_name, handle, implicit=implicit,
+                         options={**options, "read-only": handle.read_only, "cache": flags.cache})
+    graph.register(node)
+    return node
+
+
+# -- blockdev-create driver=file (a worker thread) ------------------------------------
+
+def preallocate(fd: int, start: int, end: int, mode: str) -> None:
+    if end <= start or mode in ("off", "metadata"):
+        return
+    if mode == "falloc":
+        os.posix_fallocate(fd, start, end - start)
+    elif mode == "full":
+        chunk = bytes(1 << 20)
+        offset = start
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            os.pwrite(fd, chunk[:n], offset)
+            offset += n
+
+
+def create_file(options: dict) -> None:
+    """As QEMU's raw_co_create: lock, truncate, size."""
+    filename = options["filename"]
+    size = options["size"]
+    prealloc = options.get("preallocation", "off")
+    if prealloc not in ("off", "falloc", "full", "metadata"):
+        raise QMPError.generic(f"Unsupported preallocation mode: {prealloc}")
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise QMPError.generic(f"Could not create '{filename}': "
+                               f"{os.strerror(err.errno or errno.EIO)}") from None
+    try:
+        lock = ImageLock(fd, enabled=True)
+        lock.update(Perm.WRITE | Perm.RESIZE, ALL & ~Perm.RESIZE)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            preallocate(fd, 0, size, prealloc)
+        except (OSError, OverflowError) as err:
+            text = os.strerror(getattr(err, "errno", None) or errno.EFBIG)
+            raise QMPError.generic(f"Could not resize file: {text}") from None
+    finally:
+        os.close(fd)
+
+
+def preallocate_node(node: FileBlockNode, start: int, end: int, mode: str) -> None:
+    if mode in ("falloc", "full"):
+        with node.handle._io() as fd:
+            preallocate(fd, start, end, mode)
+
+
+async def create(graph: "BlockGraph", options: dict) -> None:
+    await in_thread(create_file, options)
+
+
+DRIVER = BlockDriver("file", open=open_file, create=create)

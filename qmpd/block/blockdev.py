@@ -1,0 +1,170 @@
+"""blockdev-add, blockdev-del and blockdev-reopen: nodes in and out of the graph.
+
+A format node's ``file`` child is given inline (an options dict, opened as
+an implicit ``#blockNNN`` node that lives and dies with its parent) or by
+reference to an existing node-name. The generic open here finds or opens
+the child, attaches the new node to it (so its permissions are checked
+before the driver reads a byte) and then lets the driver open the image.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from qmpd.block.drivers import DRIVERS
+from qmpd.block.drivers.base import OpenFlags
+from qmpd.block.graph import BlockGraph
+from qmpd.block.node import Node, in_thread
+from qmpd.errors import QMPError
+
+
+async def add(graph: BlockGraph, options: dict) -> None:
+    """blockdev-add: open a node (and its inline children) or change nothing."""
+    if not options.get("node-name"):
+        raise QMPError.generic("'node-name' must be specified for the root node")
+    async with graph.lock:
+        await open_node(graph, options, implicit=False, inherited=None)
+
+
+async def open_node(graph: BlockGraph, options: dict, *, implicit: bool,
+                    inherited: OpenFlags | None) -> Node:
+    """Open one node from its options (the caller holds the graph lock)."""
+    driver = DRIVERS.get(options["driver"])
+    if driver is None:
+        raise QMPError.generic(f"Unknown driver '{options['driver']}'")
+    flags = OpenFlags.for_node(options, inherited)
+    name = options.get("node-name")
+    if driver.open is not None:
+        return await driver.open(graph, options, name, implicit, flags)
+    return await _open_format(graph, driver.node_class, options, name, implicit, flags)
+
+
+async def _open_format(graph: BlockGraph, node_class, options: dict, name: str | None,
+                       implicit: bool, flags: OpenFlags) -> Node:
+    file_ref = options.get("file")
+    created_child: Node | None = None
+    if isinstance(file_ref, str):
+        child = graph.lookup_bs(file_ref, device=file_ref)
+    elif isinstance(file_ref, dict):
+        child = created_child = await open_node(graph, file_ref, implicit=True, inherited=flags)
+    else:
+        raise QMPError.generic("Parameter 'file' is missing")
+    node: Node | None = None
+    try:
+        node_name = graph.claim_name(name, implicit)
+        node = node_class(node_name, implicit=implicit, read_only=flags.read_only,
+                          options=dict(options))
+        node.children["file"] = child
+        await graph.attach(node, child)
+        try:
+            await node.open_image(graph)
+        except BaseException:
+            await graph.detach(node, child)
+            raise
+    except BaseException:
+        if node is not None:
+            await in_thread(node.close)
+        if created_child is not None:
+            with trio.CancelScope(shield=True):
+                await graph.close_node(created_child)
+        raise
+    graph.register(node)
+    return node
+
+
+async def delete(graph: BlockGraph, node_name: str) -> None:
+    """blockdev-del: close a node nobody uses, with the implicit children only it used."""
+    async with graph.lock:
+        node = graph.find(node_name)
+        if node is None:
+            raise QMPError.generic(f"Failed to find node with node-name='{node_name}'")
+        if node.implicit:
+            raise QMPError.generic(f"Node {node_name} is not owned by the monitor")
+        if node.parents or node.busy or node.job_refs:
+            raise QMPError.generic(f"Block device {node_name} is in use")
+        with trio.CancelScope(shield=True):
+            await graph.close_node(node)
+
+
+# -- blockdev-reopen ------------------------------------------------------------------
+
+async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
+    """blockdev-reopen (7.2): switch read-only <-> read-write, atomically."""
+    async with graph.lock:
+        plan: list[tuple[Node, bool]] = []
+        for opts in options_list:
+            name = opts.get("node-name")
+            if not name:
+                raise QMPError.generic("node-name not specified")
+            node = graph.find(name)
+            if node is None:
+                raise QMPError.generic(f"Failed to find node with node-name='{name}'")
+            _plan_reopen(node, opts, bool(opts.get("read-only", False)), plan)
+        with trio.CancelScope(shield=True):
+            await _apply_reopen(graph, plan)
+
+
+def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node, bool]]) -> None:
+    """Check one node's reopen options and queue it, with its implicit child.
+
+    As QEMU's reopen queue: a child the parent created from inline options
+    (given again inline or by its name) is reopened too and inherits the
+    parent's read-only unless its own options say otherwise; a child added
+    on its own is left alone.
+    """
+    if opts.get("driver") != node.driver:
+        raise QMPError.generic("Cannot change the option 'driver'")
+    if "node-name" in opts and opts["node-name"] != node.name:
+        raise QMPError.generic("Cannot change the option 'node-name'")
+    if node.driver == "file" and opts.get("filename") != node.options.get("filename"):
+        raise QMPError.generic("Cannot change the option 'filename'")
+    if node.busy:
+        raise QMPError.generic(f"Block device {node.name} is in use")
+    plan.append((node, read_only))
+    child, ref = node.file, opts.get("file")
+    if child is None or ref is None:
+        return
+    if isinstance(ref, dict) and child.implicit:
+        _plan_reopen(child, ref, bool(ref.get("read-only", read_only)), plan)
+    elif ref != child.name:
+        raise QMPError.generic("Cannot change the option 'file'")
+    elif child.implicit:
+        _plan_reopen(child, {**child.options, "node-name": child.name}, read_only, plan)
+
+
+async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool]]) -> None:
+    old = {node: node.read_only for node, _ in plan}
+    made_writable: list[Node] = []
+    files = [node for node, _ in plan if node.holds_locks]
+    try:
+        for node, ro in plan:
+            if node.holds_locks and not ro and node.read_only:
+                await in_thread(node.handle.reopen, False)
+                made_writable.append(node)
+        for node, ro in plan:
+            node.read_only = ro
+        for node in _tops(plan):
+            await graph.refresh(node)
+        for node, ro in plan:
+            if node.holds_locks and ro and not node.handle.read_only:
+                await in_thread(node.handle.reopen, True)
+    except BaseException:
+        for node, ro in old.items():
+            node.read_only = ro
+        for node in made_writable:
+            await in_thread(node.handle.reopen, True)
+        for node in _tops(plan) + files:
+            await graph.release(node)
+        raise
+    for node, ro in plan:
+        node.options["read-only"] = ro
+
+
+def _tops(plan: list[tuple[Node, bool]]) -> list[Node]:
+    """The reopened nodes whose permissions must be passed down again."""
+    out: list[Node] = []
+    for node, _ in plan:
+        for target in (node, *node.children.values()):
+            if target not in out:
+                out.append(target)
+    return out

@@ -1,0 +1,275 @@
+"""The ``luks`` driver: raw LUKS on a file child, and the key handling it
+shares with qcow2's LUKS inside.
+
+:class:`EncryptedNode` holds an unlocked volume (its key wiped on close),
+unlocks it without the graph lock, and plans/applies key updates through
+the LUKS engine. :class:`LuksNode` adds raw LUKS's data path: the payload
+starts at the header's payload offset, each 512-byte sector encrypted with
+the guest sector number as its IV (plain64 etc. as the header says).
+
+Permissions as QEMU's block/crypto.c: the luks node asks its file for
+consistent read plus whatever its own parents take, and shares what they
+share (write and resize included, for backward compatibility). While keys
+are written it also writes and shares neither read nor write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import TYPE_CHECKING, Any, Callable
+
+import trio
+
+from qmpd.block.datapath import Extent
+from qmpd.block.drivers.base import BlockDriver
+from qmpd.block.drivers.file import NodeRegionIO, preallocate_node
+from qmpd.block.node import Node, in_thread
+from qmpd.block.permissions import ALL, Perm, PermissionUse
+from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.luks import (
+    DEFAULT_ITER_TIME, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume,
+    header_length, open_volume, prepare_amend)
+from qmpd.crypto.secrets import wipe
+from qmpd.errors import QMPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpd.block.graph import BlockGraph
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+class EncryptedNode(Node):
+    """A format node with a LUKS volume inside (raw luks, qcow2 encrypt)."""
+
+    supports_amend = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.volume: Any = None           # LuksVolume while open; close() wipes its key
+        self.key_secret: str | None = None
+        self.updating_keys = False
+        self.key_update_lock = trio.Lock()
+
+    def close(self) -> None:
+        if self.volume is not None:
+            self.volume.close()
+            self.volume = None
+
+    def encrypted(self) -> bool:
+        return self.volume is not None
+
+    def luks_io(self, file: Node) -> NodeRegionIO:
+        """Where the LUKS header lives: the engine's ImageIO."""
+        return NodeRegionIO(file)
+
+    def key_update_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        if self.updating_keys:
+            perm |= Perm.WRITE
+            shared &= ~(Perm.CONSISTENT_READ | Perm.WRITE)
+        return perm, shared
+
+    async def unlock(self, graph: "BlockGraph", secret_id: str, *, payload_in_file: bool) -> None:
+        """Open the volume with the secret's passphrase, without the graph lock.
+
+        A header may ask for billions of iterations: that open is slow, but
+        no other session's block command may wait for it. The node's name is
+        reserved meanwhile and its child already counts it as a parent (so
+        it cannot be deleted under us); a cancel abandons the thread.
+        """
+        from qmpd.block.graph import abandonable
+
+        passphrase = graph.secrets.lookup(secret_id)
+        try:
+            assert self.file is not None
+            io = self.luks_io(self.file)
+            async with graph.unlocked(self.name):
+                self.volume = await abandonable(
+                    lambda: open_volume(io, passphrase, payload_in_file=payload_in_file),
+                    lambda volume: volume and volume.close())
+        finally:
+            wipe(passphrase)
+        self.key_secret = secret_id
+
+    # -- amend ---------------------------------------------------------------------
+    def amend_crypto_options(self, options: dict) -> dict | None:
+        """The LUKS amend options inside ``options``, None when there is nothing to do."""
+        return options
+
+    def amend_check_writable(self) -> None:
+        """QEMU's luks asks for WRITE on its file after the job exists."""
+
+    def amend_read_only_error(self) -> QMPError | None:
+        """The error of an update that reaches a read-only image, if any."""
+        return None
+
+    def amend_options(self, graph: "BlockGraph", opts: dict,
+                      force: bool) -> tuple[LuksAmendOptions, list[bytearray]]:
+        secrets: list[bytearray] = []
+
+        def lazy(secret_id: str | None) -> Callable[[], bytearray] | None:
+            """Looked up where QEMU looks it up (see LuksAmendOptions), then wiped."""
+            if secret_id is None:
+                return None
+
+            def lookup() -> bytearray:
+                value = graph.secrets.lookup(secret_id)
+                secrets.append(value)
+                return value
+
+            return lookup
+
+        amend = LuksAmendOptions(state=opts["state"], new_secret=lazy(opts.get("new-secret")),
+                                 old_secret=lazy(opts.get("old-secret")),
+                                 keyslot=opts.get("keyslot"), iter_time=opts.get("iter-time"),
+                                 secret=lazy(opts.get("secret")), force=force)
+        if amend.state == "active" and amend.secret is None and self.key_secret:
+            amend.opened_secret = lazy(self.key_secret)
+        return amend, secrets
+
+    def prepare_amend(self, amend: LuksAmendOptions) -> Any:
+        assert self.file is not None
+        return prepare_amend(self.volume, self.luks_io(self.file), amend)
+
+    def apply_amend(self, plan: Any) -> None:
+        assert self.file is not None
+        apply_amend(plan, self.luks_io(self.file))
+
+    # -- queries ---------------------------------------------------------------------
+    def luks_info(self) -> dict | None:
+        return self.volume.info() if self.volume is not None else None
+
+
+class LuksNode(EncryptedNode):
+    driver = "luks"
+    request_alignment = 512
+
+    def child_perms(self, child: Node) -> tuple[Perm, Perm]:
+        perm, shared = self.parent_perms
+        return self.key_update_perms(perm | Perm.CONSISTENT_READ, shared)
+
+    async def open_image(self, graph: "BlockGraph") -> None:
+        secret_id = self.options.get("key-secret")
+        if not secret_id:
+            raise QMPError.generic("Parameter 'key-secret' is required for cipher")
+        await self.unlock(graph, secret_id, payload_in_file=True)
+
+    def amend_check_writable(self) -> None:
+        if self.leaf().read_only:
+            raise QMPError.generic("Block node is read-only")
+
+    # -- the data path ------------------------------------------------------------
+    def _payload(self) -> int:
+        return self.volume.payload_offset
+
+    def length(self) -> int:
+        assert self.file is not None
+        return max(0, self.file.length() - self._payload())
+
+    def pread(self, offset: int, length: int) -> bytes:
+        assert self.file is not None
+        data = self.file.pread(self._payload() + offset, length)
+        return self._crypt(self.volume.cipher.decrypt, offset, data)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        assert self.file is not None
+        self.file.pwrite(self._payload() + offset,
+                         self._crypt(self.volume.cipher.encrypt, offset, data), fua=fua)
+
+    @staticmethod
+    def _crypt(fn: Callable[[int, Any], bytes], offset: int, data: Any) -> bytes:
+        try:
+            return fn(offset // 512, data)
+        except CryptoError:
+            raise OSError(errno.EIO, "sector crypto failed") from None
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(length)]   # encrypted zeroes are not zeroes: all data
+
+    def resize(self, size: int) -> None:
+        """block/crypto.c: the file grows to the payload offset plus the size."""
+        if self._payload() > INT64_MAX - size:
+            raise QMPError.generic("The requested file size is too large")
+        assert self.file is not None
+        self.file.resize(self._payload() + size)
+
+    # -- queries --------------------------------------------------------------------
+    def filename(self) -> str:
+        inner = {"driver": "file", "filename": self.leaf().filename()}
+        return "json:" + json.dumps({"driver": "luks", "file": inner,
+                                     "key-secret": self.key_secret})
+
+    def image_info(self) -> dict:
+        leaf = self.leaf()
+        info = leaf.image_info()
+        info.update({"filename": self.filename(), "format": "luks",
+                     "virtual-size": self.length() if self.volume else 0,
+                     "encrypted": True})
+        luks = self.luks_info()
+        if luks is not None:
+            info["format-specific"] = {"type": "luks", "data": luks}
+        return info
+
+    def encrypted(self) -> bool:
+        return True
+
+
+# -- blockdev-create driver=luks ----------------------------------------------------------
+
+def luks_create_options(opts: dict) -> LuksCreateOptions:
+    """QCryptoBlockCreateOptionsLUKS (dashed keys) to the engine's options."""
+    return LuksCreateOptions(
+        cipher_alg=opts.get("cipher-alg", "aes-256"),
+        cipher_mode=opts.get("cipher-mode", "xts"),
+        ivgen_alg=opts.get("ivgen-alg"),
+        ivgen_hash_alg=opts.get("ivgen-hash-alg"),
+        hash_alg=opts.get("hash-alg", "sha256"),
+        iter_time=opts.get("iter-time", DEFAULT_ITER_TIME))
+
+
+CREATE_USE = PermissionUse("a blockdev-create job", "file", Perm.WRITE | Perm.RESIZE,
+                           ALL & ~Perm.RESIZE)
+
+
+async def create_on_node(graph: "BlockGraph", target: Node,
+                         write: Callable[[Node], None]) -> None:
+    """Run ``write`` on ``target`` holding a blockdev-create job's permissions."""
+    async with graph.lock:
+        await graph.refresh(target, [CREATE_USE])
+    try:
+        await in_thread(write, target)
+    finally:
+        with trio.CancelScope(shield=True):
+            async with graph.lock:
+                await graph.release(target)
+
+
+def lookup_passphrase(graph: "BlockGraph", crypto: dict) -> bytearray:
+    secret_id = crypto.get("key-secret")
+    if not secret_id:
+        raise QMPError.generic("Parameter 'key-secret' is required for cipher")
+    return graph.secrets.lookup(secret_id)
+
+
+async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
+    luks_opts = luks_create_options(options)
+    size = options["size"]
+    passphrase = lookup_passphrase(graph, options)
+
+    def write(node: Node) -> None:
+        """Header at 0, then a payload of ``size`` bytes."""
+        length = header_length(luks_opts)
+        node.truncate(0)
+        create_volume(NodeRegionIO(node), passphrase, luks_opts).close()
+        node.truncate(length + size)
+        preallocate_node(node, length, length + size, options.get("preallocation", "off"))
+        node.flush()
+
+    try:
+        await create_on_node(graph, target, write)
+    finally:
+        wipe(passphrase)
+
+
+DRIVER = BlockDriver("luks", node_class=LuksNode, create=create)

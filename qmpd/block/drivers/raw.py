@@ -1,0 +1,93 @@
+"""The ``raw`` format driver: the bytes of its file child, optionally a window.
+
+What qsd users put over a plain image to export it. ``offset`` and ``size``
+select a window (QEMU's raw-format.c checks and texts); without them every
+request passes straight through. raw has no blockdev-create or amend of
+its own in QEMU 7.2, so neither here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qmpd.block.datapath import Extent
+from qmpd.block.drivers.base import BlockDriver
+from qmpd.block.node import Node, in_thread
+from qmpd.block.permissions import Perm
+from qmpd.errors import QMPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpd.block.graph import BlockGraph
+
+
+class RawNode(Node):
+    driver = "raw"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.offset = 0
+        self.size: int | None = None
+
+    def child_perms(self, child: Node) -> tuple[Perm, Perm]:
+        perm, shared = self.parent_perms
+        if self.offset or self.size is not None:
+            shared &= ~Perm.RESIZE   # a window must not move under us
+        return perm, shared
+
+    async def open_image(self, graph: "BlockGraph") -> None:
+        file = self.file
+        assert file is not None
+        offset = self.options.get("offset", 0)
+        size = self.options.get("size")
+        if offset < 0:
+            raise QMPError.generic("offset cannot be negative")
+        if size is not None and size < 0:
+            raise QMPError.generic("size cannot be negative")
+        if size is not None and size % 512:
+            raise QMPError.generic("Specified size is not multiple of 512")
+        real = await in_thread(file.length)
+        if offset > real or (size is not None and offset + size > real):
+            raise QMPError.generic(
+                f"The sum of offset ({offset}) and size ({size or 0}) has to be smaller or "
+                f"equal to the  actual size of the containing file ({real})")
+        self.offset, self.size = offset, size
+        self.request_alignment = file.request_alignment
+
+    # -- the data path: a window of the child ---------------------------------------
+    def length(self) -> int:
+        assert self.file is not None
+        if self.size is not None:
+            return self.size
+        return max(0, self.file.length() - self.offset)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        assert self.file is not None
+        return self.file.pread(self.offset + offset, length)
+
+    def pwrite(self, offset: int, data, *, fua: bool = False) -> None:
+        assert self.file is not None
+        self.file.pwrite(self.offset + offset, data, fua=fua)
+
+    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                      fua: bool = False, fast: bool = False) -> None:
+        assert self.file is not None
+        self.file.pwrite_zeroes(self.offset + offset, length, may_unmap=may_unmap, fua=fua,
+                                fast=fast)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        assert self.file is not None
+        self.file.pdiscard(self.offset + offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        assert self.file is not None
+        return self.file.block_status(self.offset + offset, length)
+
+    # -- queries ---------------------------------------------------------------------
+    def image_info(self) -> dict:
+        info = self.leaf().image_info()
+        info.update({"format": "raw", "virtual-size": self.length(),
+                     "filename": self.filename()})
+        return info
+
+
+DRIVER = BlockDriver("raw", node_class=RawNode)

@@ -1,0 +1,210 @@
+"""A block node: what the graph links together and each driver subclasses.
+
+A node has children (``file`` for a format node) and parents: other nodes,
+exports and jobs, each holding it with a (perm, shared) pair that the graph
+checks. A driver's node class adds its open state, its data path (the
+synchronous methods of :class:`~qmpd.block.datapath.DataPath`) and its
+hooks for queries, reopen and amend; :class:`Node` turns the data path
+into async calls that each run in one worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Callable, ClassVar, Protocol, TypeVar
+
+import trio
+
+from qmpd.block.datapath import AlignedAccess, Extent, check_request
+from qmpd.block.permissions import ALL, NONE, Perm
+from qmpd.crypto.errors import CryptoError
+from qmpd.errors import QMPError
+
+T = TypeVar("T")
+
+
+class Parent(Protocol):
+    """A user of a node: a parent node, an export, a job."""
+
+    @property
+    def user_description(self) -> str:
+        """How QEMU names the user in a permission conflict ("node 'q0'")."""
+
+    def child_perms(self, child: "Node") -> tuple[Perm, Perm]:
+        """The (perm, shared) this user holds on ``child``."""
+
+    def child_role(self, child: "Node") -> str:
+        """The name of the edge ("file", "root")."""
+
+
+class SecretLookup(Protocol):
+    def lookup(self, secret_id: str) -> bytearray:
+        """A copy of the secret's bytes (the caller wipes it), or QMPError."""
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    """Run blocking block-layer work (not guest I/O) in a worker thread.
+
+    CryptoError and OSError become QMPError with QEMU's texts here, at the
+    edge between the engine and the commands; ``abandon_on_cancel`` only for
+    work that writes nothing.
+    """
+    def call() -> T:
+        try:
+            return fn(*args)
+        except CryptoError as err:
+            raise QMPError.generic(str(err)) from None
+        except OSError as err:
+            raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
+    return await trio.to_thread.run_sync(call, abandon_on_cancel=abandon_on_cancel)
+
+
+class Node:
+    """One node of the graph; drivers subclass it (see drivers/)."""
+
+    driver: ClassVar[str] = ""
+    #: QEMU's bl.request_alignment: the data path sees only aligned requests.
+    request_alignment: int = 1
+
+    def __init__(self, name: str, *, implicit: bool, read_only: bool, options: dict) -> None:
+        self.name = name
+        self.implicit = implicit
+        self.read_only = read_only
+        #: The options as given (normalised), for reopen's comparisons.
+        self.options = options
+        self.children: dict[str, Node] = {}
+        self.parents: list[Parent] = []          # newest first, as QEMU
+        #: The cumulative (perm, shared) of the parents, kept by the graph.
+        self.parent_perms: tuple[Perm, Perm] = (NONE, ALL)
+        self.busy: str | None = None             # e.g. an amend in progress
+        self.job_refs = 0                        # jobs that hold the node until dismissed
+        self._access = AlignedAccess(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    @property
+    def file(self) -> "Node | None":
+        return self.children.get("file")
+
+    # -- as a parent of its children ------------------------------------------
+    @property
+    def user_description(self) -> str:
+        return f"node '{self.name}'"
+
+    def child_role(self, child: "Node") -> str:
+        for role, node in self.children.items():
+            if node is child:
+                return role
+        return "file"
+
+    def child_perms(self, child: "Node") -> tuple[Perm, Perm]:
+        """QEMU's filter default: pass the parents' permissions through."""
+        return self.parent_perms
+
+    #: A node at the bottom (a file) turns its users' permissions into image
+    #: locks; every other node passes them on to its children.
+    holds_locks: ClassVar[bool] = False
+
+    def check_locks(self, perm: Perm, shared: Perm) -> None:
+        """Would the image locks allow (perm, shared)? (files; in a thread)"""
+
+    def update_locks(self, perm: Perm, shared: Perm) -> None:
+        """Move the image locks to (perm, shared) or raise (files; in a thread)."""
+
+    # -- lifecycle -------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the node holds (descriptors, keys); runs in a thread."""
+
+    # -- the data path (synchronous, thread-safe; drivers override) ------------
+    def length(self) -> int:
+        raise OSError(errno.ENOTSUP, "no data path")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise OSError(errno.ENOTSUP, "no data path")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        raise OSError(errno.ENOTSUP, "no data path")
+
+    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                      fua: bool = False, fast: bool = False) -> None:
+        """Default: write zeroes (no driver can do better without knowing more)."""
+        if fast:
+            raise OSError(errno.ENOTSUP, "no fast zeroes")
+        chunk = 1 << 20
+        while length > 0:
+            n = min(chunk, length)
+            self.pwrite(offset, bytes(n), fua=fua)
+            offset += n
+            length -= n
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """Default: ignore (discard is advisory)."""
+
+    def flush(self) -> None:
+        for child in self.children.values():
+            child.flush()
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(length)]
+
+    # -- async data path: one worker thread per request ---------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, "read-only node")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        check_request(offset, length, self.length())
+        return await trio.to_thread.run_sync(self._access.pread, offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None:
+        self._writable()
+        check_request(offset, len(data), self.length())
+        await trio.to_thread.run_sync(lambda: self._access.pwrite(offset, data, fua=fua))
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                           fua: bool = False, fast: bool = False) -> None:
+        self._writable()
+        check_request(offset, length, self.length())
+        await trio.to_thread.run_sync(lambda: self._access.pwrite_zeroes(
+            offset, length, may_unmap=may_unmap, fua=fua, fast=fast))
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._writable()
+        check_request(offset, length, self.length())
+        await trio.to_thread.run_sync(self._access.pdiscard, offset, length)
+
+    async def flush_all(self) -> None:
+        await trio.to_thread.run_sync(self.flush)
+
+    async def get_block_status(self, offset: int, length: int) -> list[Extent]:
+        check_request(offset, length, self.length())
+        if length == 0:
+            return []
+        return await trio.to_thread.run_sync(self.block_status, offset, length)
+
+    def resize(self, size: int) -> None:
+        """block_resize (in a thread): QMPError with QEMU's text when refused."""
+        raise QMPError.generic("Image format driver does not support resize")
+
+    # -- queries ------------------------------------------------------------------
+    def filename(self) -> str:
+        """QEMU's bs->filename (a json: pseudo-protocol for format nodes)."""
+        assert self.file is not None
+        return self.file.filename()
+
+    def image_info(self) -> dict:
+        """ImageInfo for query-named-block-nodes; may fstat (runs in a thread)."""
+        return {}
+
+    def encrypted(self) -> bool:
+        return False
+
+    def leaf(self) -> "Node":
+        """The node at the bottom of the ``file`` chain (the image file)."""
+        node = self
+        while node.file is not None:
+            node = node.file
+        return node
