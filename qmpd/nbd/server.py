@@ -1,0 +1,441 @@
+"""The NBD server's edge: trio sockets, TLS, concurrency, client accounting.
+
+Theory of operation
+-------------------
+:class:`NbdServer` accepts on any number of listeners (a unix path, TCP,
+or an inherited listening fd) while fewer than ``max_connections`` clients
+are connected; when full it stops accepting, as QEMU does, so further
+clients wait in the kernel's backlog rather than being refused. Each client
+runs in its own task (:class:`_Client`) under the server's nursery; nothing
+a client does can end the server: protocol violations end that connection
+(logged with QEMU's reason), unexpected exceptions are logged by type only
+(a message might carry data) and end that connection too.
+
+A client's reader task feeds the sans-IO :class:`NbdConnection` and hands
+valid requests to a pool of at most 16 worker tasks (QEMU's
+MAX_NBD_REQUESTS), spawned on demand. The hand-off channel has no buffer:
+when every worker is busy the reader stops reading, so a connection buffers
+at most one receive chunk plus 16 requests. Workers run the backend call and
+send the reply under the connection's send lock; replies therefore leave in
+completion order, not request order. A client that does not read only
+blocks its own workers (and then its own reader).
+
+The handshake, TLS included, must finish within ``handshake_timeout``
+seconds (QEMU 7.2 in Debian with the CVE-2024-7409 fix: 10 s), after which
+the connection is dropped.
+
+Clients are counted per export once negotiated: :meth:`NbdServer.clients`
+answers block-export-del mode=safe, :meth:`NbdServer.close_clients` is the
+hard mode and nbd-server-stop, and ``on_export_unused`` is called when the
+last client of an export is gone (a deleted export can then be released).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket as stdlib_socket
+import ssl
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from qmpd.nbd.backend import ExportList, ExportLookup, NbdExport
+from qmpd.nbd.constants import MAX_REQUESTS_IN_FLIGHT, Cmd, CmdFlag
+from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.protocol import NbdConnection
+from qmpd.nbd.transmission import strerror
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per receive: a 1 MiB WRITE arrives in a few.
+RECEIVE_SIZE = 256 * 1024
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+_STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+# -- running one request against the export -----------------------------------
+
+Reply = bytes | list
+
+
+async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply | None:
+    """QEMU's nbd_do_cmd_read() and nbd_co_send_sparse_read()."""
+    if req.flags & CmdFlag.FUA:  # QEMU flushes first; the spec only documents FUA for writes
+        try:
+            await export.flush()
+        except OSError as e:
+            return conn.reply_error(req, e.errno, "flush failed")
+    if not req.sparse:
+        try:
+            data = await export.read(req.offset, req.length) if req.length else b""
+        except OSError as e:
+            return conn.reply_error(req, e.errno, "reading from file failed")
+        return conn.reply_read(req, [(req.length, data)] if req.length else [])
+    segments: list = []
+    offset, end = req.offset, req.offset + req.length
+    while offset < end:
+        try:
+            runs = _zero_runs(await export.block_status(offset, end - offset), end - offset)
+        except OSError as e:
+            # QEMU has sent the chunks before this one already; the error ends the reply.
+            return conn.reply_read(req, segments, done=False) + [
+                conn.reply_error(req, e.errno, f"unable to check for holes: {strerror(e.errno)}")]
+        for length, zero in runs:
+            if zero:
+                segments.append((length, None))
+            else:
+                try:
+                    segments.append((length, await export.read(offset, length)))
+                except OSError:
+                    # QEMU 7.2 hangs up here after the chunks it has sent.
+                    return _Partial(conn.reply_read(req, segments, done=False))
+            offset += length
+    return conn.reply_read(req, segments)
+
+
+class _Partial(list):
+    """Reply bytes after which the connection must close."""
+
+
+def _zero_runs(extents, limit: int) -> list[tuple[int, bool]]:
+    """Merge extents into runs that read as zeroes or not (at most ``limit`` bytes)."""
+    runs: list[list] = []
+    for extent in extents:
+        length = min(extent.length, limit)
+        if length <= 0:
+            break
+        limit -= length
+        zero = bool(extent.zero)
+        if runs and runs[-1][1] == zero:
+            runs[-1][0] += length
+        else:
+            runs.append([length, zero])
+    if not runs:
+        raise OSError(errno.EIO, "block status made no progress")
+    return [(n, z) for n, z in runs]
+
+
+async def _write(conn, export, req):
+    try:
+        await export.write(req.offset, req.payload, req.fua)
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "writing to file failed")
+    return conn.reply_ok(req)
+
+
+async def _write_zeroes(conn, export, req):
+    try:
+        await export.write_zeroes(req.offset, req.length,
+                                  may_unmap=not req.flags & CmdFlag.NO_HOLE, fua=req.fua,
+                                  fast=bool(req.flags & CmdFlag.FAST_ZERO))
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "writing to file failed")
+    return conn.reply_ok(req)
+
+
+async def _flush(conn, export, req):
+    try:
+        await export.flush()
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "flush failed")
+    return conn.reply_ok(req)
+
+
+async def _trim(conn, export, req):
+    try:
+        await export.trim(req.offset, req.length)
+        if req.fua:
+            await export.flush()
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "discard failed")
+    return conn.reply_ok(req)
+
+
+async def _cache(conn, export, req):
+    try:
+        await export.cache(req.offset, req.length)
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "caching data failed")
+    return conn.reply_ok(req)
+
+
+async def _block_status(conn, export, req):
+    builder = conn.block_status_reply(req)
+    try:
+        while not builder.done:
+            before = builder.next_offset
+            builder.feed(await export.block_status(before, builder.end - before))
+            if builder.next_offset == before:
+                raise OSError(errno.EIO, "block status made no progress")
+    except OSError as e:
+        return conn.reply_error(req, e.errno, "can't get block status")
+    return builder.reply()
+
+
+#: What each command does (the protocol only lets known commands through).
+COMMANDS: dict[int, Callable[[NbdConnection, NbdExport, Request], Awaitable[Reply | None]]] = {
+    Cmd.READ: _read, Cmd.WRITE: _write, Cmd.WRITE_ZEROES: _write_zeroes, Cmd.FLUSH: _flush,
+    Cmd.TRIM: _trim, Cmd.CACHE: _cache, Cmd.BLOCK_STATUS: _block_status,
+}
+
+
+async def execute(conn: NbdConnection, export: NbdExport, req: Request) -> Reply:
+    """Run one request; the reply as bytes or a list of buffers (a
+    :class:`_Partial` list means: send it, then hang up)."""
+    return await COMMANDS[req.command](conn, export, req)
+
+
+# -- listeners --------------------------------------------------------------------
+
+def unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
+    """Listen on a unix socket path (a stale socket file is replaced, as QEMU does)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        sock._sock.bind(path)  # synchronous: a local path, no DNS
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def tcp_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+def fd_listener(fd: int) -> trio.SocketListener:
+    """A listening socket inherited as a file descriptor (socket activation, fd passing)."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(stdlib_socket.socket(fileno=fd)))
+
+
+# -- the server ---------------------------------------------------------------------
+
+class NbdServer:
+    """Serves the exports that ``lookup``/``list_exports`` know to NBD clients."""
+
+    def __init__(self, lookup: ExportLookup, list_exports: ExportList, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 tls: ssl.SSLContext | None = None, tls_required: bool | None = None,
+                 on_export_unused: Callable[[NbdExport], None] | None = None) -> None:
+        self.lookup = lookup
+        self.list_exports = list_exports
+        self.max_connections = max_connections  # 0: unlimited, as QEMU
+        self.handshake_timeout = handshake_timeout
+        self.tls = tls
+        # QEMU knows only "TLS required"; optional TLS is ours, for tests and migrations.
+        self.tls_required = tls is not None if tls_required is None else tls_required
+        self.on_export_unused = on_export_unused
+        self._connections = 0
+        self._room = trio.Event()
+        self._by_export: dict[int, tuple[NbdExport, set[_Client]]] = {}
+        self._all: set[_Client] = set()
+        self._scope: trio.CancelScope | None = None
+
+    # -- what the QMP layer asks ---------------------------------------------
+    def clients(self, export: NbdExport) -> int:
+        """How many negotiated clients use ``export``."""
+        entry = self._by_export.get(id(export))
+        return len(entry[1]) if entry else 0
+
+    def close_clients(self, export: NbdExport | None = None) -> None:
+        """Hang up on every client of ``export`` (None: every client, handshakes too)."""
+        if export is None:
+            targets = list(self._all)
+        else:
+            targets = list(self._by_export.get(id(export), (None, ()))[1])
+        for client in targets:
+            client.scope.cancel()
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+    def stop(self) -> None:
+        """nbd-server-stop: stop listening and hang up on everyone."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- serving ------------------------------------------------------------------
+    async def serve(self, listeners: Sequence[trio.SocketListener], *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve until cancelled or :meth:`stop`; closes the listeners."""
+        with trio.CancelScope() as self._scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for listener in listeners:
+                        nursery.start_soon(self._accept_loop, listener, nursery)
+                    task_status.started()
+            finally:
+                for listener in listeners:
+                    with trio.CancelScope(shield=True):
+                        await listener.aclose()
+
+    def _full(self) -> bool:
+        return bool(self.max_connections) and self._connections >= self.max_connections
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            while self._full():
+                await self._room.wait()
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE and friends: back off, keep serving
+                log.warning("NBD accept failed: %s", errno.errorcode.get(e.errno, e.errno))
+                await trio.sleep(0.1)
+                continue
+            self._connections += 1
+            nursery.start_soon(self._run_client, stream)
+
+    async def _run_client(self, stream: trio.abc.Stream) -> None:
+        client = _Client(self, stream)
+        self._all.add(client)
+        try:
+            await client.run()
+        except Exception as e:  # noqa: BLE001 - a client never takes the server down
+            log.warning("NBD client closed after an internal error (%s)", _type_names(e))
+        finally:
+            self._all.discard(client)
+            self._detach(client)
+            await trio.aclose_forcefully(client.stream)
+            self._connections -= 1
+            self._room.set()
+            self._room = trio.Event()
+
+    def _attach(self, client: _Client, export: NbdExport) -> None:
+        self._by_export.setdefault(id(export), (export, set()))[1].add(client)
+
+    def _detach(self, client: _Client) -> None:
+        export = client.export
+        if export is None:
+            return
+        entry = self._by_export.get(id(export))
+        if entry is None:
+            return
+        entry[1].discard(client)
+        if not entry[1]:
+            del self._by_export[id(export)]
+            if self.on_export_unused is not None:
+                try:
+                    self.on_export_unused(export)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("NBD on_export_unused failed (%s)", type(e).__name__)
+
+
+def _type_names(exc: BaseException) -> str:
+    """Only the types: an exception's message may carry guest data or secrets."""
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(sorted({_type_names(e) for e in exc.exceptions}))
+    return type(exc).__name__
+
+
+class _Client:
+    """One connection: a reader task and up to 16 request workers."""
+
+    def __init__(self, server: NbdServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.scope = trio.CancelScope()
+        self.export: NbdExport | None = None
+        self.conn = NbdConnection(server.lookup, server.list_exports,
+                                  tls_available=server.tls is not None,
+                                  tls_required=server.tls_required,
+                                  multi_conn=server.max_connections != 1)
+        self._send_lock = trio.StrictFIFOLock()
+        self._requests, self._incoming = trio.open_memory_channel(0)
+        self._workers = 0
+        self._idle = 0
+
+    async def run(self) -> None:
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                handshake = trio.CancelScope(
+                    deadline=trio.current_time() + self.server.handshake_timeout)
+                with handshake:
+                    await self._send(self.conn.data_to_send())
+                    await self._read_loop(handshake)
+                if handshake.cancelled_caught:
+                    log.info("NBD client did not finish the handshake in time")
+                await self._requests.aclose()  # workers finish what they have
+
+    async def _send(self, data) -> None:
+        """Send under the lock; a client that went away ends the connection."""
+        if not data:
+            return
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except _STREAM_GONE:
+            self.scope.cancel()
+            await trio.lowlevel.checkpoint()
+
+    async def _read_loop(self, handshake: trio.CancelScope) -> None:
+        conn = self.conn
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except _STREAM_GONE:
+                return
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                await self._send(conn.data_to_send())
+                if type(event) is Request:
+                    if not self._idle and self._workers < MAX_REQUESTS_IN_FLIGHT:
+                        self._workers += 1
+                        self._nursery.start_soon(self._worker)
+                    await self._requests.send(event)
+                elif type(event) is Negotiated:
+                    self.export = event.export
+                    self.server._attach(self, event.export)
+                    handshake.deadline = math.inf
+                elif type(event) is StartTls:
+                    if not await self._start_tls():
+                        return
+                elif type(event) is Disconnect:
+                    if event.reason:
+                        log.info("NBD client disconnected: %s", event.reason)
+                    return
+            await self._send(conn.data_to_send())
+
+    async def _start_tls(self) -> bool:
+        if self.conn.trailing_data():
+            log.info("NBD client sent data before the TLS handshake")
+            return False
+        tls_stream = trio.SSLStream(self.stream, self.server.tls, server_side=True)
+        try:
+            await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            log.info("NBD TLS handshake failed (%s)", type(e.__cause__ or e).__name__)
+            return False
+        self.stream = tls_stream
+        events = self.conn.tls_established()
+        assert not events, events  # nothing can have arrived yet
+        return True
+
+    async def _worker(self) -> None:
+        conn = self.conn
+        while True:
+            self._idle += 1
+            try:
+                req = await self._incoming.receive()
+            except trio.EndOfChannel:
+                return
+            finally:
+                self._idle -= 1
+            reply = await execute(conn, self.export, req)
+            await self._send(reply if isinstance(reply, bytes) else b"".join(reply))
+            if isinstance(reply, _Partial):
+                log.info("NBD client disconnected: reading from file failed")
+                self.scope.cancel()
+                return
