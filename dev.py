@@ -7,75 +7,205 @@
 
 The first run creates .venv inside the checkout and installs qmpd into it
 (editable, with the test dependencies); later runs reuse it and reinstall
-only when pyproject.toml changed. Debian's python3 without python3-venv
-has no ensurepip: then the venv is made without pip and pip is fetched
-from the package index.
+only when pyproject.toml changed.  Packages come from whatever index pip is
+configured to use on this machine; dev.py names none.  A python3 without
+ensurepip (Debian's, without python3-venv) gets a venv without pip, and the
+machine's own pip (python3 -m pip) installs pip into it; with neither,
+dev.py says which Debian package to install.
+
+With CI=true, `test` also runs the unit tests under every other Python of
+3.11, 3.12 and 3.13 found on the machine (on PATH or under pyenv), each in
+its own .venv-3.X; a version that is not there is skipped with a note.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
-import json
 import os
+import re
+import shutil
 import subprocess
 import sys
-import urllib.request
-import venv
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
-STAMP = VENV / ".qmpd-installed"
+STAMP_NAME = ".qmpd-installed"
+
+#: The versions CI tests on; the default python3 runs the full suite.
+SUPPORTED = ((3, 11), (3, 12), (3, 13))
+#: What CI runs under the other versions: fast, and no external tools needed.
+UNIT_TESTS = ["tests/qmp", "tests/schema", "tests/crypto", "tests/jobs", "tests/block",
+              "tests/test_keyval.py", "-m", "not interop"]
+PYENV_ROOTS = (Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")), Path("/root/.pyenv"))
+
+NO_PIP = ("dev.py: {python} has neither ensurepip nor pip to set up {venv}; "
+          "install Debian's python3-venv (apt install python3-venv) and run again")
 
 
-def _bootstrap_pip() -> None:
-    """Install pip into a venv made without it, from a wheel off the index."""
-    index = os.environ.get("QMPD_PYPI_JSON", "https://pypi.org/pypi/pip/json")
-    with urllib.request.urlopen(index, timeout=60) as response:
-        release = json.load(response)
-    wheel = next(u for u in release["urls"] if u["filename"].endswith(".whl"))
-    target = VENV / wheel["filename"]
-    with urllib.request.urlopen(wheel["url"], timeout=120) as response:
-        target.write_bytes(response.read())
-    subprocess.run([str(PYTHON), f"{target}/pip", "install", "--quiet", str(target)], check=True)
-    target.unlink()
+def _quiet(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
-        sys.exit("qmpd needs Python 3.11 or newer")
-    if not PYTHON.exists():
-        print("dev.py: creating .venv", flush=True)
-        try:
-            venv.EnvBuilder(with_pip=True).create(VENV)
-        except Exception:  # no ensurepip (Debian without python3-venv)
-            venv.EnvBuilder(with_pip=False, clear=True).create(VENV)
-            _bootstrap_pip()
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
+def _has_pip(python: Path) -> bool:
+    return _quiet([str(python), "-m", "pip", "--version"]).returncode == 0
+
+
+def _machine_pip_version() -> tuple[int, ...] | None:
+    """The version of the pip of the python3 running dev.py, None if it has none."""
+    result = subprocess.run([sys.executable, "-m", "pip", "--version"],
+                            capture_output=True, text=True)
+    m = re.match(r"pip (\d+)\.(\d+)", result.stdout) if result.returncode == 0 else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _bootstrap_pip(python: Path, venv: Path) -> None:
+    """Give a venv made without pip its own pip, from nothing but this machine.
+
+    ensurepip (if the interpreter has it now) needs no download; otherwise
+    the machine's pip installs pip into the venv, from the index pip is
+    configured with: through ``--python`` (pip 22.3 and later) or
+    ``--target`` the venv's site-packages.
+    """
+    if _quiet([str(python), "-m", "ensurepip", "--default-pip"]).returncode == 0:
         return
-    print("dev.py: installing qmpd and its test dependencies into .venv", flush=True)
-    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+    version = _machine_pip_version()
+    if version is None:
+        sys.exit(NO_PIP.format(python=Path(sys.executable).name, venv=venv.name))
+    print(f"dev.py: {venv.name} has no pip; installing it with {Path(sys.executable).name} -m pip",
+          flush=True)
+    quiet = ["--quiet", "--disable-pip-version-check"]
+    if version >= (22, 3):
+        cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", *quiet, "pip"]
+    else:
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        cmd = [sys.executable, "-m", "pip", "install", *quiet, "--target", site, "pip"]
+    subprocess.run(cmd, check=True)
+
+
+def ensure_venv(venv: Path = VENV, interpreter: str = sys.executable) -> Path:
+    """Make `venv` with `interpreter` if needed, install qmpd[test]; its python."""
+    python = venv / "bin" / "python"
+    stamp = venv / STAMP_NAME
+    if not python.exists():
+        print(f"dev.py: creating {venv.name}", flush=True)
+        made = subprocess.run([interpreter, "-m", "venv", str(venv)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if made.returncode != 0:  # no ensurepip (Debian without python3-venv)
+            subprocess.run([interpreter, "-m", "venv", "--clear", "--without-pip", str(venv)],
+                           check=True)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == wanted:
+        return python
+    if not _has_pip(python):
+        _bootstrap_pip(python, venv)
+    print(f"dev.py: installing qmpd and its test dependencies into {venv.name}", flush=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "-e", f"{ROOT}[test]"], check=True)
-    STAMP.write_text(wanted)
+    stamp.write_text(wanted)
+    return python
+
+
+def _version_of(interpreter: str) -> tuple[int, int] | None:
+    """(major, minor) of an interpreter that runs; None for one that does not
+    (a pyenv shim of a version that is installed but not selected fails)."""
+    try:
+        result = subprocess.run(
+            [interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.fullmatch(r"(\d+)\.(\d+)\s*", result.stdout) if result.returncode == 0 else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def find_interpreter(version: tuple[int, int]) -> str | None:
+    """python3.X on PATH, else the newest pyenv 3.X.*; only one that really runs."""
+    name = "python%d.%d" % version
+    candidates = [shutil.which(name)]
+    for root in dict.fromkeys(PYENV_ROOTS):
+        found = glob.glob(str(root / "versions" / ("%d.%d.*" % version) / "bin" / "python3"))
+        found.sort(key=lambda p: [int(n) for n in re.findall(r"\d+", Path(p).parents[1].name)],
+                   reverse=True)
+        candidates += found
+    for candidate in candidates:
+        if candidate and _version_of(candidate) == version:
+            return candidate
+    return None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _other_versions_tests(env: dict) -> int:
+    """The unit tests under each supported version other than this python3's.
+
+    The venvs are made one after the other; the test runs then go side by
+    side (as many as there are CPUs), each one's output shown when it ends.
+    """
+    runs: list[tuple[str, list[str], dict]] = []
+    for version in SUPPORTED:
+        if version == sys.version_info[:2]:
+            continue
+        label = "%d.%d" % version
+        interpreter = find_interpreter(version)
+        if interpreter is None:
+            print(f"dev.py: Python {label} not found on PATH or under pyenv; skipping it",
+                  flush=True)
+            continue
+        python = ensure_venv(ROOT / f".venv-{label}", interpreter)
+        run_env = dict(env, PATH=f"{python.parent}{os.pathsep}{env.get('PATH', '')}")
+        runs.append((label, [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                             *UNIT_TESTS], run_env))
+    status = 0
+    width = max(1, os.cpu_count() or 1)
+    for first in range(0, len(runs), width):
+        batch = runs[first:first + width]
+        print("dev.py: unit tests under Python " + ", ".join(label for label, _, _ in batch),
+              flush=True)
+        started = []
+        for label, cmd, run_env in batch:
+            output = tempfile.TemporaryFile()
+            started.append((label, output, subprocess.Popen(
+                cmd, cwd=ROOT, env=run_env, stdout=output, stderr=subprocess.STDOUT)))
+        for label, output, process in started:
+            code = process.wait()
+            output.seek(0)
+            print(f"dev.py: -- Python {label}: " + ("passed" if code == 0 else f"FAILED ({code})"),
+                  flush=True)
+            sys.stdout.buffer.write(output.read())
+            sys.stdout.flush()
+            output.close()
+            status = status or code
+    return status
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench"):
         print(__doc__)
         return 2
-    ensure_venv()
+    if sys.version_info < (3, 11):
+        sys.exit("qmpd needs Python 3.11 or newer")
+    python = ensure_venv()
     job, rest = argv[0], argv[1:]
     env = dict(os.environ)
-    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     if job == "demo":
-        cmd = [str(PYTHON), str(ROOT / "examples" / "quickstart.py"), *rest]
+        cmd = [str(python), str(ROOT / "examples" / "quickstart.py"), *rest]
     elif job == "test":
-        cmd = [str(PYTHON), "-m", "pytest", "-p", "no:cacheprovider", *rest]
+        cmd = [str(python), "-m", "pytest", "-p", "no:cacheprovider", *rest]
     else:
-        cmd = [str(PYTHON), str(ROOT / "tests" / "benchmarks" / "run.py"), *rest]
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        cmd = [str(python), str(ROOT / "tests" / "benchmarks" / "run.py"), *rest]
+    status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if job == "test" and _in_ci():
+        status = _other_versions_tests(env) or status
+    return status
 
 
 if __name__ == "__main__":
