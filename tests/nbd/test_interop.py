@@ -35,7 +35,7 @@ class SlowFirstBlock(MemoryExport):
 
     async def read(self, offset, length):
         if offset == 0 and length == 4096:
-            await trio.sleep(0.3)
+            await trio.sleep(1.0)
         return await super().read(offset, length)
 
 
@@ -155,7 +155,8 @@ def test_libnbd(tmp_path) -> None:
     assert result["after_fast_zero"] == 4096
     assert disk.calls.count("cache") == 1 and "trim" in disk.calls
     order = result["completion_order"]
-    assert sorted(order) == list(range(16)) and order[0] != 0 and order[-1] == 0
+    assert sorted(order) == list(range(16)), order
+    assert order[0] != 0 and order.index(0) > 8, order  # the slow first read came late
     assert result["first_block"] == bytes(disk.data[:16]).hex()
 
 
