@@ -64,6 +64,9 @@ needs QEMU's refcount repair and is refused read-write. Extended L2
 entries, external data files and backing files are refused; zstd
 compressed clusters fail to read with ENOTSUP; snapshots are kept intact
 (shared clusters and L2 tables are copied on write) but not managed.
+Zeroing an unallocated cluster leaves it unallocated (QEMU sets the zero
+flag, allocating L2 tables): without a backing file both read as zeroes.
+Freed clusters are not punched in the file.
 """
 
 from __future__ import annotations
@@ -880,15 +883,15 @@ class Qcow2Clusters:
 
     def resize(self, new_size: int) -> None:
         """block_resize: grow the L1 table if needed (qcow2_grow_l1_table), then the size."""
-        h = self.header
         if self.read_only:
             raise OSError(errno.EPERM, "Block node is read-only")
-        if new_size < h.size:
-            raise OSError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
         if new_size % SECTOR:
             raise OSError(errno.EINVAL, "Image size must be a multiple of 512 bytes")
         with self._lock:
             self._check_usable()
+            h = self.header
+            if new_size < h.size:
+                raise OSError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
             span = self.cluster_size << self.l2_bits
             l1_size = -(-new_size // span)
             if l1_size > h.l1_size:
