@@ -88,12 +88,12 @@ def test_command_entries(entries):
     assert names["query-jobs"]["ret-type"].startswith("[")
     arg = names[names["blockdev-add"]["arg-type"]]
     assert arg["tag"] == "driver"
-    assert [v["case"] for v in arg["variants"]] == ["file", "luks", "qcow2"]
+    assert [v["case"] for v in arg["variants"]] == ["file", "luks", "qcow2", "raw"]
     assert arg["members"][0] == {"name": "driver", "type": arg["members"][0]["type"]}
     assert arg["members"][1] == {"name": "node-name", "type": "str", "default": None}
     enum = names[arg["members"][0]["type"]]
-    assert enum["values"] == ["file", "luks", "qcow2"]
-    assert enum["members"] == [{"name": "file"}, {"name": "luks"}, {"name": "qcow2"}]
+    assert enum["values"] == ["file", "luks", "qcow2", "raw"]
+    assert enum["members"] == [{"name": name} for name in ("file", "luks", "qcow2", "raw")]
     file_options = names[next(v["type"] for v in arg["variants"] if v["case"] == "file")]
     assert file_options["features"] == ["dynamic-auto-read-only"]
     assert file_options["members"][-1] == {"name": "x-check-cache-dropped", "type": "bool",

@@ -36,7 +36,7 @@ def test_bundled_schema_loads_quickly():
             "object-add", "object-del", "blockdev-add", "blockdev-del", "blockdev-reopen",
             "blockdev-create", "blockdev-amend", "x-blockdev-amend", "query-named-block-nodes",
             "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
-            "job-dismiss", "job-finalize"} == set(schema.commands)
+            "job-dismiss", "job-finalize", "block_resize"} == set(schema.commands)
     assert {"SHUTDOWN", "JOB_STATUS_CHANGE"} == set(schema.events)
 
 
@@ -62,8 +62,9 @@ def test_union_without_branch_gets_empty_variant():
     schema = Schema.load()
     amend = schema.types["BlockdevAmendOptions"]
     assert isinstance(amend, ObjectType)
-    assert [v.case for v in amend.variants] == ["luks", "qcow2", "file"]
+    assert [v.case for v in amend.variants] == ["luks", "qcow2", "file", "raw"]
     assert amend.variant_for("file").all_members() == []
+    assert amend.variant_for("raw").all_members() == []
 
 
 def test_sample_schema_with_every_kind(tmp_path):
