@@ -1,6 +1,7 @@
 """Command line, modelled on qemu-storage-daemon so one can stand in for the other.
 
     qmpd --socket PATH [--object secret,id=s0,data=PW] [--blockdev ...]
+         [--nbd-server addr.type=unix,addr.path=NBD] [--export type=nbd,id=e0,node-name=N]
     qmpd --chardev socket,id=c0,path=PATH,server=on,wait=off --monitor chardev=c0
 """
 
@@ -31,10 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--monitor", metavar="chardev=ID", action="append", default=[],
                         help="serve QMP on a --chardev (qemu-storage-daemon style)")
     parser.add_argument("--object", metavar="secret,id=ID,data=...|file=...[,format=base64]",
-                        action="append", default=[],
-                        help="create a secret object at start-up (repeatable; keyval or JSON)")
-    parser.add_argument("--blockdev", metavar="OPTIONS", action="append", default=[],
+                        action=InOrder, dest="startup", default=[],
+                        help="create an object at start-up (repeatable; keyval or JSON)")
+    parser.add_argument("--blockdev", metavar="OPTIONS", action=InOrder, dest="startup",
                         help="open a block node at start-up (repeatable; keyval or JSON)")
+    parser.add_argument("--nbd-server", metavar="addr.type=unix,addr.path=PATH|"
+                        "addr.type=inet,addr.host=H,addr.port=N", action=InOrder, dest="startup",
+                        help="start the NBD server (as nbd-server-start)")
+    parser.add_argument("--export", metavar="type=nbd,id=ID,node-name=N[,name=E][,writable=on]",
+                        action=InOrder, dest="startup",
+                        help="export a node over NBD at start-up (as block-export-add)")
     parser.add_argument("--pidfile", metavar="PATH",
                         help="write the pid here once the sockets accept connections")
     parser.add_argument("--schema", metavar="DIR", type=Path,
@@ -46,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"{PROG} {__version__} (QMP of QEMU "
                                 f"{'.'.join(map(str, QEMU_VERSION))})")
     return parser
+
+
+class InOrder(argparse.Action):
+    """Collect the start-up options as (option, text) in command-line order:
+    qsd creates objects, nodes, the NBD server and exports in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((option_string.lstrip("-"), values))
+        setattr(namespace, self.dest, items)
 
 
 class UsageError(Exception):
@@ -80,17 +97,38 @@ def socket_paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def _options(daemon, text: str, command: str, to_arguments=lambda options: options) -> dict:
+    """keyval or JSON text, coerced and validated as the arguments of ``command``."""
+    options = keyval.parse(text)
+    return keyval.coerce(options, lambda o: daemon.schema.validate_arguments(
+        command, to_arguments(o)))
+
+
+def _nbd_server_arguments(options: dict) -> dict:
+    """--nbd-server's flat NbdServerOptions as nbd-server-start's arguments."""
+    addr = dict(options.get("addr") or {})
+    legacy = {"type": addr.pop("type", None), "data": addr}
+    return {**options, "addr": legacy}
+
+
 async def _startup(daemon, args: argparse.Namespace) -> None:
-    """Create --object and --blockdev items in order, as qsd does."""
+    """Create the --object, --blockdev, --nbd-server and --export items in order."""
     from qmpd.block import blockdev
     from qmpd.commands.objects import object_from_cli
 
-    for text in args.object:
-        await object_from_cli(daemon, text)
-    for text in args.blockdev:
-        options = keyval.parse(text)
-        options = keyval.coerce(options, lambda o: daemon.schema.validate_arguments("blockdev-add", o))
-        await blockdev.add(daemon.nodes, options)
+    for option, text in args.startup:
+        if option == "object":
+            await object_from_cli(daemon, text)
+        elif option == "blockdev":
+            await blockdev.add(daemon.nodes, _options(daemon, text, "blockdev-add"))
+        elif option == "nbd-server":
+            server = _options(daemon, text, "nbd-server-start", _nbd_server_arguments)
+            await daemon.exports.start_server(
+                server["addr"], tls_creds=server.get("tls-creds"),
+                tls_authz=server.get("tls-authz"),
+                max_connections=server.get("max-connections", 100))
+        else:
+            await daemon.exports.add(_options(daemon, text, "block-export-add"))
 
 
 async def _main(args: argparse.Namespace, paths: list[str]) -> int:
@@ -107,8 +145,7 @@ async def _main(args: argparse.Namespace, paths: list[str]) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     try:
-        await _startup(daemon, args)
-        await daemon.serve(paths, pidfile=args.pidfile)
+        await daemon.serve(paths, pidfile=args.pidfile, startup=lambda: _startup(daemon, args))
     except (QMPError, keyval.KeyvalError, ServerError) as exc:
         print(f"{PROG}: {getattr(exc, 'desc', exc)}", file=sys.stderr)
         await daemon.close()

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
@@ -23,6 +23,7 @@ from qmpd.block.graph import BlockGraph
 from qmpd.commands import CommandContext, bind
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import SecretStore
+from qmpd.exports.registry import ExportRegistry
 from qmpd.jobs.manager import JobManager
 from qmpd.errors import QMPError, describe_bug
 from qmpd.qmp.server import Connection, event_message, open_unix_listener
@@ -69,7 +70,7 @@ class Daemon:
         self.objects: dict[str, str] = {}
         self.nodes = BlockGraph(SecretsForBlock(self.secrets))
         self.jobs = JobManager(self.emit_event)
-        self.exports: Any = None
+        self.exports = ExportRegistry(self.nodes, self.emit_event)
         self.connections: set[Connection] = set()
         self._connection_count = 0
         self._shutdown = trio.Event()
@@ -122,17 +123,32 @@ class Daemon:
 
     # -- serving ----------------------------------------------------------------
     async def serve(self, socket_paths: Iterable[str], *, pidfile: str | None = None,
+                    startup: Callable[[], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until shutdown is requested; then clean up everything we made."""
+        """Serve until shutdown is requested; then clean up everything we made.
+
+        ``startup`` (the command line's objects, nodes, NBD server and
+        exports) runs once the registries run and before any client is served.
+        """
         paths = list(socket_paths)
         listeners = []
+        failed: BaseException | None = None
         try:
             for path in paths:
                 listeners.append(open_unix_listener(path))
-            if pidfile:
-                _write_pidfile(pidfile)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.jobs.run)
+                await nursery.start(self.exports.run)
+                if startup is not None:
+                    try:
+                        await startup()
+                    except (QMPError, ValueError) as exc:  # bad options: not an error group
+                        failed = exc
+                        nursery.cancel_scope.cancel()
+                if failed is not None:
+                    return
+                if pidfile:
+                    _write_pidfile(pidfile)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(trio.serve_listeners, self._serve_client, listeners)
                 task_status.started()
@@ -141,6 +157,7 @@ class Daemon:
                 self.emit_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
                 await self._flush_connections()
                 await self.jobs.shutdown()
+                await self.exports.close()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -151,9 +168,12 @@ class Daemon:
                 _unlink_quietly(path)
             if pidfile:
                 _unlink_quietly(pidfile)
+            if failed is not None:
+                raise failed
 
     async def close(self) -> None:
-        """Close every node (wiping volume keys) and wipe every secret."""
+        """Stop exporting, close every node (wiping volume keys), wipe every secret."""
+        await self.exports.close()
         await self.nodes.close_all()
         self.secrets.clear()
 

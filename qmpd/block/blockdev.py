@@ -78,6 +78,8 @@ async def delete(graph: BlockGraph, node_name: str) -> None:
         node = graph.find(node_name)
         if node is None:
             raise QMPError.generic(f"Failed to find node with node-name='{node_name}'")
+        if any(not isinstance(user, Node) for user in node.parents):   # an export
+            raise QMPError.generic(f"Node {node_name} is in use")
         if node.implicit:
             raise QMPError.generic(f"Node {node_name} is not owned by the monitor")
         if node.parents or node.busy or node.job_refs:

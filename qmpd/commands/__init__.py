@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qmpd.schema import Schema
 
 #: Modules whose import registers handlers.
-DOMAIN_MODULES = ("core", "objects", "block", "jobs")
+DOMAIN_MODULES = ("core", "objects", "block", "jobs", "exports")
 
 
 @dataclass

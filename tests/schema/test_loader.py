@@ -36,8 +36,10 @@ def test_bundled_schema_loads_quickly():
             "object-add", "object-del", "blockdev-add", "blockdev-del", "blockdev-reopen",
             "blockdev-create", "blockdev-amend", "x-blockdev-amend", "query-named-block-nodes",
             "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
-            "job-dismiss", "job-finalize", "block_resize"} == set(schema.commands)
-    assert {"SHUTDOWN", "JOB_STATUS_CHANGE"} == set(schema.events)
+            "job-dismiss", "job-finalize", "block_resize", "nbd-server-start",
+            "nbd-server-stop", "nbd-server-add", "nbd-server-remove", "block-export-add",
+            "block-export-del", "query-block-exports"} == set(schema.commands)
+    assert {"SHUTDOWN", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"} == set(schema.events)
 
 
 def test_bundled_directory_is_the_source_schema_or_the_package():
