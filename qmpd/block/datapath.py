@@ -19,8 +19,27 @@ from __future__ import annotations
 
 import errno
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
+
+_mode = threading.local()
+
+
+@contextmanager
+def no_waiting() -> Iterator[None]:
+    """Reads in this block must not wait for the disk: the file driver reads
+    with RWF_NOWAIT and raises BlockingIOError when the data is not in the
+    page cache. Lets small reads run on the event loop without blocking it."""
+    _mode.no_wait = True
+    try:
+        yield
+    finally:
+        _mode.no_wait = False
+
+
+def waiting_forbidden() -> bool:
+    return getattr(_mode, "no_wait", False)
 
 
 @dataclass(frozen=True)

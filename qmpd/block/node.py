@@ -16,12 +16,17 @@ from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 import trio
 
-from qmpd.block.datapath import AlignedAccess, Extent, check_request
+from qmpd.block.datapath import AlignedAccess, Extent, check_request, no_waiting
 from qmpd.block.permissions import ALL, NONE, Perm
 from qmpd.crypto.errors import CryptoError
 from qmpd.errors import QMPError
 
 T = TypeVar("T")
+
+#: Reads up to this size may be served on the event loop when every byte is
+#: in the page cache (see Node.read): a worker-thread hand-off costs more
+#: than reading and decrypting 64 KiB.
+INLINE_READ_MAX = 64 * 1024
 
 
 class Parent(Protocol):
@@ -154,8 +159,24 @@ class Node:
         if self.read_only:
             raise OSError(errno.EPERM, "read-only node")
 
+    @property
+    def inline_reads(self) -> bool:
+        """Whether this node's read path takes no lock a thread may hold across
+        I/O, so that a no-waiting read may run on the event loop (format
+        drivers with metadata caches say no)."""
+        return False
+
     async def read(self, offset: int, length: int) -> bytes:
         check_request(offset, length, self.length())
+        if length <= INLINE_READ_MAX and self.inline_reads:
+            try:
+                with no_waiting():
+                    data = self._access.pread(offset, length)
+            except BlockingIOError:
+                pass   # not cached: read it in a worker thread
+            else:
+                await trio.lowlevel.checkpoint()
+                return data
         return await trio.to_thread.run_sync(self._access.pread, offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from qmpd.block.datapath import Extent
+from qmpd.block.datapath import Extent, waiting_forbidden
 from qmpd.block.drivers.base import BlockDriver, OpenFlags
 from qmpd.block.locks import ImageLock
 from qmpd.block.node import Node, in_thread
@@ -184,8 +184,19 @@ class FileNode:
             self._idle.wait()
 
     def pread(self, offset: int, length: int) -> bytes:
+        if waiting_forbidden():
+            return self._pread_cached(offset, length)
         with self._io() as fd:
             return pread_fully(fd, length, offset)
+
+    def _pread_cached(self, offset: int, length: int) -> bytes:
+        """Only from the page cache (RWF_NOWAIT); BlockingIOError otherwise."""
+        buffer = bytearray(length)
+        with self._io() as fd:
+            done = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+        if done != length:
+            raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+        return bytes(buffer)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.read_only:
@@ -320,6 +331,7 @@ class FileBlockNode(Node):
 
     driver = "file"
     holds_locks = True
+    inline_reads = True
 
     def __init__(self, name: str, handle: FileNode, *, implicit: bool, options: dict) -> None:
         super().__init__(name, implicit=implicit, read_only=handle.read_only, options=options)

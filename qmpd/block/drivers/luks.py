@@ -160,6 +160,10 @@ class LuksNode(EncryptedNode):
             raise QMPError.generic("Block node is read-only")
 
     # -- the data path ------------------------------------------------------------
+    @property
+    def inline_reads(self) -> bool:
+        return self.file is not None and self.file.inline_reads
+
     def _payload(self) -> int:
         return self.volume.payload_offset
 

@@ -54,6 +54,10 @@ class RawNode(Node):
         self.request_alignment = file.request_alignment
 
     # -- the data path: a window of the child ---------------------------------------
+    @property
+    def inline_reads(self) -> bool:
+        return self.file is not None and self.file.inline_reads
+
     def length(self) -> int:
         assert self.file is not None
         if self.size is not None:
