@@ -154,7 +154,10 @@ class ExportRegistry:
             await self.graph.attach(export, node)
             try:
                 self._check_nbd(options, name)
-                for bitmap in options.get("bitmaps") or ():
+                for bitmap in options.get("bitmaps") or ():   # qmpd nodes have no bitmaps
+                    if isinstance(bitmap, dict):
+                        self.graph.lookup_bs(bitmap["node"])
+                        bitmap = bitmap["name"]
                     raise QMPError.generic(f"Bitmap '{bitmap}' is not found")
                 export.size = await in_thread(node.length)
                 export.share_resize = False
