@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""The Quick start: a key rotation on a LUKS image, entirely through QMP.
+"""The Quick start: rotate the key of a LUKS disk while it is served over NBD.
 
 Starts qmpd on a socket, creates an encrypted image with blockdev-create,
-opens it, adds a new passphrase, removes the old one, proves the new one
-opens the image and the old one no longer does, then stops the daemon.
-Every message is printed as it crosses the wire.
+opens it, exports the decrypted disk over NBD and writes data through the
+export; then, while an NBD client keeps reading, adds a new passphrase and
+removes the old one. It shows the reader's longest wait, checks the data,
+proves the new passphrase opens the image and the old one no longer does,
+then stops the daemon. Every QMP message is printed as it crosses the wire.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbd_client import NbdClient  # noqa: E402
 from qmp_line_client import LineClient  # noqa: E402
 
 #: ms of PBKDF2 per key slot (QEMU's default is 2000); tests make it short.
@@ -77,7 +81,33 @@ def main() -> int:
             check(qmp.execute("blockdev-add", {"driver": "luks", "node-name": "disk", "key-secret": "old-pw",
                                                "file": {"driver": "file", "filename": image}}))
 
-            step("Add the new passphrase (first free key slot)")
+            step("Export the decrypted disk over NBD and write 4 MiB through the export")
+            nbd_path = str(workdir / "nbd.sock")
+            check(qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_path}}}))
+            check(qmp.execute("block-export-add", {"type": "nbd", "id": "export0", "node-name": "disk",
+                                                   "name": "disk", "writable": True}))
+            print(f"   clients: qemu-img info 'nbd+unix:///disk?socket={nbd_path}'")
+            data = os.urandom(4 << 20)
+            writer = NbdClient(nbd_path, "disk")
+            writer.write(0, data)
+            writer.flush()
+            writer.close()
+
+            reader = NbdClient(nbd_path, "disk")
+            stop = threading.Event()
+            longest = [0.0, 0]
+
+            def keep_reading() -> None:
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    assert reader.read(0, 65536) == data[:65536]
+                    longest[0] = max(longest[0], time.perf_counter() - start)
+                    longest[1] += 1
+
+            thread = threading.Thread(target=keep_reading)
+            thread.start()
+
+            step("Add the new passphrase (first free key slot) while the NBD client reads")
             info = qmp.run_job("blockdev-amend", {"job-id": "addkey", "node-name": "disk", "options": {
                 "driver": "luks", "state": "active", "new-secret": "new-pw", "iter-time": ITER_TIME}})
             assert "error" not in info, info
@@ -86,6 +116,15 @@ def main() -> int:
             info = qmp.run_job("blockdev-amend", {"job-id": "delkey", "node-name": "disk", "options": {
                 "driver": "luks", "state": "inactive", "old-secret": "old-pw"}})
             assert "error" not in info, info
+            stop.set()
+            thread.join()
+            print(f"   the NBD reader made {longest[1]} reads meanwhile; longest wait "
+                  f"{longest[0] * 1000:.1f} ms")
+            assert reader.read(0, len(data)) == data, "data changed during the rotation"
+            reader.close()
+            print("   the 4 MiB read back identical after the rotation")
+            # Stopping the server removes its exports (BLOCK_EXPORT_DELETED).
+            check(qmp.execute("nbd-server-stop"))
 
             step("Key slots now")
             nodes = check(qmp.execute("query-named-block-nodes", {"flat": True}, quiet=True))["return"]
