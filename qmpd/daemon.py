@@ -24,6 +24,7 @@ from qmpd.commands import CommandContext, bind
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import SecretStore
 from qmpd.exports.registry import ExportRegistry
+from qmpd.exports.tls import TlsCredsStore
 from qmpd.jobs.manager import JobManager
 from qmpd.errors import QMPError, describe_bug
 from qmpd.qmp.server import Connection, event_message, open_unix_listener
@@ -70,7 +71,7 @@ class Daemon:
         self.objects: dict[str, str] = {}
         self.nodes = BlockGraph(SecretsForBlock(self.secrets))
         self.jobs = JobManager(self.emit_event)
-        self.exports = ExportRegistry(self.nodes, self.emit_event)
+        self.exports = ExportRegistry(self.nodes, self.emit_event, TlsCredsStore(self.objects))
         self.connections: set[Connection] = set()
         self._connection_count = 0
         self._shutdown = trio.Event()

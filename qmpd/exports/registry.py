@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
+import stat
 from typing import Any, Callable
 
 import trio
@@ -32,7 +32,8 @@ from qmpd.block.graph import BlockGraph
 from qmpd.block.node import in_thread
 from qmpd.errors import QMPError
 from qmpd.exports.nbd_export import NbdBlockExport
-from qmpd.nbd.server import NbdServer, fd_listener, tcp_listeners, unix_listener
+from qmpd.exports.listeners import describe, open_listeners, unix_path_of
+from qmpd.nbd.server import NbdServer
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,13 @@ class ExportRegistry:
 
     async def start_server(self, addr: dict, *, tls_creds: str | None = None,
                            tls_authz: str | None = None,
-                           max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
-        """nbd-server-start / --nbd-server with a flat SocketAddress."""
+                           max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                           monitor: bool = False) -> None:
+        """nbd-server-start (``monitor``) / --nbd-server with a flat SocketAddress."""
         if self._server is not None:
             raise QMPError.generic("NBD server already running")
         assert self._nursery is not None, "the registry is not running"
-        listeners = await open_listeners(addr)
+        listeners = await open_listeners(addr, monitor=monitor)
         try:
             tls = None
             if tls_creds is not None:
@@ -95,13 +97,13 @@ class ExportRegistry:
                     raise QMPError.generic("TLS is only supported with IPv4/IPv6")
             elif addr["type"] == "inet":
                 log.warning("NBD server on TCP without TLS: decrypted disks are readable "
-                            "by anyone who can reach %s:%s", addr.get("host"), addr.get("port"))
+                            "by anyone who can reach %s", describe(addr))
         except BaseException:
             for listener in listeners:
                 await listener.aclose()
             raise
-        if addr["type"] == "unix":
-            self._unix_paths = [addr["path"]]
+        path = unix_path_of(addr)
+        self._unix_paths = [path] if path else []
         server = NbdServer(self._lookup, self._list, max_connections=max_connections,
                            tls=tls, on_export_unused=self._unused)
         self._server = server
@@ -146,6 +148,8 @@ class ExportRegistry:
             writable = bool(options.get("writable", False))
             if writable and node.read_only:
                 raise QMPError.generic("Cannot export read-only node as writable")
+            if options["type"] != "nbd":
+                await refuse_export_type(options)
             name = options.get("name", options["node-name"])
             export = NbdBlockExport(
                 export_id, node, name=name, description=options.get("description"),
@@ -155,9 +159,9 @@ class ExportRegistry:
             try:
                 self._check_nbd(options, name)
                 for bitmap in options.get("bitmaps") or ():   # qmpd nodes have no bitmaps
-                    if isinstance(bitmap, dict):
-                        self.graph.lookup_bs(bitmap["node"])
-                        bitmap = bitmap["name"]
+                    if isinstance(bitmap, dict):   # block_dirty_bitmap_lookup's texts
+                        self.graph.lookup_bs(bitmap["node"], device=bitmap["node"])
+                        raise QMPError.generic(f"Dirty bitmap '{bitmap['name']}' not found")
                     raise QMPError.generic(f"Bitmap '{bitmap}' is not found")
                 export.size = await in_thread(node.length)
                 export.share_resize = False
@@ -170,7 +174,7 @@ class ExportRegistry:
         return export
 
     def _check_nbd(self, options: dict, name: str) -> None:
-        """nbd_export_create's checks (also nbd-server-add's, before its lookup)."""
+        """nbd_export_create's checks, in its order."""
         if self._server is None:
             raise QMPError.generic("NBD server not running")
         if len(name.encode()) > NBD_MAX_STRING_SIZE:
@@ -182,14 +186,18 @@ class ExportRegistry:
             raise QMPError.generic(f"NBD server already has export named '{name}'")
 
     async def add_legacy(self, options: dict) -> None:
-        """nbd-server-add: an NBD export whose id is its name."""
+        """nbd-server-add (qmp_nbd_server_add): an NBD export whose id is its name.
+
+        The device is looked up first; the rest is block-export-add's, so a
+        duplicate id is reported before a duplicate name. A read-only node
+        asked to be writable is quietly exported read-only, as QEMU does.
+        """
         device = options["device"]
-        name = options.get("name", device)
-        self._check_nbd(options, name)
         async with self.graph.lock:
             node = self.graph.lookup_bs(device, device=device)
+        name = options.get("name", device)
         args = {"type": "nbd", "id": name, "node-name": node.name, "name": name,
-                "writable": options.get("writable", False)}
+                "writable": bool(options.get("writable", False)) and not node.read_only}
         if "description" in options:
             args["description"] = options["description"]
         if "bitmap" in options:
@@ -264,53 +272,16 @@ class ExportRegistry:
         return [e for e in self.exports.values() if not e.shutting_down]
 
 
-async def open_listeners(addr: dict) -> list[trio.SocketListener]:
-    """Listening sockets for a flat SocketAddress, with QEMU's error texts."""
-    kind = addr["type"]
-    if kind == "unix":
-        path = addr["path"]
-        if addr.get("abstract"):
-            raise QMPError.generic("qmpd does not listen on abstract unix sockets")
+async def refuse_export_type(options: dict) -> None:
+    """Export types qsd 7.2 offers and qmpd does not (FUSE says why its mountpoint is bad first)."""
+    kind = options["type"]
+    if kind == "fuse":
+        mountpoint = options["mountpoint"]
         try:
-            return [unix_listener(path)]
+            st = await trio.to_thread.run_sync(os.stat, mountpoint)
         except OSError as err:
-            raise QMPError.generic(f"Failed to bind socket to {path}: "
+            raise QMPError.generic(f"Failed to stat '{mountpoint}': "
                                    f"{os.strerror(err.errno or 0)}") from None
-    if kind == "inet":
-        try:
-            port = int(addr["port"])
-        except ValueError:
-            raise QMPError.generic(f"Service '{addr['port']}' is not known") from None
-        host = addr["host"] or None
-        try:
-            return await tcp_listeners(host, port)
-        except OSError as err:
-            raise QMPError.generic(f"Failed to bind socket: "
-                                   f"{os.strerror(err.errno or 0)}") from None
-    if kind == "fd":
-        return [inherited_listener(addr["str"])]
-    raise QMPError.generic("qmpd cannot listen on vsock addresses")
-
-
-def inherited_listener(text: str) -> trio.SocketListener:
-    """A listening stream socket passed in as a descriptor number, checked."""
-    try:
-        fd = int(text)
-    except ValueError:
-        raise QMPError.generic(f"File descriptor named '{text}' has not been found") from None
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError as err:
-        raise QMPError.generic(f"File descriptor {fd} is not usable: "
-                               f"{os.strerror(err.errno or 0)}") from None
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        ok = (sock.type == socket.SOCK_STREAM and listening
-              and sock.family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6))
-    except OSError:
-        ok = False
-    if not ok:
-        sock.close()
-        raise QMPError.generic(f"File descriptor {fd} is not a listening stream socket")
-    fd_copy = sock.detach()
-    return fd_listener(fd_copy)
+        if not stat.S_ISREG(st.st_mode):
+            raise QMPError.generic(f"'{mountpoint}' is not a regular file")
+    raise QMPError.generic(f"qmpd does not offer {kind} exports (only nbd)")

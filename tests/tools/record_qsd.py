@@ -1192,6 +1192,8 @@ def create_qcow2_steps() -> list[Step | str]:
     ]
 
 
+from tests.tools import qsd_cases_exports  # noqa: E402  (its cases use the helpers above)
+
 GROUPS: dict[str, Callable[[], list[Case]]] = {
     "greeting": greeting_cases,
     "envelope": envelope_cases,
@@ -1199,6 +1201,7 @@ GROUPS: dict[str, Callable[[], list[Case]]] = {
     "validation": validation_cases,
     "secrets": secret_cases,
     "block": block_cases,
+    "exports": lambda: qsd_cases_exports.exports_cases(),
 }
 
 

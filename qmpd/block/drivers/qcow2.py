@@ -137,9 +137,8 @@ class Qcow2Node(EncryptedNode):
         return self._engine().block_status(offset, length)
 
     def resize(self, size: int) -> None:
+        # The engine shares self.meta and replaces its (frozen) header itself.
         self._engine().resize(size)
-        assert self.meta is not None
-        self.meta.header.size = size
 
     # -- queries -----------------------------------------------------------------
     def filename(self) -> str:
