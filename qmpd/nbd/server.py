@@ -38,6 +38,7 @@ import math
 import os
 import socket as stdlib_socket
 import ssl
+from collections import deque
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -47,6 +48,7 @@ from qmpd.nbd.constants import MAX_REQUESTS_IN_FLIGHT, Cmd, CmdFlag
 from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
 from qmpd.nbd.protocol import NbdConnection
 from qmpd.nbd.transmission import strerror
+from qmpd.nbd.transport import SocketTransport, StreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +308,7 @@ class NbdServer:
         finally:
             self._all.discard(client)
             self._detach(client)
-            await trio.aclose_forcefully(client.stream)
+            await client.transport.aclose()
             self._connections -= 1
             self._room.set()
             self._room = trio.Event()
@@ -339,21 +341,32 @@ def _type_names(exc: BaseException) -> str:
 
 
 class _Client:
-    """One connection: a reader task and up to 16 request workers."""
+    """One connection: a reader task and up to 16 request workers.
+
+    The reader queues requests in ``_pending``; workers take them from
+    there back to back and park only when it is empty, so handing a request
+    over costs no trip through the scheduler. The reader stops reading while
+    16 requests are queued or running.
+    """
 
     def __init__(self, server: NbdServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.stream = stream
+        self.transport = StreamTransport(stream)
         self.scope = trio.CancelScope()
         self.export: NbdExport | None = None
         self.conn = NbdConnection(server.lookup, server.list_exports,
                                   tls_available=server.tls is not None,
                                   tls_required=server.tls_required,
                                   multi_conn=server.max_connections != 1)
-        self._send_lock = trio.StrictFIFOLock()
-        self._requests, self._incoming = trio.open_memory_channel(0)
+        self._send_lock = trio.Lock()
+        self._pending: deque[Request] = deque()
+        self._running = 0
         self._workers = 0
-        self._idle = 0
+        self._idle_workers = 0
+        self._work = trio.lowlevel.ParkingLot()  # idle workers
+        self._room = trio.lowlevel.ParkingLot()  # the reader, while 16 are in flight
+        self._closing = False
 
     async def run(self) -> None:
         with self.scope:
@@ -366,39 +379,60 @@ class _Client:
                     await self._read_loop(handshake)
                 if handshake.cancelled_caught:
                     log.info("NBD client did not finish the handshake in time")
-                await self._requests.aclose()  # workers finish what they have
+                self._closing = True  # workers finish what is queued, then leave
+                self._idle_workers -= len(self._work.unpark_all())
 
     async def _send(self, data) -> None:
-        """Send under the lock; a client that went away ends the connection."""
+        """Send whole replies; a client that went away ends the connection.
+
+        Without contention the send is one non-blocking call; the lock is
+        taken only to finish a partial send, so replies never interleave.
+        """
         if not data:
             return
         try:
+            if not self._send_lock.locked():
+                sent = self.transport.try_send(data)
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
             async with self._send_lock:
-                await self.stream.send_all(data)
+                await self.transport.send_all(data)
         except _STREAM_GONE:
             self.scope.cancel()
             await trio.lowlevel.checkpoint()
 
     async def _read_loop(self, handshake: trio.CancelScope) -> None:
         conn = self.conn
+        pending = self._pending
+        receives = 0
         while True:
+            while len(pending) + self._running >= MAX_REQUESTS_IN_FLIGHT:
+                await self._room.park()
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.transport.receive_some(RECEIVE_SIZE)
             except _STREAM_GONE:
                 return
             if not data:
                 return
+            receives += 1
+            if receives % 16 == 0:  # the fast transport never yields on its own
+                await trio.lowlevel.checkpoint()
             for event in conn.receive_data(data):
                 await self._send(conn.data_to_send())
                 if type(event) is Request:
-                    if not self._idle and self._workers < MAX_REQUESTS_IN_FLIGHT:
+                    pending.append(event)
+                    if self._idle_workers:
+                        self._idle_workers -= len(self._work.unpark())
+                    elif self._workers < MAX_REQUESTS_IN_FLIGHT:
                         self._workers += 1
                         self._nursery.start_soon(self._worker)
-                    await self._requests.send(event)
                 elif type(event) is Negotiated:
                     self.export = event.export
                     self.server._attach(self, event.export)
                     handshake.deadline = math.inf
+                    if isinstance(self.transport.stream, trio.SocketStream):
+                        self.transport = SocketTransport(self.transport.stream)
                 elif type(event) is StartTls:
                     if not await self._start_tls():
                         return
@@ -413,28 +447,33 @@ class _Client:
             log.info("NBD client sent data before the TLS handshake")
             return False
         tls_stream = trio.SSLStream(self.stream, self.server.tls, server_side=True)
+        self.transport = StreamTransport(tls_stream)
         try:
             await tls_stream.do_handshake()
         except (trio.BrokenResourceError, ssl.SSLError) as e:
             log.info("NBD TLS handshake failed (%s)", type(e.__cause__ or e).__name__)
             return False
-        self.stream = tls_stream
         events = self.conn.tls_established()
         assert not events, events  # nothing can have arrived yet
         return True
 
     async def _worker(self) -> None:
-        conn = self.conn
+        conn, pending = self.conn, self._pending
         while True:
-            self._idle += 1
+            while not pending:
+                if self._closing:
+                    return
+                self._idle_workers += 1
+                await self._work.park()
+            req = pending.popleft()
+            self._running += 1
             try:
-                req = await self._incoming.receive()
-            except trio.EndOfChannel:
-                return
+                reply = await execute(conn, self.export, req)
+                await self._send(reply if isinstance(reply, bytes) else b"".join(reply))
             finally:
-                self._idle -= 1
-            reply = await execute(conn, self.export, req)
-            await self._send(reply if isinstance(reply, bytes) else b"".join(reply))
+                self._running -= 1
+                if self._room:
+                    self._room.unpark_all()
             if isinstance(reply, _Partial):
                 log.info("NBD client disconnected: reading from file failed")
                 self.scope.cancel()
