@@ -312,9 +312,9 @@ _XTS_CHUNK = 1 << 20
 # `cryptography` context per sector; beyond, the numpy paths are faster
 # (measured: tests/benchmarks/sector_crypto.py --crossover).
 _PER_SECTOR_MAX = {
-    "xts": {512: 6, 1024: 8, 2048: 12, 4096: 24},
-    "cbc-decrypt": {512: 1, 1024: 1, 2048: 1, 4096: 1},
-    "cbc-encrypt": {512: 16, 1024: 32, 2048: 56, 4096: 96},
+    "xts": {512: 8, 1024: 12, 2048: 24, 4096: 40},
+    "cbc-decrypt": {512: 3, 1024: 3, 2048: 3, 4096: 2},
+    "cbc-encrypt": {512: 20, 1024: 32, 2048: 56, 4096: 96},
 }
 
 
@@ -547,7 +547,7 @@ class SectorCipher:
         return f"<SectorCipher {self.spec!r}{' wiped' if self._wiped else ''}>"
 
     def _ivs(self, first_sector: int, count: int) -> np.ndarray:
-        """The IVs of `count` sectors: (count, iv_length // 8) words."""
+        """The IVs of `count` sectors as (count, iv_length // 8) words."""
         shift = self._iv_shift
         numbers = np.arange(count, dtype=np.uint64) << np.uint64(shift)
         numbers += np.uint64((first_sector << shift) & _M64)   # wraps mod 2**64
@@ -566,22 +566,30 @@ class SectorCipher:
         return np.ascontiguousarray(
             encrypted.view(_U64).reshape(count, -1)[:, :self._iv_length // 8])
 
-    def _per_sector(self, ivs: np.ndarray, data: bytes, encrypt: bool) -> bytes:
+    def _iv_list(self, first_sector: int, count: int) -> list[bytes]:
+        """_ivs for the per-sector path: for a few sectors Python beats numpy."""
+        shift, niv = self._iv_shift, self._iv_length
+        numbers = [((first_sector + k) << shift) & _M64 for k in range(count)]
+        if self.spec.ivgen_alg == "plain":
+            return [(n & 0xFFFFFFFF).to_bytes(4, "little").ljust(niv, b"\0") for n in numbers]
+        if self.spec.ivgen_alg == "plain64":
+            return [n.to_bytes(8, "little").ljust(niv, b"\0") for n in numbers]
+        essiv_block = CIPHER_BLOCK_SIZES[self.spec.ivgen_cipher_alg()]
+        plain = b"".join(n.to_bytes(8, "little").ljust(essiv_block, b"\0") for n in numbers)
+        encrypted = Cipher(self._essiv_algorithm, modes.ECB()).encryptor().update(plain)
+        return [encrypted[i:i + niv] for i in range(0, len(encrypted), essiv_block)]
+
+    def _per_sector(self, sector: int, count: int, data: bytes, encrypt: bool) -> bytes:
         """One `cryptography` context per sector: CTR, and short requests."""
         size = self.sector_size
-        length = len(data)
-        out = _buffer("out", length + 16)
         mode = self.spec.cipher_mode
+        parts = []
         with memoryview(data) as view:
-            for start, iv in zip(range(0, length, size), ivs):
-                cipher = Cipher(self._algorithm, _mode(mode, iv.tobytes()))
+            for start, iv in zip(range(0, len(data), size), self._iv_list(sector, count)):
+                cipher = Cipher(self._algorithm, _mode(mode, iv))
                 context = cipher.encryptor() if encrypt else cipher.decryptor()
-                stop = min(length, start + size)
-                context.update_into(view[start:stop], out[start:stop + 15])
-        try:
-            return out[:length].tobytes()
-        finally:
-            _clear(out)
+                parts.append(context.update(view[start:start + size]))
+        return b"".join(parts)
 
     def _cbc_decrypt(self, ivs: np.ndarray, data: bytes) -> bytes:
         """P_i = D(C_i) xor C_(i-1), C_(-1) being the sector's IV: one ECB call."""
@@ -639,30 +647,33 @@ class SectorCipher:
             raise CryptoError(f"Sector {sector} must not be negative")
         if length == 0:
             return b""
+        count = -(-length // self.sector_size)
+        if self._per_sector_is_faster(count, encrypt):
+            return self._per_sector(sector, count, data, encrypt)
         with _scratch():
-            return self._crypt_run(sector, data, encrypt)
+            return self._vectorised(sector, count, data, encrypt)
 
-    def _crypt_run(self, sector: int, data: bytes, encrypt: bool) -> bytes:
-        """_crypt's work, with scratch buffers lent."""
+    def _per_sector_is_faster(self, count: int, encrypt: bool) -> bool:
+        mode = self.spec.cipher_mode
+        if mode == "ctr":
+            return True
+        if mode == "ecb" or self._algorithm is None:   # _algorithm: see __init__
+            return False
+        path = "xts" if mode == "xts" else "cbc-encrypt" if encrypt else "cbc-decrypt"
+        return count <= _PER_SECTOR_MAX[path][self.sector_size]
+
+    def _vectorised(self, sector: int, count: int, data: bytes, encrypt: bool) -> bytes:
+        """ECB, XTS and CBC through numpy, with scratch buffers lent."""
         if not self._iv_length:   # ECB: the IV generator has nothing to do
             out = _ecb(self._algorithm, np.frombuffer(data, np.uint8), encrypt, "out")
             try:
                 return out.tobytes()
             finally:
                 _clear(out)
-        count = -(-len(data) // self.sector_size)
         ivs = self._ivs(sector, count)
-        mode = self.spec.cipher_mode
-        if mode == "xts":
-            if (self._algorithm is None
-                    or count > _PER_SECTOR_MAX["xts"][self.sector_size]):
-                return self._ecb_xts.crypt(ivs, data, encrypt, self.sector_size)
-        elif mode == "cbc":
-            if encrypt and count > _PER_SECTOR_MAX["cbc-encrypt"][self.sector_size]:
-                return self._cbc_encrypt(ivs, data)
-            if not encrypt and count > _PER_SECTOR_MAX["cbc-decrypt"][self.sector_size]:
-                return self._cbc_decrypt(ivs, data)
-        return self._per_sector(ivs, data, encrypt)
+        if self.spec.cipher_mode == "xts":
+            return self._ecb_xts.crypt(ivs, data, encrypt, self.sector_size)
+        return self._cbc_encrypt(ivs, data) if encrypt else self._cbc_decrypt(ivs, data)
 
     def encrypt(self, sector: int, data: bytes) -> bytes:
         """Encrypt sectors starting at `sector`.

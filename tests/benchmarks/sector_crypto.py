@@ -6,8 +6,8 @@
 For each cipher, request size and direction it prints MiB/s of
   old         SectorCipher before the vectorised paths, copied here: one
               `cryptography` context per sector (for XTS: OpenSSL's XTS);
-  per-sector  today's per-sector path (the same contexts, update_into into
-              reused buffers): SectorCipher's choice for short requests,
+  per-sector  today's per-sector path (the same contexts, less overhead):
+              SectorCipher's choice for short requests,
   numpy       the vectorised path forced (XTS over ECB, CBC by columns),
   auto        SectorCipher.encrypt/decrypt as shipped (picks one of the two).
 --crossover prints both for 1..64 sectors per request (the numbers behind
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cryptography.hazmat.primitives.ciphers import Cipher, modes  # noqa: E402
 
+from qmpd.crypto import ciphers  # noqa: E402
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher  # noqa: E402
 
 SPECS = {
@@ -73,17 +74,11 @@ def paths(cipher: SectorCipher, encrypt: bool) -> dict:
     count = lambda data: -(-len(data) // size)   # noqa: E731
 
     def per_sector(sector, data):
-        return cipher._per_sector(cipher._ivs(sector, count(data)), data, encrypt)
+        return cipher._per_sector(sector, count(data), data, encrypt)
 
-    if cipher.spec.cipher_mode == "xts":
-        def vectorised(sector, data):
-            return cipher._ecb_xts.crypt(cipher._ivs(sector, count(data)), data,
-                                         encrypt, size)
-    else:
-        crypt = cipher._cbc_encrypt if encrypt else cipher._cbc_decrypt
-
-        def vectorised(sector, data):
-            return crypt(cipher._ivs(sector, count(data)), data)
+    def vectorised(sector, data):
+        with ciphers._scratch():
+            return cipher._vectorised(sector, count(data), data, encrypt)
 
     auto = cipher.encrypt if encrypt else cipher.decrypt
     return {"old": old_style(cipher, encrypt), "per-sector": per_sector,
