@@ -341,12 +341,17 @@ def _type_names(exc: BaseException) -> str:
 
 
 class _Client:
-    """One connection: a reader task and up to 16 request workers.
+    """One connection: a reader, up to 16 request workers, and a writer.
 
-    The reader queues requests in ``_pending``; workers take them from
-    there back to back and park only when it is empty, so handing a request
-    over costs no trip through the scheduler. The reader stops reading while
-    16 requests are queued or running.
+    The reader queues requests in ``_pending``; workers take them back to
+    back and park only when none is left, so handing a request over costs
+    no trip through the scheduler. Replies go to ``_outbox``; the writer,
+    woken once per batch, sends everything queued in one gather-send, so a
+    burst of 16 replies costs one system call (and whole replies never
+    interleave). Requests count against the limit of 16 from the moment
+    they are queued until their reply has left: the reader stops reading
+    while the limit is reached, which bounds what one client can make us
+    buffer.
     """
 
     def __init__(self, server: NbdServer, stream: trio.abc.Stream) -> None:
@@ -359,14 +364,17 @@ class _Client:
                                   tls_available=server.tls is not None,
                                   tls_required=server.tls_required,
                                   multi_conn=server.max_connections != 1)
-        self._send_lock = trio.Lock()
         self._pending: deque[Request] = deque()
-        self._running = 0
+        self._in_flight = 0  # queued, running, or replied but not yet sent
+        self._outbox: list = []
+        self._outbox_replies = 0
         self._workers = 0
         self._idle_workers = 0
         self._work = trio.lowlevel.ParkingLot()  # idle workers
         self._room = trio.lowlevel.ParkingLot()  # the reader, while 16 are in flight
+        self._flush = trio.lowlevel.ParkingLot()  # the writer, while nothing is queued
         self._closing = False
+        self._hang_up = False
 
     async def run(self) -> None:
         with self.scope:
@@ -375,39 +383,38 @@ class _Client:
                 handshake = trio.CancelScope(
                     deadline=trio.current_time() + self.server.handshake_timeout)
                 with handshake:
-                    await self._send(self.conn.data_to_send())
+                    await self._send_now(self.conn.data_to_send())
                     await self._read_loop(handshake)
                 if handshake.cancelled_caught:
                     log.info("NBD client did not finish the handshake in time")
-                self._closing = True  # workers finish what is queued, then leave
+                self._closing = True  # workers finish what is queued, then the writer
                 self._idle_workers -= len(self._work.unpark_all())
+                self._flush.unpark_all()
 
-    async def _send(self, data) -> None:
-        """Send whole replies; a client that went away ends the connection.
-
-        Without contention the send is one non-blocking call; the lock is
-        taken only to finish a partial send, so replies never interleave.
-        """
-        if not data:
-            return
-        try:
-            if not self._send_lock.locked():
-                sent = self.transport.try_send(data)
-                if sent == len(data):
-                    return
-                data = memoryview(data)[sent:]
-            async with self._send_lock:
+    async def _send_now(self, data: bytes) -> None:
+        """Handshake replies: the reader is alone, no writer yet."""
+        if data:
+            try:
                 await self.transport.send_all(data)
-        except _STREAM_GONE:
-            self.scope.cancel()
-            await trio.lowlevel.checkpoint()
+            except _STREAM_GONE:
+                self.scope.cancel()
+                await trio.lowlevel.checkpoint()
+
+    def _queue(self, reply, replies: int = 1) -> None:
+        if isinstance(reply, list):
+            self._outbox.extend(reply)
+        else:
+            self._outbox.append(reply)
+        self._outbox_replies += replies
+        if self._flush:
+            self._flush.unpark()
 
     async def _read_loop(self, handshake: trio.CancelScope) -> None:
         conn = self.conn
         pending = self._pending
         receives = 0
         while True:
-            while len(pending) + self._running >= MAX_REQUESTS_IN_FLIGHT:
+            while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
                 await self._room.park()
             try:
                 data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -419,20 +426,26 @@ class _Client:
             if receives % 16 == 0:  # the fast transport never yields on its own
                 await trio.lowlevel.checkpoint()
             for event in conn.receive_data(data):
-                await self._send(conn.data_to_send())
                 if type(event) is Request:
                     pending.append(event)
+                    self._in_flight += 1
                     if self._idle_workers:
                         self._idle_workers -= len(self._work.unpark())
                     elif self._workers < MAX_REQUESTS_IN_FLIGHT:
                         self._workers += 1
                         self._nursery.start_soon(self._worker)
-                elif type(event) is Negotiated:
+                    continue
+                if self.export is None:
+                    await self._send_now(conn.data_to_send())
+                else:
+                    self._queue(conn.data_to_send(), 0)
+                if type(event) is Negotiated:
                     self.export = event.export
                     self.server._attach(self, event.export)
                     handshake.deadline = math.inf
                     if isinstance(self.transport.stream, trio.SocketStream):
                         self.transport = SocketTransport(self.transport.stream)
+                    self._nursery.start_soon(self._writer)
                 elif type(event) is StartTls:
                     if not await self._start_tls():
                         return
@@ -440,7 +453,11 @@ class _Client:
                     if event.reason:
                         log.info("NBD client disconnected: %s", event.reason)
                     return
-            await self._send(conn.data_to_send())
+            rest = conn.data_to_send()  # errors for invalid requests
+            if self.export is None:
+                await self._send_now(rest)
+            elif rest:
+                self._queue(rest, 0)
 
     async def _start_tls(self) -> bool:
         if self.conn.trailing_data():
@@ -459,22 +476,41 @@ class _Client:
 
     async def _worker(self) -> None:
         conn, pending = self.conn, self._pending
-        while True:
-            while not pending:
-                if self._closing:
-                    return
-                self._idle_workers += 1
-                await self._work.park()
-            req = pending.popleft()
-            self._running += 1
-            try:
+        try:
+            while True:
+                while not pending:
+                    if self._closing:
+                        return
+                    self._idle_workers += 1
+                    await self._work.park()
+                req = pending.popleft()
                 reply = await execute(conn, self.export, req)
-                await self._send(reply if isinstance(reply, bytes) else b"".join(reply))
-            finally:
-                self._running -= 1
-                if self._room:
-                    self._room.unpark_all()
-            if isinstance(reply, _Partial):
-                log.info("NBD client disconnected: reading from file failed")
+                self._queue(reply)
+                if isinstance(reply, _Partial):
+                    log.info("NBD client disconnected: reading from file failed")
+                    self._hang_up = True
+                    return
+        finally:
+            self._workers -= 1
+            if self._closing and not self._workers:
+                self._flush.unpark_all()
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._outbox:
+                if self._closing and not self._workers:
+                    return
+                await self._flush.park()
+            buffers, self._outbox = self._outbox, []
+            replies, self._outbox_replies = self._outbox_replies, 0
+            try:
+                await self.transport.send_buffers(buffers)
+            except _STREAM_GONE:
+                self.scope.cancel()
+                return
+            self._in_flight -= replies
+            if self._room:
+                self._room.unpark_all()
+            if self._hang_up:
                 self.scope.cancel()
                 return

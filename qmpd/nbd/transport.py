@@ -22,6 +22,7 @@ import socket
 import trio
 
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_IOV_BATCH = 512  # below IOV_MAX (1024 on Linux)
 
 
 class StreamTransport:
@@ -35,6 +36,9 @@ class StreamTransport:
 
     async def send_all(self, data) -> None:
         await self.stream.send_all(data)
+
+    async def send_buffers(self, buffers: list) -> None:
+        await self.stream.send_all(b"".join(buffers))
 
     async def receive_some(self, max_bytes: int) -> bytes:
         return await self.stream.receive_some(max_bytes)
@@ -66,6 +70,28 @@ class SocketTransport(StreamTransport):
         while view:
             await trio.lowlevel.wait_writable(self._trio_socket)
             view = view[self.try_send(view):]
+
+    async def send_buffers(self, buffers: list) -> None:
+        """Gather-send (sendmsg): many replies, one system call, no joins."""
+        first = 0
+        while first < len(buffers):
+            batch = buffers[first:first + _IOV_BATCH]
+            try:
+                sent = self._sock.sendmsg(batch)
+            except BlockingIOError:
+                sent = 0
+            except _GONE as e:
+                raise trio.BrokenResourceError from e
+            for buf in batch:
+                size = len(buf)
+                if sent < size:
+                    buffers[first] = memoryview(buf)[sent:]
+                    break
+                sent -= size
+                first += 1
+            else:
+                continue
+            await trio.lowlevel.wait_writable(self._trio_socket)
 
     async def receive_some(self, max_bytes: int) -> bytes:
         while True:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,11 +100,12 @@ JOBS = {
 def fio(uri: str, args: list[str], runtime: float, size_mib: int) -> dict:
     proc = subprocess.run(
         ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size_mib}M",
-         f"--runtime={runtime}", "--time_based", "--ramp_time=1", "--output-format=json",
-         *args], capture_output=True, check=True)
+         f"--runtime={runtime}", "--time_based", "--output-format=json", *args],
+        capture_output=True, check=True)
     job = json.loads(proc.stdout[proc.stdout.index(b"{"):])["jobs"][0]
     side = job["write"] if "write" in args[0] else job["read"]
-    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / MiB}
+    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / MiB,
+            "ios": side["total_ios"]}
 
 
 def start_qsd(image: Path, sock: Path) -> subprocess.Popen:
@@ -120,37 +123,63 @@ def start_qsd(image: Path, sock: Path) -> subprocess.Popen:
     return proc
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time of qsd (from /proc) or of this process (our server's thread)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(uri: str, pid: int | None, fio_args: list[str], args) -> dict:
+    before = cpu_seconds(pid)
+    result = fio(uri, fio_args, args.runtime, args.size)
+    result["cpu_us_per_io"] = (cpu_seconds(pid) - before) / max(result["ios"], 1) * 1e6
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=float, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs per job")
     parser.add_argument("--size", type=int, default=256, help="disk size in MiB")
     args = parser.parse_args()
-    results: dict[str, dict[str, dict]] = {"qmpd": {}, "qsd": {}}
+    samples: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="nbd-bench-") as tmp, \
             tempfile.TemporaryDirectory(prefix="nbd-bench-", dir="/dev/shm") as shm:
-        sock = Path(tmp) / "ours.sock"
-        with ServedCatalog(_Catalog(FastExport("disk", args.size * MiB)), unix=str(sock)) as s:
-            for job, fio_args in JOBS.items():
-                results["qmpd"][job] = fio(s.uri("disk"), fio_args, args.runtime, args.size)
         image = Path(shm) / "disk.raw"
         with open(image, "wb") as f:
             for _ in range(args.size):
                 f.write(os.urandom(MiB))
         qsd_sock = Path(tmp) / "qsd.sock"
         proc = start_qsd(image, qsd_sock)
+        ours = ServedCatalog(_Catalog(FastExport("disk", args.size * MiB)),
+                             unix=str(Path(tmp) / "ours.sock"))
+        targets = {"qmpd": (ours.uri("disk"), None),
+                   "qsd": (f"nbd+unix:///disk?socket={qsd_sock}", proc.pid)}
         try:
-            for job, fio_args in JOBS.items():
-                results["qsd"][job] = fio(f"nbd+unix:///disk?socket={qsd_sock}", fio_args,
-                                          args.runtime, args.size)
+            with ours:
+                for job, fio_args in JOBS.items():
+                    for _ in range(args.runs):  # alternate, so load spikes hit both
+                        for name, (uri, pid) in targets.items():
+                            samples.setdefault((name, job), []).append(
+                                measure(uri, pid, fio_args, args))
         finally:
             stop(proc)
-    print(f"{'job':<20}{'qmpd':>22}{'qsd 7.2':>22}{'qmpd/qsd':>10}")
+
+    def median(name, job, key):
+        return statistics.median(r[key] for r in samples[name, job])
+
+    print(f"medians of {args.runs} alternating {args.runtime:g} s runs; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'job':<18}{'qmpd':>16}{'qsd 7.2':>16}{'ratio':>7}{'CPU us/io qmpd':>16}{'qsd':>6}")
     for job in JOBS:
-        ours, theirs = results["qmpd"][job], results["qsd"][job]
-        key = "iops" if "4k" in job else "mib_s"
-        unit = "IOPS" if key == "iops" else "MiB/s"
-        print(f"{job:<20}{ours[key]:>16.0f} {unit:<5}{theirs[key]:>16.0f} {unit:<5}"
-              f"{ours[key] / theirs[key]:>10.2f}")
+        key, unit = ("iops", "IOPS") if "4k" in job else ("mib_s", "MiB/s")
+        a, b = median("qmpd", job, key), median("qsd", job, key)
+        print(f"{job:<18}{a:>10.0f} {unit:<5}{b:>10.0f} {unit:<5}{a / b:>7.2f}"
+              f"{median('qmpd', job, 'cpu_us_per_io'):>16.1f}"
+              f"{median('qsd', job, 'cpu_us_per_io'):>6.1f}")
 
 
 if __name__ == "__main__":
