@@ -11,14 +11,17 @@ a client does can end the server: protocol violations end that connection
 (logged with QEMU's reason), unexpected exceptions are logged by type only
 (a message might carry data) and end that connection too.
 
-A client's reader task feeds the sans-IO :class:`NbdConnection` and hands
-valid requests to a pool of at most 16 worker tasks (QEMU's
-MAX_NBD_REQUESTS), spawned on demand. The hand-off channel has no buffer:
-when every worker is busy the reader stops reading, so a connection buffers
-at most one receive chunk plus 16 requests. Workers run the backend call and
-send the reply under the connection's send lock; replies therefore leave in
-completion order, not request order. A client that does not read only
-blocks its own workers (and then its own reader).
+A client's reader task feeds the sans-IO :class:`NbdConnection` and queues
+valid requests for a pool of at most 16 worker tasks (QEMU's
+MAX_NBD_REQUESTS), spawned on demand; each worker runs one backend call at
+a time, so up to 16 run concurrently and replies leave in completion order,
+not request order. Replies are queued for the connection's writer task,
+which sends each batch with one gather-send: whole replies, never
+interleaved, and one system call for a burst (see _Client for the
+bookkeeping). At most 16 requests are taken and not yet answered on the
+wire; the reader stops reading while that many are queued or in flight, so
+a client that stops reading only stalls its own connection, with at most 16
+replies held for it.
 
 The handshake, TLS included, must finish within ``handshake_timeout``
 seconds (QEMU 7.2 in Debian with the CVE-2024-7409 fix: 10 s), after which
@@ -365,7 +368,7 @@ class _Client:
                                   tls_required=server.tls_required,
                                   multi_conn=server.max_connections != 1)
         self._pending: deque[Request] = deque()
-        self._in_flight = 0  # queued, running, or replied but not yet sent
+        self._in_flight = 0  # taken by a worker and not yet sent (at most 16)
         self._outbox: list = []
         self._outbox_replies = 0
         self._workers = 0
@@ -414,7 +417,7 @@ class _Client:
         pending = self._pending
         receives = 0
         while True:
-            while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            while len(pending) + self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
                 await self._room.park()
             try:
                 data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -428,12 +431,7 @@ class _Client:
             for event in conn.receive_data(data):
                 if type(event) is Request:
                     pending.append(event)
-                    self._in_flight += 1
-                    if self._idle_workers:
-                        self._idle_workers -= len(self._work.unpark())
-                    elif self._workers < MAX_REQUESTS_IN_FLIGHT:
-                        self._workers += 1
-                        self._nursery.start_soon(self._worker)
+                    self._wake_worker()
                     continue
                 if self.export is None:
                     await self._send_now(conn.data_to_send())
@@ -459,6 +457,15 @@ class _Client:
             elif rest:
                 self._queue(rest, 0)
 
+    def _wake_worker(self) -> None:
+        if self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            return  # the writer wakes one when a reply has left
+        if self._idle_workers:
+            self._idle_workers -= len(self._work.unpark())
+        elif self._workers < MAX_REQUESTS_IN_FLIGHT:
+            self._workers += 1
+            self._nursery.start_soon(self._worker)
+
     async def _start_tls(self) -> bool:
         if self.conn.trailing_data():
             log.info("NBD client sent data before the TLS handshake")
@@ -478,12 +485,13 @@ class _Client:
         conn, pending = self.conn, self._pending
         try:
             while True:
-                while not pending:
-                    if self._closing:
+                while not pending or self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+                    if self._closing and not pending:
                         return
                     self._idle_workers += 1
                     await self._work.park()
                 req = pending.popleft()
+                self._in_flight += 1
                 reply = await execute(conn, self.export, req)
                 self._queue(reply)
                 if isinstance(reply, _Partial):
@@ -509,6 +517,8 @@ class _Client:
                 self.scope.cancel()
                 return
             self._in_flight -= replies
+            for _ in range(min(len(self._pending), replies)):
+                self._wake_worker()
             if self._room:
                 self._room.unpark_all()
             if self._hang_up:

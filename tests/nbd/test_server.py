@@ -84,6 +84,8 @@ async def test_client_that_never_reads_blocks_only_itself(sockdir) -> None:
         flood = b"".join(request(Cmd.READ, 0, 1 << 20, cookie=i) for i in range(100))
         with trio.move_on_after(1):
             await hog.send_all(flood)  # stalls: the server stopped reading from it
+        (client,) = server._all
+        assert client._in_flight <= 16 and client._outbox_replies <= 16
         good = await connect(path)
         for i in range(50):
             assert len(await simple_read(good, i * 4096, 4096, cookie=i)) == 4096
