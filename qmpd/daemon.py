@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any
 
 import trio
 
@@ -23,11 +25,23 @@ from qmpd.block.graph import BlockGraph
 from qmpd.commands import CommandContext, bind
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import SecretStore
+from qmpd.errors import QMPError, describe_bug
+from qmpd.exports.listeners import inet_sockets
 from qmpd.exports.registry import ExportRegistry
 from qmpd.exports.tls import TlsCredsStore
 from qmpd.jobs.manager import JobManager
-from qmpd.errors import QMPError, describe_bug
-from qmpd.qmp.server import Connection, event_message, open_unix_listener
+from qmpd.listeners import (
+    FdAddress,
+    InetAddress,
+    ListenerError,
+    MonitorSpec,
+    UnixAddress,
+    describe,
+    inherited_sockets,
+    trio_listener,
+)
+from qmpd.qmp.pretty import encode_pretty
+from qmpd.qmp.server import Connection, ServerError, event_message, open_unix_listener
 from qmpd.qmp.session import Call, Session
 from qmpd.qmp.wire import encode_message
 from qmpd.schema import Schema
@@ -123,20 +137,34 @@ class Daemon:
         self._shutdown.set()
 
     # -- serving ----------------------------------------------------------------
-    async def serve(self, socket_paths: Iterable[str], *, pidfile: str | None = None,
+    async def serve(self, monitors: Iterable[str | os.PathLike | MonitorSpec], *,
+                    pidfile: str | None = None,
                     startup: Callable[[], Awaitable[None]] | None = None,
+                    ready: Callable[[], None] | None = None,
+                    stopping: Callable[[], None] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until shutdown is requested; then clean up everything we made.
 
+        ``monitors``: Unix socket paths (made mode 0600, a stale socket
+        replaced) or :class:`~qmpd.listeners.MonitorSpec` (a path, host and
+        port, inherited descriptors, or listeners the caller made).
         ``startup`` (the command line's objects, nodes, NBD server and
-        exports) runs once the registries run and before any client is served.
+        exports) runs once the registries run and before any client is
+        served. Then the pid file is written, every monitor accepts, and
+        ``ready`` is called; ``stopping`` is called when shutdown begins.
         """
-        paths = list(socket_paths)
-        listeners = []
+        specs = [m if isinstance(m, MonitorSpec) else MonitorSpec(UnixAddress(os.fspath(m)))
+                 for m in monitors]
+        shown_pidfile = pidfile
+        if pidfile:
+            pidfile = os.path.abspath(pidfile)  # --daemonize leaves the directory
+        opened: list[tuple[MonitorSpec, list[trio.SocketListener]]] = []
+        made_paths: list[str] = []
+        wrote_pidfile = False
         failed: BaseException | None = None
         try:
-            for path in paths:
-                listeners.append(open_unix_listener(path))
+            for spec in specs:
+                opened.append((spec, await _open_monitor(spec, made_paths)))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.exports.run)
@@ -146,15 +174,29 @@ class Daemon:
                     except (QMPError, ValueError) as exc:  # bad options: not an error group
                         failed = exc
                         nursery.cancel_scope.cancel()
+                if failed is None and pidfile:
+                    try:
+                        _write_pidfile(pidfile)
+                        wrote_pidfile = True
+                    except OSError as exc:
+                        failed = ServerError(
+                            f"cannot create PID file: Could not create '{shown_pidfile}': "
+                            f"{os.strerror(exc.errno or 0)}")
+                        nursery.cancel_scope.cancel()
                 if failed is not None:
                     return
-                if pidfile:
-                    _write_pidfile(pidfile)
                 nursery.start_soon(self._watch_signals)
-                nursery.start_soon(trio.serve_listeners, self._serve_client, listeners)
+                for spec, listeners in opened:
+                    await nursery.start(trio.serve_listeners,
+                                        partial(self._serve_client, pretty=spec.pretty),
+                                        listeners)
                 task_status.started()
+                if ready is not None:
+                    ready()
                 await self._shutdown.wait()
                 log.info("shutting down (%s)", self._shutdown_reason)
+                if stopping is not None:
+                    stopping()
                 self.emit_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
                 await self._flush_connections()
                 await self.jobs.shutdown()
@@ -163,11 +205,12 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.close()
-            for listener in listeners:
-                listener.socket.close()
-            for path in paths[: len(listeners)]:
+            for _spec, listeners in opened:
+                for listener in listeners:
+                    listener.socket.close()
+            for path in made_paths:
                 _unlink_quietly(path)
-            if pidfile:
+            if pidfile and wrote_pidfile:
                 _unlink_quietly(pidfile)
             if failed is not None:
                 raise failed
@@ -178,7 +221,7 @@ class Daemon:
         await self.nodes.close_all()
         self.secrets.clear()
 
-    async def _serve_client(self, stream: trio.SocketStream) -> None:
+    async def _serve_client(self, stream: trio.SocketStream, *, pretty: bool = False) -> None:
         self._connection_count += 1
         if len(self.connections) >= self.limits.max_connections:
             log.warning("refusing a client: %d sessions already", len(self.connections))
@@ -188,13 +231,13 @@ class Daemon:
                 f"Too many QMP connections (at most {self.limits.max_connections})"))
             with trio.move_on_after(1):
                 try:
-                    await stream.send_all(encode_message(refusal))
+                    await stream.send_all((encode_pretty if pretty else encode_message)(refusal))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             await trio.aclose_forcefully(stream)
             return
         try:
-            await Connection(self, stream, self._connection_count).run()
+            await Connection(self, stream, self._connection_count, pretty=pretty).run()
         except Exception as exc:  # one client's trouble must never end the daemon
             log.error("session %d ended with an error: %s", self._connection_count,
                       describe_bug(exc))
@@ -210,11 +253,46 @@ class Daemon:
                 self.request_shutdown("host-signal")
 
 
+async def _open_monitor(spec: MonitorSpec, made_paths: list[str]) -> list[trio.SocketListener]:
+    """The listening sockets of one monitor; ServerError with the user's text."""
+    where = spec.address
+    if isinstance(where, trio.SocketListener):
+        return [where]
+    if isinstance(where, list):
+        return list(where)
+    try:
+        if isinstance(where, UnixAddress):
+            path = os.path.abspath(where.path)
+            listener = open_unix_listener(path)
+            made_paths.append(path)
+            log.info("QMP monitor on %s", path)
+            return [listener]
+        if isinstance(where, InetAddress):
+            socks = await inet_sockets(where.socket_address())
+            shown = ", ".join(describe(sock) for sock in socks)
+            log.warning("QMP over TCP on %s: the monitor has no authentication and no "
+                        "encryption; anyone who can connect controls qmpd (its images, keys "
+                        "and exports)", shown)
+            return [trio_listener(sock) for sock in socks]
+        if isinstance(where, FdAddress):
+            socks = inherited_sockets(where.text)
+            log.info("QMP monitor on inherited %s", ", ".join(describe(s) for s in socks))
+            return [trio_listener(sock) for sock in socks]
+    except (ListenerError, ServerError, QMPError) as exc:
+        text = exc.desc if isinstance(exc, QMPError) else str(exc)
+        raise ServerError(f"{spec.origin}: {text}" if spec.origin else text) from None
+    raise TypeError(f"not a monitor address: {where!r}")
+
+
 def _write_pidfile(path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _unlink_quietly(path: str) -> None:

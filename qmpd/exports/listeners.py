@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from qmpd import listeners
 from qmpd.errors import QMPError
 
 #: sizeof(struct sockaddr_un.sun_path) on Linux.
@@ -56,7 +57,7 @@ async def open_listeners(addr: dict, *, monitor: bool = False) -> list[trio.Sock
     if kind == "fd":
         if monitor:
             raise QMPError.generic("only QEMU supports file descriptor passing")
-        return [_listener(inherited_socket(addr["str"]))]
+        return [_listener(sock) for sock in inherited_sockets(addr["str"])]
     return [_listener(vsock_socket(addr))]
 
 
@@ -265,28 +266,13 @@ def vsock_socket(addr: dict) -> socket.socket:
 
 # -- fd -----------------------------------------------------------------------------
 
-def inherited_socket(text: str) -> socket.socket:
-    """socket_get_fd outside a monitor (a number), then listen() as socket_listen does."""
+def inherited_sockets(text: str) -> list[socket.socket]:
+    """The listening socket(s) an inherited descriptor number (or a LISTEN_FDNAMES
+    name) stands for, checked as every inherited listener is (qmpd.listeners)."""
     try:
-        fd = int(text, 10)
-    except ValueError:
-        raise QMPError.generic(f"Unable to parse FD number {text}: Invalid argument") from None
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        raise QMPError.generic(f"File descriptor '{text}' is not a socket") from None
-    try:
-        if sock.type != socket.SOCK_STREAM or sock.family not in (
-                socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
-            raise QMPError.generic(f"File descriptor '{text}' is not a stream socket")
-        try:
-            sock.listen(BACKLOG)
-        except OSError as err:
-            raise QMPError.generic(f"Failed to listen on fd socket: {_strerror(err)}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        return listeners.inherited_sockets(text)
+    except listeners.ListenerError as exc:
+        raise QMPError.generic(str(exc)) from None
 
 
 def describe(addr: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ import trio
 
 from qmpd.commands import CommandContext
 from qmpd.errors import QMPError
+from qmpd.qmp.pretty import encode_pretty
 from qmpd.qmp.session import Call, Incoming, Session
 from qmpd.qmp.wire import encode_message
 
@@ -83,10 +84,13 @@ def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
 class Connection:
     """One client: a QMP session plus the tasks that feed and drain it."""
 
-    def __init__(self, daemon: "Daemon", stream: trio.abc.Stream, number: int) -> None:
+    def __init__(self, daemon: "Daemon", stream: trio.abc.Stream, number: int, *,
+                 pretty: bool = False) -> None:
         self.daemon = daemon
         self.stream = stream
         self.number = number
+        #: ``pretty=on`` monitors write QEMU's indented layout.
+        self.encode = encode_pretty if pretty else encode_message
         self.session = Session(daemon.schema)
         self._inband_send, self._inband_recv = trio.open_memory_channel[Incoming](QUEUE_LENGTH - 1)
         self._out = bytearray()
@@ -100,7 +104,7 @@ class Connection:
         """Queue a reply or event; never blocks. Cuts loose a client that doesn't read."""
         if self._closed:
             return
-        self._out += encode_message(message)
+        self._out += self.encode(message)
         if len(self._out) > self.daemon.limits.max_queued_bytes:
             log.warning("session %d: client does not read its replies; disconnecting", self.number)
             self.close()
