@@ -8,10 +8,21 @@ the core (protocol, handshake, transmission) is usable on its own.
 """
 
 from qmpd.nbd.backend import ExtentLike, NbdExport
-from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.events import Disconnect, NbdProtocolError, Negotiated, Request, StartTls
 from qmpd.nbd.protocol import NbdConnection
 from qmpd.nbd.server import NbdServer, fd_listener, tcp_listeners, unix_listener
 
-__all__ = ["Disconnect", "ExtentLike", "Negotiated", "NbdConnection", "NbdExport",
-           "NbdProtocolError", "NbdServer", "Request", "StartTls", "fd_listener",
-           "tcp_listeners", "unix_listener"]
+__all__ = [
+           "Disconnect",
+           "ExtentLike",
+           "NbdConnection",
+           "NbdExport",
+           "NbdProtocolError",
+           "NbdServer",
+           "Negotiated",
+           "Request",
+           "StartTls",
+           "fd_listener",
+           "tcp_listeners",
+           "unix_listener",
+]

@@ -9,7 +9,8 @@ EFBIG, EOVERFLOW, ENOTSUP, ESHUTDOWN; anything else is EINVAL).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 
 class ExtentLike(Protocol):

@@ -48,8 +48,16 @@ class Request:
     negotiated meta context ids in reply order.
     """
 
-    __slots__ = ("cookie", "command", "flags", "offset", "length", "payload", "sparse",
-                 "contexts")
+    __slots__ = (
+        "command",
+        "contexts",
+        "cookie",
+        "flags",
+        "length",
+        "offset",
+        "payload",
+        "sparse",
+    )
 
     def __init__(self, cookie: int, command: int, flags: int, offset: int, length: int,
                  payload: bytes | memoryview | None = None, sparse: bool = False,

@@ -23,15 +23,27 @@ try again (_Rejected unwinds the handler to the option loop).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Callable, Generator
 
 from qmpd.nbd.backend import ExportList, ExportLookup, NbdExport
-from qmpd.nbd.constants import (ALLOCATION_DEPTH, BASE_ALLOCATION, CONTEXT_IDS,
-                                EXPORT_NAME_REPLY_ZEROES, IHAVEOPT, MAX_BUFFER_SIZE,
-                                MAX_STRING_SIZE, OPTION_REPLY_MAGIC, HandshakeFlag, Info, Opt,
-                                Rep, TransmissionFlag, opt_name)
-from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, StartTls
+from qmpd.nbd.constants import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
+    CONTEXT_IDS,
+    EXPORT_NAME_REPLY_ZEROES,
+    IHAVEOPT,
+    MAX_BUFFER_SIZE,
+    MAX_STRING_SIZE,
+    OPTION_REPLY_MAGIC,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+    opt_name,
+)
+from qmpd.nbd.events import Disconnect, NbdProtocolError, Negotiated, StartTls
 
 #: The preferred block size QEMU 7.2 hard-codes (at least the minimum).
 PREFERRED_BLOCK = 4096

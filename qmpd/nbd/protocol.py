@@ -37,11 +37,32 @@ import struct
 from enum import Enum, auto
 
 from qmpd.nbd.backend import ExportList, ExportLookup, NbdExport
-from qmpd.nbd.constants import (CONTEXT_IDS, IHAVEOPT, MAX_BUFFER_SIZE, NBDMAGIC,
-                                REQUEST_MAGIC, Cmd, CmdFlag, HandshakeFlag, cmd_name)
-from qmpd.nbd.events import Disconnect, Event, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.constants import (
+    CONTEXT_IDS,
+    IHAVEOPT,
+    MAX_BUFFER_SIZE,
+    NBDMAGIC,
+    REQUEST_MAGIC,
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    cmd_name,
+)
+from qmpd.nbd.events import (
+    Disconnect,
+    Event,
+    NbdProtocolError,
+    Negotiated,
+    Request,
+    StartTls,
+)
 from qmpd.nbd.handshake import Negotiation, Skip
-from qmpd.nbd.transmission import BlockStatusReply, error_reply, read_reply, simple_reply
+from qmpd.nbd.transmission import (
+    BlockStatusReply,
+    error_reply,
+    read_reply,
+    simple_reply,
+)
 
 
 class Phase(Enum):
@@ -180,7 +201,7 @@ class NbdConnection:
                     return
                 self._advance(None, events)
             else:  # pragma: no cover - the generator yields nothing else
-                raise AssertionError(want)
+                raise TypeError(f"negotiation yielded {want!r}")
 
     def _advance(self, value: object, events: list[Event]) -> None:
         try:

@@ -42,13 +42,13 @@ import os
 import socket as stdlib_socket
 import ssl
 from collections import deque
-from typing import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from qmpd.nbd.backend import ExportList, ExportLookup, NbdExport
 from qmpd.nbd.constants import MAX_REQUESTS_IN_FLIGHT, Cmd, CmdFlag
-from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.events import Disconnect, Negotiated, Request, StartTls
 from qmpd.nbd.protocol import NbdConnection
 from qmpd.nbd.transmission import strerror
 from qmpd.nbd.transport import SocketTransport, StreamTransport

@@ -15,12 +15,22 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from qmpd.nbd.backend import ExtentLike
-from qmpd.nbd.constants import (CONTEXT_IDS, BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS,
-                                REPLY_FLAG_DONE, SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO,
-                                STRUCTURED_REPLY_MAGIC, CmdFlag, ReplyType, nbd_errno)
+from qmpd.nbd.constants import (
+    BASE_ALLOCATION,
+    CONTEXT_IDS,
+    MAX_BLOCK_STATUS_EXTENTS,
+    REPLY_FLAG_DONE,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    CmdFlag,
+    ReplyType,
+    nbd_errno,
+)
 from qmpd.nbd.events import Request
 
 _SIMPLE = struct.Struct(">IIQ")

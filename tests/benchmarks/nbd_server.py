@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.nbd.serve import ServedCatalog  # noqa: E402
-from tests.processes import accepts, stop  # noqa: E402
+from tests.nbd.serve import ServedCatalog
+from tests.processes import accepts, stop
 
 MiB = 1 << 20
 
@@ -150,8 +150,7 @@ def main() -> None:
             tempfile.TemporaryDirectory(prefix="nbd-bench-", dir="/dev/shm") as shm:
         image = Path(shm) / "disk.raw"
         with open(image, "wb") as f:
-            for _ in range(args.size):
-                f.write(os.urandom(MiB))
+            f.writelines(os.urandom(MiB) for _ in range(args.size))
         qsd_sock = Path(tmp) / "qsd.sock"
         proc = start_qsd(image, qsd_sock)
         ours = ServedCatalog(_Catalog(FastExport("disk", args.size * MiB)),

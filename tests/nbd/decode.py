@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import struct
 
-from qmpd.nbd.constants import (NBDMAGIC, OPTION_REPLY_MAGIC, SIMPLE_REPLY_MAGIC,
-                                STRUCTURED_REPLY_MAGIC, Rep, ReplyType)
+from qmpd.nbd.constants import (
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Rep,
+    ReplyType,
+)
 
 _MAGICS = [NBDMAGIC.to_bytes(8, "big"), OPTION_REPLY_MAGIC.to_bytes(8, "big"),
            SIMPLE_REPLY_MAGIC.to_bytes(4, "big"), STRUCTURED_REPLY_MAGIC.to_bytes(4, "big")]
@@ -50,7 +56,8 @@ def decode(data: bytes) -> list[str]:
             if typ == ReplyType.OFFSET_DATA:
                 desc = f"offset={int.from_bytes(body[:8], 'big')} {n - 8} bytes"
             elif typ == ReplyType.OFFSET_HOLE:
-                desc = "offset=%d length=%d" % struct.unpack(">QI", body)
+                hole_offset, hole_length = struct.unpack(">QI", body)
+                desc = f"offset={hole_offset} length={hole_length}"
             elif typ == ReplyType.BLOCK_STATUS:
                 ctx = int.from_bytes(body[:4], "big")
                 ext = [struct.unpack_from(">II", body, 4 + 8 * i) for i in range((n - 4) // 8)]

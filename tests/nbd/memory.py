@@ -9,7 +9,6 @@ read as zeroes, and everything as allocated at depth 1 (a plain file).
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field
 
 PAGE = 4096
@@ -44,7 +43,7 @@ class MemoryExport:
             self.pages = bytearray(-(-self.size // PAGE))
 
     @classmethod
-    def from_image(cls, name: str, image: bytes, allocated_end: int, **kw) -> "MemoryExport":
+    def from_image(cls, name: str, image: bytes, allocated_end: int, **kw) -> MemoryExport:
         exp = cls(name, len(image), data=bytearray(image), **kw)
         exp.pages[:-(-allocated_end // PAGE)] = b"\1" * -(-allocated_end // PAGE)
         return exp

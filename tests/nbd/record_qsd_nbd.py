@@ -41,8 +41,8 @@ def start_qsd(workdir: Path, *, tls: bool = False) -> tuple[subprocess.Popen, st
         write_image(img)
         if "align" in exp:
             args += ["--blockdev", f"driver=file,node-name=raw{i},filename={img}",
-                     "--blockdev", f"driver=blkdebug,node-name=f{i},align={exp['align']},"
-                                   f"image=raw{i}"]
+                     "--blockdev", (f"driver=blkdebug,node-name=f{i},align={exp['align']},"
+                                    f"image=raw{i}")]
         else:
             args += ["--blockdev", f"driver=file,node-name=f{i},filename={img}"]
     server = f"addr.type=unix,addr.path={sock}"
@@ -102,7 +102,7 @@ def handshake_timeout() -> float:
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
     version = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
-                             text=True).stdout.splitlines()[0]
+                             text=True, check=True).stdout.splitlines()[0]
     recorded = {name: record_scenario(sends) for name, sends in scenarios.SCENARIOS.items()}
     recorded_tls = {name: record_scenario(sends, tls=True)
                     for name, sends in scenarios.TLS_SCENARIOS.items()}

@@ -21,16 +21,23 @@ from __future__ import annotations
 import random
 
 from qmpd.nbd.constants import Cmd, CmdFlag, HandshakeFlag, Info, Opt
-
-from tests.nbd.wire import client_flags, info_payload, meta_payload, name_field, option, request
+from tests.nbd.wire import (
+    client_flags,
+    info_payload,
+    meta_payload,
+    name_field,
+    option,
+    request,
+)
 
 IMAGE_SIZE = 1 << 20
 DATA_END = 64 * 1024
 ZEROES_END = 128 * 1024
 EXPORTS = [
-    dict(name="disk", writable=True, allocation_depth=True, description=None),
-    dict(name="ro", writable=False, allocation_depth=False, description="read-only disk"),
-    dict(name="aligned", writable=False, allocation_depth=False, description=None, align=4096),
+    {"name": "disk", "writable": True, "allocation_depth": True, "description": None},
+    {"name": "ro", "writable": False, "allocation_depth": False, "description": "read-only disk"},
+    {"name": "aligned", "writable": False, "allocation_depth": False, "description": None,
+     "align": 4096},
 ]
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 import trio
 
@@ -34,7 +35,7 @@ class ServedCatalog:
     def _main(self) -> None:
         try:
             trio.run(self._serve)
-        except BaseException as e:  # surfaced by __exit__
+        except BaseException as e:  # noqa: BLE001 - surfaced by __exit__
             self.error = e
             self._ready.set()
 
@@ -56,7 +57,7 @@ class ServedCatalog:
         """Run ``fn(*args)`` in the server's thread (e.g. server.close_clients)."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    def __enter__(self) -> "ServedCatalog":
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(10)
         if self.error:

@@ -9,13 +9,14 @@ yields a reply.
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmpd.nbd.constants import IHAVEOPT, REQUEST_MAGIC, Cmd, Opt
-from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.events import Disconnect, NbdProtocolError, Negotiated, Request, StartTls
 from qmpd.nbd.protocol import Phase
 from qmpd.nbd.server import execute
 from tests.nbd import scenarios
@@ -48,7 +49,7 @@ _cuts = st.lists(st.integers(0, 2000), max_size=6)
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
 
 
 async def _drive(conn, catalog, data: bytes, cuts: list[int]) -> None:

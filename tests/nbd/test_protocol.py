@@ -13,8 +13,8 @@ import struct
 import pytest
 
 from qmpd.nbd import constants as c
-from qmpd.nbd.constants import Cmd, CmdFlag, Info, Opt, Rep
-from qmpd.nbd.events import Disconnect, Negotiated, NbdProtocolError, Request, StartTls
+from qmpd.nbd.constants import Cmd, CmdFlag, Info, Opt
+from qmpd.nbd.events import Disconnect, NbdProtocolError, Negotiated, Request, StartTls
 from qmpd.nbd.handshake import transmission_flags
 from qmpd.nbd.protocol import GREETING, NbdConnection, Phase
 from qmpd.nbd.server import execute
@@ -152,7 +152,7 @@ def test_info_block_size_minimum_follows_qemu() -> None:
     conn, _ = connection()
     conn.receive_data(scenarios.FIXED + option(Opt.GO, info_payload(b"aligned",
                                                                       (Info.BLOCK_SIZE,))))
-    sizes = [l for l in decode(conn.data_to_send()) if "\\x00\\x03" in l][0]
+    sizes = next(l for l in decode(conn.data_to_send()) if "\\x00\\x03" in l)
     assert "\\x00\\x00\\x10\\x00\\x00\\x00\\x10\\x00\\x02\\x00\\x00\\x00" in sizes
 
 
@@ -232,7 +232,7 @@ async def test_write_zeroes_flags_reach_the_backend() -> None:
         async def write_zeroes(self, offset, length, *, may_unmap, fua, fast):
             seen.append((may_unmap, fua, fast))
 
-    conn = NbdConnection(lambda n: Spy("disk", 1 << 20), lambda: [])
+    conn = NbdConnection(lambda n: Spy("disk", 1 << 20), list)
     conn.receive_data(handshake(structured=False))
     conn.data_to_send()
     for flags in (0, CmdFlag.NO_HOLE | CmdFlag.FUA, CmdFlag.FAST_ZERO):

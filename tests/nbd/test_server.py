@@ -50,7 +50,7 @@ async def connect(path, name=b"disk", structured=False):
 
 async def simple_read(stream, offset: int, length: int, cookie: int = 1) -> bytes:
     await stream.send_all(request(Cmd.READ, offset, length, cookie=cookie))
-    magic, err, got = struct.unpack(">IIQ", await read_exactly(stream, 16))
+    _magic, err, got = struct.unpack(">IIQ", await read_exactly(stream, 16))
     assert (err, got) == (0, cookie)
     return await read_exactly(stream, length)
 
@@ -271,12 +271,12 @@ async def test_out_of_order_replies_and_in_flight_limit(sockdir) -> None:
                                   for i in range(40)))
         seen = []
         for _ in range(39):  # everything but the blocked read overtakes it
-            _, err, cookie = struct.unpack(">IIQ", await read_exactly(s, 16))
+            _, _err, cookie = struct.unpack(">IIQ", await read_exactly(s, 16))
             await read_exactly(s, 4096)
             seen.append(cookie)
         assert 0 not in seen
         Gate.gate.set()
-        _, err, cookie = struct.unpack(">IIQ", await read_exactly(s, 16))
+        _, _err, cookie = struct.unpack(">IIQ", await read_exactly(s, 16))
         await read_exactly(s, 4096)
         seen.append(cookie)
         assert sorted(seen) == list(range(40)) and Gate.peak <= 16

@@ -66,7 +66,7 @@ class RawClient:
         while time.monotonic() < deadline:
             try:
                 chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 break
             except ConnectionResetError:
                 self.closed = True
@@ -83,7 +83,7 @@ class RawClient:
         while len(out) < n:
             try:
                 chunk = self.sock.recv(n - len(out))
-            except (socket.timeout, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 self.closed = True
