@@ -115,13 +115,18 @@ class ExportRegistry:
         server = self._server
         if server is None:
             raise QMPError.generic("NBD server not running")
-        pending = []
-        for export in list(self.exports.values()):
-            if not export.shutting_down:
-                export.shutting_down = True
-            pending.append(export)
+        # QEMU shuts every export down newest first; those without clients are
+        # deleted by bottom halves that run oldest first, those with clients as
+        # their clients go (newest first, as they were hung up on).
+        exports = list(self.exports.values())
+        for export in exports:
+            export.shutting_down = True
+        idle = [e for e in exports if not server.clients(e)]
+        busy = [e for e in reversed(exports) if server.clients(e)]
+        for export in idle:
+            await self._finish(export)
+        for export in busy:
             server.close_clients(export)
-        for export in pending:
             await self._finish_when_unused(export)
         server.stop()
         self._server = None
