@@ -120,3 +120,15 @@ async def test_server_matches_qsd(name: str, sockdir) -> None:
 def test_recorded_handshake_timeout_is_qemus_default() -> None:
     from qmpd.nbd.server import DEFAULT_HANDSHAKE_TIMEOUT
     assert RECORDING["handshake_timeout_s"] == pytest.approx(DEFAULT_HANDSHAKE_TIMEOUT, abs=0.5)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("name", ["info-exports", "meta-list-queries", "read-structured",
+                                  "block-status", "unknown-commands"])
+def test_recording_still_matches_installed_qsd(name: str) -> None:
+    """The stored answers are what the installed qsd says today."""
+    from tests.nbd import scenarios
+    from tests.nbd.record_qsd_nbd import record_scenario
+    from tests.oracles import require
+    require("qemu-storage-daemon")
+    assert record_scenario(scenarios.SCENARIOS[name]) == RECORDING["scenarios"][name]
