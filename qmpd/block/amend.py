@@ -17,6 +17,7 @@ from typing import Protocol
 
 import trio
 
+from qmpd import handoff
 from qmpd.block.drivers.luks import EncryptedNode
 from qmpd.block.graph import BlockGraph, abandonable
 from qmpd.block.node import in_thread
@@ -67,6 +68,8 @@ async def run(graph: BlockGraph, node_name: str, options: dict, force: bool,
     graph serialises them."""
     node = precheck(graph, node_name, options, command)
     progress.set(0, 1)
+    if node.key_update_lock.locked():
+        handoff.notify()   # waits for the amend before it
     async with node.key_update_lock:
         await _run(graph, node, options, force)
     progress.set(1, 1)
@@ -80,6 +83,7 @@ async def _run(graph: BlockGraph, node: EncryptedNode, options: dict, force: boo
     amend_opts, secrets = node.amend_options(graph, crypto, force)
     node.busy = "amend"
     try:
+        node.precheck_amend(amend_opts)
         # Reads and computes only: a cancelled job need not wait for PBKDF2
         # (a slot may claim billions of iterations).
         plan = await abandonable(lambda: node.prepare_amend(amend_opts),

@@ -16,7 +16,9 @@ from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 import trio
 
-from qmpd.block.datapath import AlignedAccess, Extent, check_request, no_waiting
+from qmpd import handoff
+from qmpd.block.datapath import (
+    BDRV_MAX_LENGTH, AlignedAccess, Extent, check_request, no_waiting)
 from qmpd.block.permissions import ALL, NONE, Perm
 from qmpd.crypto.errors import CryptoError
 from qmpd.errors import QMPError
@@ -62,6 +64,7 @@ async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = 
             raise QMPError.generic(str(err)) from None
         except OSError as err:
             raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
+    handoff.notify()
     return await trio.to_thread.run_sync(call, abandon_on_cancel=abandon_on_cancel)
 
 
@@ -119,6 +122,11 @@ class Node:
         """Move the image locks to (perm, shared) or raise (files; in a thread)."""
 
     # -- lifecycle -------------------------------------------------------------
+    @staticmethod
+    def check_options(options: dict) -> None:
+        """A format driver's checks of its own options, before its file child
+        is opened (QEMU's drivers read their options first)."""
+
     def close(self) -> None:
         """Release what the node holds (descriptors, keys); runs in a thread."""
 
@@ -206,8 +214,21 @@ class Node:
             return []
         return await trio.to_thread.run_sync(self.block_status, offset, length)
 
+    def truncate_to(self, size: int) -> None:
+        """QEMU's bdrv_co_truncate (in a thread): the generic checks, in its
+        order, then the driver's :meth:`resize`. Block_resize calls it on
+        the node; a driver calls it on its child to resize that."""
+        if size < 0:
+            raise QMPError.generic("Image size cannot be negative")
+        if size > BDRV_MAX_LENGTH:
+            raise QMPError.generic(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
+        if self.read_only:
+            raise QMPError.generic("Image is read-only")
+        self.resize(size)
+
     def resize(self, size: int) -> None:
-        """block_resize (in a thread): QMPError with QEMU's text when refused."""
+        """The driver's truncate (in a thread, after :meth:`truncate_to`'s
+        checks): QMPError with QEMU's text when refused."""
         raise QMPError.generic("Image format driver does not support resize")
 
     # -- queries ------------------------------------------------------------------

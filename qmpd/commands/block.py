@@ -55,8 +55,9 @@ def _progress_like_qemu(work):
 @handler("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: dict) -> dict:
     options, nodes = args["options"], ctx.nodes
-    ctx.jobs.start(args["job-id"], "create",
-                   _progress_like_qemu(lambda progress: create.run(nodes, options, progress)))
+    job = ctx.jobs.start(args["job-id"], "create", _progress_like_qemu(
+        lambda progress: create.run(nodes, options, progress)))
+    await job.handed_off.wait()   # as qsd: the job runs until it first waits
     return {}
 
 
@@ -82,4 +83,5 @@ async def blockdev_amend(ctx: CommandContext, args: dict) -> dict:
         raise
     jobs.begin(job, _progress_like_qemu(
         lambda progress: amend.run(nodes, node_name, options, force, progress, command)))
+    await job.handed_off.wait()   # as qsd: the job runs until it first waits
     return {}

@@ -44,6 +44,7 @@ from typing import Awaitable, Callable
 
 import trio
 
+from qmpd import handoff
 from qmpd.crypto.errors import CryptoError
 from qmpd.jobs import states
 from qmpd.errors import GENERIC_ERROR, QMPError, describe_bug
@@ -106,6 +107,8 @@ class Job:
         self.on_dismiss: list[Callable[[], None]] = []
         # Set once the job has concluded (or vanished): shutdown waits on it.
         self._concluded = trio.Event()
+        #: Set when the body first waits for a thread, or ends (see qmpd.handoff).
+        self.handed_off = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Job {self.id!r} type={self.type} status={self._status}>"
@@ -334,12 +337,13 @@ class JobManager:
     async def _run_job(self, job: Job, body: JobBody) -> None:
         error: str | None = None
         try:
-            with job._scope:
+            with job._scope, handoff.reporting_to(job.handed_off.set):
                 await body(job)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error
             error = _failure_text(job, exc)
         job._body_done = True
         self._completed(job, error)
+        job.handed_off.set()
 
     def _cancel(self, job: Job) -> None:
         """QEMU's job_cancel with force: our job types cannot be soft-cancelled."""

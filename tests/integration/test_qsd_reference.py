@@ -135,8 +135,11 @@ def test_compare_reports_differences_and_honours_skips() -> None:
             "steps": [{"send": "x", "replies": [{"return": 1}, {"event": "E"}]},
                       {"send": "y", "replies": [{"return": 2}]}]}
     same = {"greeting": {"QMP": {}}, "negotiation": [{"return": {}}],
-            "steps": [{"replies": [{"event": "E"}, {"return": 1}]}, {"replies": [{"return": 2}]}]}
+            "steps": [{"replies": [{"return": 1}, {"event": "E"}]}, {"replies": [{"return": 2}]}]}
     assert compare(case, same) == []
+    reordered = json.loads(json.dumps(same))
+    reordered["steps"][0]["replies"].reverse()   # the reply before its job's events
+    assert [p.split(":")[0] for p in compare(case, reordered)] == ["steps[0].order"]
     other = json.loads(json.dumps(same))
     other["steps"][1]["replies"] = [{"return": 3}]
     other["steps"][0]["replies"] = [{"return": 1}]

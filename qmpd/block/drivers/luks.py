@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from qmpd.block.datapath import Extent
+from qmpd.block.datapath import BDRV_MAX_LENGTH, Extent
 from qmpd.block.drivers.base import BlockDriver
-from qmpd.block.drivers.file import NodeRegionIO, preallocate_node
+from qmpd.block.drivers.file import NodeRegionIO, ResizeError, preallocate_node
 from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import ALL, Perm, PermissionUse
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks import (
     DEFAULT_ITER_TIME, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume,
-    header_length, open_volume, prepare_amend)
+    header_length, open_volume, precheck_amend, prepare_amend)
 from qmpd.crypto.secrets import wipe
 from qmpd.errors import QMPError
 
@@ -128,6 +128,13 @@ class EncryptedNode(Node):
             amend.opened_secret = lazy(self.key_secret)
         return amend, secrets
 
+    def precheck_amend(self, amend: LuksAmendOptions) -> None:
+        """QEMU's checks before the amend's first read (on the job's own time)."""
+        try:
+            precheck_amend(self.volume.header, amend)
+        except CryptoError as err:
+            raise QMPError.generic(str(err)) from None
+
     def prepare_amend(self, amend: LuksAmendOptions) -> Any:
         assert self.file is not None
         return prepare_amend(self.volume, self.luks_io(self.file), amend)
@@ -154,6 +161,9 @@ class LuksNode(EncryptedNode):
         if not secret_id:
             raise QMPError.generic("Parameter 'key-secret' is required for cipher")
         await self.unlock(graph, secret_id, payload_in_file=True)
+        file = self.file
+        assert file is not None
+        self._length = await in_thread(lambda: max(0, file.length() - self._payload()))
 
     def amend_check_writable(self) -> None:
         if self.leaf().read_only:
@@ -167,9 +177,12 @@ class LuksNode(EncryptedNode):
     def _payload(self) -> int:
         return self.volume.payload_offset
 
+    #: The guest-visible size, as QEMU's bs->total_sectors: set at open and
+    #: by the node's own resize (a resize of the file under it changes nothing).
+    _length = 0
+
     def length(self) -> int:
-        assert self.file is not None
-        return max(0, self.file.length() - self._payload())
+        return self._length
 
     def pread(self, offset: int, length: int) -> bytes:
         assert self.file is not None
@@ -192,11 +205,14 @@ class LuksNode(EncryptedNode):
         return [Extent(length)]   # encrypted zeroes are not zeroes: all data
 
     def resize(self, size: int) -> None:
-        """block/crypto.c: the file grows to the payload offset plus the size."""
-        if self._payload() > INT64_MAX - size:
+        """block/crypto.c: the file is truncated to the payload offset plus
+        the size (shrinking too), with the file's own checks and texts."""
+        payload = self._payload()
+        if payload > INT64_MAX - size:
             raise QMPError.generic("The requested file size is too large")
         assert self.file is not None
-        self.file.resize(self._payload() + size)
+        self.file.truncate_to(payload + size)
+        self._length = max(0, self.file.length() - payload)
 
     # -- queries --------------------------------------------------------------------
     def filename(self) -> str:
@@ -249,31 +265,55 @@ async def create_on_node(graph: "BlockGraph", target: Node,
                 await graph.release(target)
 
 
-def lookup_passphrase(graph: "BlockGraph", crypto: dict) -> bytearray:
+def lookup_passphrase(graph: "BlockGraph", crypto: dict, prefix: str = "") -> bytearray:
     secret_id = crypto.get("key-secret")
     if not secret_id:
-        raise QMPError.generic("Parameter 'key-secret' is required for cipher")
+        raise QMPError.generic(f"Parameter '{prefix}key-secret' is required for cipher")
     return graph.secrets.lookup(secret_id)
+
+
+def check_payload_size(length: int, size: int) -> None:
+    """block/crypto.c's create init, the sums: an EFBIG gets QEMU's own text;
+    then the limit the truncate of the file checks first (bdrv_co_truncate)."""
+    if size > INT64_MAX or length > INT64_MAX - size:
+        raise QMPError.generic("The requested file size is too large")
+    if length + size > BDRV_MAX_LENGTH:
+        raise QMPError.generic(f"offset({length + size}) exceeds maximum({BDRV_MAX_LENGTH})")
+
+
+def size_for_payload(node: Node, length: int, size: int) -> None:
+    """The file sized for header and payload; the file system's EFBIG gets
+    the same text as QEMU's sums."""
+    check_payload_size(length, size)
+    try:
+        node.truncate_to(length + size)
+    except ResizeError as err:
+        if err.errno == errno.EFBIG:
+            raise QMPError.generic("The requested file size is too large") from None
+        raise
 
 
 async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     luks_opts = luks_create_options(options)
     size = options["size"]
-    passphrase = lookup_passphrase(graph, options)
 
     def write(node: Node) -> None:
-        """Header at 0, then a payload of ``size`` bytes."""
-        length = header_length(luks_opts)
-        node.truncate(0)
-        create_volume(NodeRegionIO(node), passphrase, luks_opts).close()
-        node.truncate(length + size)
-        preallocate_node(node, length, length + size, options.get("preallocation", "off"))
-        node.flush()
+        """As QEMU: the secret and the cipher first, then the size, then the
+        header at 0 (the payload stays unwritten). A size QEMU refuses
+        leaves the file as it was."""
+        passphrase = lookup_passphrase(graph, options)
+        try:
+            length = header_length(luks_opts)
+            check_payload_size(length, size)
+            node.truncate(0)
+            size_for_payload(node, length, size)
+            create_volume(NodeRegionIO(node), passphrase, luks_opts).close()
+            preallocate_node(node, length, length + size, options.get("preallocation", "off"))
+            node.flush()
+        finally:
+            wipe(passphrase)
 
-    try:
-        await create_on_node(graph, target, write)
-    finally:
-        wipe(passphrase)
+    await create_on_node(graph, target, write)
 
 
 DRIVER = BlockDriver("luks", node_class=LuksNode, create=create)

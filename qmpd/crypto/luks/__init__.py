@@ -9,7 +9,8 @@ no block layer. The surface:
   :class:`LuksAmendOptions`
 """
 
-from qmpd.crypto.luks.amend import AmendPlan, LuksAmendOptions, apply_amend, prepare_amend
+from qmpd.crypto.luks.amend import (
+    AmendPlan, LuksAmendOptions, apply_amend, precheck_amend, prepare_amend)
 from qmpd.crypto.luks.create import (
     DEFAULT_ITER_TIME, LuksCreateOptions, create_volume, header_length)
 from qmpd.crypto.luks.header import LuksHeader, KeySlot
@@ -19,5 +20,6 @@ from qmpd.crypto.luks.volume import LuksVolume, open_volume, read_header
 __all__ = [
     "AmendPlan", "DEFAULT_ITER_TIME", "ImageIO", "KeySlot", "LuksAmendOptions",
     "LuksCreateOptions", "LuksHeader", "LuksVolume", "MemoryImageIO", "apply_amend",
-    "create_volume", "header_length", "open_volume", "prepare_amend", "read_header",
+    "create_volume", "header_length", "open_volume", "precheck_amend", "prepare_amend",
+    "read_header",
 ]

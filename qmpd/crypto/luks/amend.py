@@ -220,6 +220,65 @@ class _Session:
         wipe(key)
 
 
+def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
+    """The checks QEMU makes before an amend first reads the image, in its order.
+
+    Uses the header as last read (no I/O) and looks up the secrets QEMU looks
+    up before its first read; :func:`prepare_amend` repeats every check on
+    the header fresh from disk, so this only decides *when* an error comes.
+    """
+    if options.state == "active":
+        if options.new_secret is None:
+            raise CryptoError("'new-secret' is required to activate a keyslot")
+        if options.old_secret is not None:
+            raise CryptoError("'old-secret' must not be given when activating keyslots")
+        if options.keyslot is not None:
+            keyslot = _c_int(options.keyslot)
+            if not 0 <= keyslot < NUM_KEY_SLOTS:
+                raise CryptoError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
+                                  f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+        else:
+            free = [i for i, slot in enumerate(header.slots) if not slot.is_active]
+            if not free:
+                raise CryptoError("Can't add a keyslot - all keyslots are in use")
+            keyslot = free[0]
+        if not options.force and header.slots[keyslot].is_active:
+            raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
+                              "please erase it first")
+        unlock_secret = options.secret if options.secret is not None else options.opened_secret
+        if unlock_secret is None:
+            raise CryptoError("The passphrase to unlock the volume is not available: "
+                              "give 'secret'")
+        _resolve(unlock_secret)
+        return
+    if options.state != "inactive":
+        raise CryptoError(f"Invalid keyslot state '{options.state}'")
+    if options.new_secret is not None:
+        raise CryptoError("'new-secret' must not be given when erasing keyslots")
+    if options.iter_time is not None:
+        raise CryptoError("'iter-time' must not be given when erasing keyslots")
+    if options.secret is not None:
+        raise CryptoError("'secret' must not be given when erasing keyslots")
+    if options.old_secret is not None:
+        _resolve(options.old_secret)
+    if options.keyslot is not None:
+        keyslot = _c_int(options.keyslot)
+        if not 0 <= keyslot < NUM_KEY_SLOTS:
+            raise CryptoError(f"Invalid keyslot {keyslot} specified, "
+                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+        if options.old_secret is not None:
+            return    # the slot is read next
+        if not options.force and not header.slots[keyslot].is_active:
+            raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+        if not options.force and sum(s.is_active for s in header.slots) == 1:
+            raise CryptoError(f"Attempt to erase the only active keyslot {keyslot} "
+                              "which will erase all the data in the image "
+                              "irreversibly - refusing operation")
+    elif options.old_secret is None:
+        raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
+                          "password currently contained in them must be given")
+
+
 def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,
                   random_bytes: Callable[[int], bytes] = os.urandom) -> AmendPlan:
     """Check ``options`` against the image and compute the writes; writes nothing."""
