@@ -144,6 +144,7 @@ def test_compare_reports_differences_and_honours_skips() -> None:
     other["steps"][1]["replies"] = [{"return": 3}]
     other["steps"][0]["replies"] = [{"return": 1}]
     problems = compare(case, other)
-    assert [p.split(":")[0] for p in problems] == ["steps[0].events", "steps[1].replies"]
+    assert [p.split(":")[0] for p in problems] == ["steps[0].events", "steps[0].order",
+                                                   "steps[1].replies"]
     case["difference"] = {"note": "deliberate", "skip": ["steps[0].events", "steps[1]"]}
     assert compare(case, other) == []
