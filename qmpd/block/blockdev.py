@@ -16,6 +16,7 @@ from qmpd.block.drivers.base import OpenFlags
 from qmpd.block.graph import BlockGraph
 from qmpd.block.node import Node, in_thread
 from qmpd.errors import QMPError
+from qmpd.qdict import qdict_order
 
 
 async def add(graph: BlockGraph, options: dict) -> None:
@@ -41,6 +42,7 @@ async def open_node(graph: BlockGraph, options: dict, *, implicit: bool,
 
 async def _open_format(graph: BlockGraph, node_class, options: dict, name: str | None,
                        implicit: bool, flags: OpenFlags) -> Node:
+    node_class.check_options(options)
     file_ref = options.get("file")
     created_child: Node | None = None
     if isinstance(file_ref, str):
@@ -106,6 +108,42 @@ async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
             await _apply_reopen(graph, plan)
 
 
+#: Options every driver's reopen takes (QEMU's bdrv_reset_options_allowed
+#: common_options and what bdrv_reopen_prepare consumes itself).
+COMMON_REOPEN_OPTIONS = frozenset({"node-name", "driver", "discard", "cache.direct",
+                                   "cache.no-flush", "read-only", "auto-read-only",
+                                   "detect-zeroes"})
+
+
+def _flatten(options: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted keys, as QEMU's bs->options holds them; the ``file`` child aside."""
+    out: dict[str, object] = {}
+    for key, value in options.items():
+        if not prefix and key == "file":
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_reopen_options(node: Node, opts: dict) -> None:
+    """QEMU's reopen rules: an option left out must be one that may be reset
+    to its default; one given must be unchanged unless the driver changes it."""
+    old, new = _flatten(node.options), _flatten(opts)
+    old.setdefault("driver", node.driver)
+    for key in qdict_order(tuple(old)):
+        if key not in new and key not in COMMON_REOPEN_OPTIONS \
+                and key not in node.reopen_mutable:
+            raise QMPError.generic(f"Option '{key}' cannot be reset to its default value")
+    for key in qdict_order(tuple(new)):
+        if key in COMMON_REOPEN_OPTIONS or node.reopen_changes(key):
+            continue
+        if key not in old or old[key] != new[key]:
+            raise QMPError.generic(f"Cannot change the option '{key}'")
+
+
 def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node, bool]]) -> None:
     """Check one node's reopen options and queue it, with its implicit child.
 
@@ -118,10 +156,9 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node,
         raise QMPError.generic("Cannot change the option 'driver'")
     if "node-name" in opts and opts["node-name"] != node.name:
         raise QMPError.generic("Cannot change the option 'node-name'")
-    if node.driver == "file" and opts.get("filename") != node.options.get("filename"):
-        raise QMPError.generic("Cannot change the option 'filename'")
     if node.busy:
         raise QMPError.generic(f"Block device {node.name} is in use")
+    check_reopen_options(node, {**opts, "node-name": node.name})
     plan.append((node, read_only))
     child, ref = node.file, opts.get("file")
     if child is None or ref is None:
@@ -150,6 +187,8 @@ async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool]]) -> Non
         for node, ro in plan:
             if node.holds_locks and ro and not node.handle.read_only:
                 await in_thread(node.handle.reopen, True)
+        for node, _ in plan:
+            node.reopen_commit(options_of[node])
     except BaseException:
         for node, ro in old.items():
             node.read_only = ro

@@ -87,6 +87,11 @@ class DataPath(Protocol):
         """Extents from ``offset`` covering at least one byte, at most ``length``."""
 
 
+#: QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT
+#: (1 GiB), the largest size a truncate may ask for.
+BDRV_MAX_LENGTH = 9223372035781033984
+
+
 def check_request(offset: int, length: int, size: int) -> None:
     """QEMU's bdrv_check_request: inside the disk, non-negative."""
     if offset < 0 or length < 0 or offset + length > size:

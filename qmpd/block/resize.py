@@ -2,7 +2,9 @@
 
 The resize runs as a user that takes RESIZE and shares everything (QEMU's
 temporary BlockBackend), so a parent that refuses resizing (a qcow2 node
-over its file, an export) makes it fail with QEMU's permission text.
+over its file, an export) makes it fail with QEMU's permission text. Then
+Node.truncate_to: QEMU's bdrv_co_truncate checks (the size limit, read-only)
+before the driver's own; a format driver resizes its file the same way.
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ async def run(graph: BlockGraph, device: str | None, node_name: str | None, size
             raise QMPError.generic(f"Device '{device or ''}' is in use")
         await graph.refresh(node, [RESIZE_USE])
         try:
-            if node.read_only:
-                raise QMPError.generic("Image is read-only")
             try:
-                await trio.to_thread.run_sync(node.resize, size)
+                await trio.to_thread.run_sync(node.truncate_to, size)
             except OSError as err:
                 raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
         finally:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qmpd.block.graph import BlockGraph
 
 LOCKING_MODES = ("auto", "on", "off")
+INT64_MAX = (1 << 63) - 1
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -52,6 +53,15 @@ try:  # ctypes calls release the GIL; os has no fallocate with flags
     _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 except (OSError, AttributeError):  # pragma: no cover - not Linux
     _libc = None
+
+
+class ResizeError(QMPError):
+    """QEMU's "Could not resize file: <strerror>", keeping the errno (the luks
+    create replaces an EFBIG with its own text, as block/crypto.c does)."""
+
+    def __init__(self, errno_: int, prefix: str) -> None:
+        super().__init__("GenericError", f"{prefix}: {os.strerror(errno_)}")
+        self.errno = errno_
 
 
 def open_error(filename: str, err: OSError) -> QMPError:
@@ -433,9 +443,8 @@ class FileBlockNode(Node):
         """As file-posix: the file is truncated to the new size (shrinking too)."""
         try:
             self.handle.truncate(size)
-        except (OSError, OverflowError) as err:
-            text = os.strerror(getattr(err, "errno", None) or errno.EFBIG)
-            raise QMPError.generic(f"Failed to resize file: {text}") from None
+        except OSError as err:
+            raise ResizeError(err.errno or errno.EIO, "Could not resize file") from None
 
     # -- queries -----------------------------------------------------------------
     def filename(self) -> str:
@@ -500,11 +509,12 @@ def create_file(options: dict) -> None:
         lock.update(Perm.WRITE | Perm.RESIZE, ALL & ~Perm.RESIZE)
         try:
             os.ftruncate(fd, 0)
+            if size > INT64_MAX:     # QEMU passes the uint64 on as a negative off_t
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
             os.ftruncate(fd, size)
             preallocate(fd, 0, size, prealloc)
-        except (OSError, OverflowError) as err:
-            text = os.strerror(getattr(err, "errno", None) or errno.EFBIG)
-            raise QMPError.generic(f"Could not resize file: {text}") from None
+        except OSError as err:
+            raise ResizeError(err.errno or errno.EIO, "Could not resize file") from None
     finally:
         os.close(fd)
 

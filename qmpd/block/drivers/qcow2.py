@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from typing import TYPE_CHECKING
 
 from qmpd.block.datapath import Extent
@@ -137,8 +138,21 @@ class Qcow2Node(EncryptedNode):
         return self._engine().block_status(offset, length)
 
     def resize(self, size: int) -> None:
+        """qcow2_co_truncate's checks and texts; growing and shrinking (the
+        clusters past the new end discarded) are the engine's."""
+        if size % 512:
+            raise QMPError.generic("The new size must be a multiple of 512")
+        assert self.meta is not None
+        if self.meta.header.nb_snapshots and self.meta.header.version < 3:
+            raise QMPError.generic("Can't resize a v2 image which has snapshots")
         # The engine shares self.meta and replaces its (frozen) header itself.
-        self._engine().resize(size)
+        try:
+            self._engine().resize(size)
+        except OSError as err:
+            if err.errno != errno.EFBIG:
+                raise
+            raise QMPError.generic(
+                f"Failed to grow the L1 table: {os.strerror(err.errno)}") from None
 
     # -- queries -----------------------------------------------------------------
     def filename(self) -> str:
@@ -195,7 +209,6 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     check_create(options)
     crypto = options.get("encrypt")
     luks_opts = luks_create_options(crypto) if crypto is not None else None
-    passphrase = lookup_passphrase(graph, crypto) if crypto is not None else None
     size = options["size"]
     version = options.get("version", "v3")
     cluster_size = options.get("cluster-size", 65536)
@@ -203,13 +216,23 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     lazy = bool(options.get("lazy-refcounts", False))
 
     def write(node: Node) -> None:
+        """QEMU's order: the options, the size (its resize of the new image),
+        then the encryption (secret, cipher). A refused size writes nothing."""
         qcow2.check_create_options(size, cluster_size, refcount_bits, version, lazy)
+        if options.get("compression-type", "zlib") == "zstd":
+            raise QMPError.generic("qmpd creates qcow2 images with compression-type=zlib only")
+        qcow2.check_create_size(size, cluster_size)
+        passphrase = lookup_passphrase(graph, crypto, "encrypt.") if crypto is not None else None
+        try:
+            write_image(node, passphrase)
+        finally:
+            wipe(passphrase)
+
+    def write_image(node: Node, passphrase: bytearray | None) -> None:
         crypto_length = header_length(luks_opts) if luks_opts is not None else 0
         layout = qcow2.plan_layout(size, cluster_size, refcount_bits, crypto_length)
         writes = qcow2.metadata_writes(layout, size, version, lazy_refcounts=lazy,
                                        crypto_length=crypto_length)
-        if options.get("compression-type", "zlib") == "zstd":
-            raise QMPError.generic("qmpd creates qcow2 images with compression-type=zlib only")
         node.truncate(0)
         for offset, data in writes[:-1]:
             node.pwrite(offset, data)
@@ -222,10 +245,7 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
         node.pwrite(*writes[-1])
         node.flush()
 
-    try:
-        await create_on_node(graph, target, write)
-    finally:
-        wipe(passphrase)
+    await create_on_node(graph, target, write)
 
 
 DRIVER = BlockDriver("qcow2", node_class=Qcow2Node, create=create)

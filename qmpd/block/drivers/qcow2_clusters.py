@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
 import sys
 import threading
@@ -472,8 +473,11 @@ class Qcow2Clusters:
                 return start
             start = self._find_free(busy + 1)
 
-    def _allocate(self, count: int, *, contiguous: bool = False) -> list[int]:
-        """Host offsets of ``count`` new clusters, their refcounts 1 and flushed."""
+    def _allocate(self, count: int, *, contiguous: bool = False, cover: bool = True) -> list[int]:
+        """Host offsets of ``count`` new clusters, their refcounts 1 and flushed.
+
+        ``cover``: the file is extended over them (else the caller's write
+        does, as QEMU's L1 table growth writes just the table)."""
         if not count:
             return []
         found: list[int] = []
@@ -501,7 +505,7 @@ class Qcow2Clusters:
                 self._free_index = start + run
             found.extend(range(start, start + run))
         end = (max(found) + 1) << self.cluster_bits
-        if end > self.child.size():
+        if cover and end > self.child.size():
             # the file covers every cluster before anything can reference it
             self.child.truncate(end)
         self.child.flush()
@@ -882,7 +886,8 @@ class Qcow2Clusters:
         return extents
 
     def resize(self, new_size: int) -> None:
-        """block_resize: grow the L1 table if needed (qcow2_grow_l1_table), then the size."""
+        """block_resize: grow the L1 table if needed (qcow2_grow_l1_table), or
+        shrink (:meth:`_shrink`), then the size."""
         if self.read_only:
             raise OSError(errno.EPERM, "Block node is read-only")
         if new_size % SECTOR:
@@ -890,19 +895,18 @@ class Qcow2Clusters:
         with self._lock:
             self._check_usable()
             h = self.header
-            if new_size < h.size:
-                raise OSError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
             span = self.cluster_size << self.l2_bits
             l1_size = -(-new_size // span)
-            if l1_size > h.l1_size:
+            if new_size < h.size:
+                self._shrink(new_size)
+            elif l1_size > h.l1_size:
                 if l1_size * 8 > MAX_L1_BYTES:
                     raise OSError(errno.EFBIG, "qcow2: the L1 table would be too large")
                 self._mark_dirty()
                 clusters = -(-l1_size * 8 // self.cluster_size)
-                host = self._allocate(clusters, contiguous=True)[0]
+                host = self._allocate(clusters, contiguous=True, cover=False)[0]
                 table = array("Q", self._l1) + array("Q", bytes((l1_size - h.l1_size) * 8))
-                self.child.pwrite(host, _be_bytes(table) + bytes(clusters * self.cluster_size
-                                                                 - l1_size * 8))
+                self.child.pwrite(host, _be_bytes(table))     # the entries only, as QEMU
                 self.child.flush()
                 self.child.pwrite(_L1_AT, struct.pack(">IQ", l1_size, host))
                 self.child.flush()
@@ -914,6 +918,53 @@ class Qcow2Clusters:
             self.child.pwrite(_SIZE_AT, struct.pack(">Q", new_size))
             self.child.flush()
             self._set_header(size=new_size)
+
+    def _shrink(self, new_size: int) -> None:
+        """qcow2_co_truncate's shrink, in its order (the lock held).
+
+        The guest clusters from the first one wholly past the new end are
+        discarded for good (entries := 0, clusters freed, as QEMU's full
+        discard: the bytes of a last partial cluster stay and read again
+        after a later grow, as in QEMU); the L2 tables past the new L1 size
+        are dropped from the L1 table (which keeps its size) and freed; the
+        file is cut after its last cluster in use (a failure there is only
+        logged, as QEMU warns). Every step is durable before the next frees,
+        so a crash leaks at most.
+        """
+        cs, per_l2 = self.cluster_size, 1 << self.l2_bits
+        first, last = -(-new_size // cs), -(-self.header.size // cs)
+        keep = -(-new_size // (cs * per_l2))
+        if first < min(last, keep * per_l2) and not self._l2_offset(keep - 1):
+            # QEMU's discard looks the range up through get_cluster_table,
+            # which gives the last L1 entry kept an (empty) table: so here
+            self._prepare_l2([keep - 1])
+        for l1i in range(first // per_l2, min(len(self._l1), -(-last // per_l2))):
+            if self._l2_offset(l1i):
+                self._update_entries(max(first, l1i * per_l2), min(last, (l1i + 1) * per_l2),
+                                     lambda entry: (0, True))
+        drop = [i for i in range(keep, len(self._l1)) if self._l1[i] & OFFSET_MASK]
+        if drop:
+            self._mark_dirty()
+            tables = [self._l1[i] & OFFSET_MASK for i in drop]
+            for i in drop:
+                self._l1[i] = 0
+            self._write_l1(drop)
+            self.child.flush()
+            self._wait_idle()
+            for table in tables:
+                self._l2_cache.pop(table, None)
+                self._decref(table >> self.cluster_bits, 1)
+        self.child.flush()
+        end = self.child.size()
+        used = (end - 1) >> self.cluster_bits
+        while used >= 0 and not self._refcount(used):
+            used -= 1
+        if (used + 1) * cs < end:
+            try:
+                self.child.truncate((used + 1) * cs)
+            except OSError as err:
+                log.warning("Failed to truncate the tail of the image: %s", os.strerror(
+                    err.errno or errno.EIO))
 
     def close(self) -> None:
         """Flush, and clear the dirty bit this node set (QEMU's qcow2_mark_clean)."""

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from qmpd.block.datapath import BDRV_MAX_LENGTH
 from qmpd.errors import QMPError
 
 MAGIC = 0x514649FB
@@ -370,6 +371,19 @@ def check_create_options(size: int, cluster_size: int, refcount_bits: int, versi
     if version == "v2" and lazy_refcounts:
         raise _fail("Lazy refcounts only supported with compatibility level 1.1 and above "
                     "(use version=v3 or greater)")
+
+
+def check_create_size(size: int, cluster_size: int) -> None:
+    """The resize that gives QEMU's new image its size (qcow2_co_create's
+    blk_truncate: bdrv_co_truncate's checks, then qcow2_grow_l1_table's
+    cap of 32 MiB of L1 table), before anything is written."""
+    prefix = "Could not resize image: "
+    if size > INT64_MAX:                # a uint64 QEMU passes on as a negative int64
+        raise _fail(prefix + "Image size cannot be negative")
+    if size > BDRV_MAX_LENGTH:
+        raise _fail(prefix + f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
+    if _ceil_div(size, cluster_size * (cluster_size // 8)) > MAX_L1_BYTES // 8:
+        raise _fail(prefix + "Failed to grow the L1 table: File too large")
 
 
 def plan_layout(size: int, cluster_size: int, refcount_bits: int,

@@ -8,6 +8,7 @@ its own in QEMU 7.2, so neither here.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from qmpd.block.datapath import Extent
@@ -18,6 +19,8 @@ from qmpd.errors import QMPError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpd.block.graph import BlockGraph
+
+INT64_MAX = (1 << 63) - 1
 
 
 class RawNode(Node):
@@ -34,22 +37,30 @@ class RawNode(Node):
             shared &= ~Perm.RESIZE   # a window must not move under us
         return perm, shared
 
+    @staticmethod
+    def check_options(options: dict) -> None:
+        """raw_read_options: before the file child is opened (QemuOpts sizes)."""
+        for key in ("offset", "size"):
+            if options.get(key, 0) < 0:
+                raise QMPError.generic(
+                    f"Parameter '{key}' expects a non-negative number below 2^64")
+
     async def open_image(self, graph: "BlockGraph") -> None:
+        """raw_apply_options: its checks in its order, with its texts."""
         file = self.file
         assert file is not None
         offset = self.options.get("offset", 0)
         size = self.options.get("size")
-        if offset < 0:
-            raise QMPError.generic("offset cannot be negative")
-        if size is not None and size < 0:
-            raise QMPError.generic("size cannot be negative")
+        real = await in_thread(file.length)
+        if offset > real:
+            raise QMPError.generic(f"Offset ({offset}) cannot be greater than size of the "
+                                   f"containing file ({real})")
+        if size is not None and real - offset < size:
+            raise QMPError.generic(
+                f"The sum of offset ({offset}) and size ({size}) has to be smaller or "
+                f"equal to the  actual size of the containing file ({real})")
         if size is not None and size % 512:
             raise QMPError.generic("Specified size is not multiple of 512")
-        real = await in_thread(file.length)
-        if offset > real or (size is not None and offset + size > real):
-            raise QMPError.generic(
-                f"The sum of offset ({offset}) and size ({size or 0}) has to be smaller or "
-                f"equal to the  actual size of the containing file ({real})")
         self.offset, self.size = offset, size
         self.request_alignment = file.request_alignment
 
@@ -59,10 +70,11 @@ class RawNode(Node):
         return self.file is not None and self.file.inline_reads
 
     def length(self) -> int:
+        """raw_co_getlength (raw has a variable length in QEMU: asked each
+        time): what of the file is left after the offset, at most size."""
         assert self.file is not None
-        if self.size is not None:
-            return self.size
-        return max(0, self.file.length() - self.offset)
+        left = max(0, self.file.length() - self.offset)
+        return left if self.size is None else min(self.size, left)
 
     def pread(self, offset: int, length: int) -> bytes:
         assert self.file is not None
@@ -86,7 +98,30 @@ class RawNode(Node):
         assert self.file is not None
         return self.file.block_status(self.offset + offset, length)
 
+    def resize(self, size: int) -> None:
+        """raw_co_truncate: only without a fixed size; the file follows."""
+        if self.size is not None:
+            raise QMPError.generic("Cannot resize fixed-size raw disks")
+        if INT64_MAX - size < self.offset:
+            raise QMPError.generic("Disk size too large for the chosen offset")
+        assert self.file is not None
+        self.file.truncate_to(self.offset + size)
+
     # -- queries ---------------------------------------------------------------------
+    def filename(self) -> str:
+        """The file's name, or a json: pseudo-protocol when the raw node has
+        options of its own (offset, size), in QEMU's QDict order."""
+        if "offset" not in self.options and "size" not in self.options:
+            return super().filename()
+        out: dict = {}
+        if "offset" in self.options:
+            out["offset"] = self.offset
+        out["driver"] = "raw"
+        if "size" in self.options:
+            out["size"] = self.size
+        out["file"] = {"driver": "file", "filename": self.leaf().filename()}
+        return "json:" + json.dumps(out)
+
     def image_info(self) -> dict:
         info = self.leaf().image_info()
         info.update({"format": "raw", "virtual-size": self.length(),

@@ -1,0 +1,222 @@
+"""Recorded cases for the data-path verbs: block_resize, sizes, raw, blockdev-create.
+
+The group ``block-io`` of tests/tools/record_qsd.py (see its theory of
+operation): each case is played against qemu-storage-daemon 7.2 by the
+recorder and against qmpd by tests/integration/test_qsd_reference.py.
+
+- ``size-*``: what query-named-block-nodes reports for files whose size is
+  not a multiple of 512 (QEMU counts sectors: 593921 bytes -> 594432).
+- ``resize-*``: block_resize on file, luks, qcow2 (plain and with LUKS) and
+  raw nodes: growing, shrinking, sizes the driver refuses, QEMU's order of
+  checks (lookup, negative size, permissions, bdrv_check_request's limit,
+  read-only, then the driver), and the permission conflict with a parent
+  that does not share RESIZE.
+- ``raw-*``: opening the raw format driver with ``offset`` and ``size``.
+- ``create-*``: blockdev-create with an inline ``file`` definition for luks
+  and qcow2, and sizes that QEMU refuses with its own texts.
+
+Every size here is refused (or accepted) whatever the file system: none
+depends on a file system's largest file, so the replay may run anywhere.
+
+The module imports the recorder lazily (record_qsd imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+#: QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to the 1 GiB request limit.
+BDRV_MAX_LENGTH = 9223372035781033984
+MiB = 1 << 20
+
+
+def cmd(name: str, args: Any = None) -> str:
+    msg: dict[str, Any] = {"execute": name}
+    if args is not None:
+        msg["arguments"] = args
+    return json.dumps(msg)
+
+
+def block_io_cases() -> list:
+    from tests.tools.record_qsd import C, LUKS_IMG, QCOW_IMG, SECRETS, S, job_event
+
+    def run_job(send: str, job: str):
+        return S(send, 1, [job_event(job, "concluded")])
+
+    def dismiss(job: str):
+        return S(cmd("job-dismiss", {"id": job}), 1, [job_event(job, "null")])
+
+    def create(job: str, options: dict) -> list:
+        """A blockdev-create job run to its end, looked at and dismissed."""
+        return [run_job(cmd("blockdev-create", {"job-id": job, "options": options}), job),
+                cmd("query-jobs"), dismiss(job)]
+
+    def new_file(path: str, size: int, job: str = "c0") -> list:
+        return create(job, {"driver": "file", "filename": path, "size": size})
+
+    def add_file(name: str = "f0", path: str = "{tmp}/f.img", **extra: Any) -> str:
+        return cmd("blockdev-add", {"driver": "file", "node-name": name, "filename": path,
+                                    **extra})
+
+    def add_luks(name: str = "l0", file: Any = None, **extra: Any) -> str:
+        file = file if file is not None else {"driver": "file", "filename": "{tmp}/a.img"}
+        return cmd("blockdev-add", {"driver": "luks", "node-name": name, "key-secret": "s0",
+                                    "file": file, **extra})
+
+    def add_qcow2(name: str = "q0", file: Any = None, encrypted: bool = False,
+                  **extra: Any) -> str:
+        file = file if file is not None else {"driver": "file", "filename": "{tmp}/p.qcow2"}
+        opts: dict[str, Any] = {"driver": "qcow2", "node-name": name, "file": file, **extra}
+        if encrypted:
+            opts["encrypt"] = {"format": "luks", "key-secret": "s0"}
+        return cmd("blockdev-add", opts)
+
+    def add_raw(name: str = "r0", file: Any = "f0", **extra: Any) -> str:
+        return cmd("blockdev-add", {"driver": "raw", "node-name": name, "file": file, **extra})
+
+    def resize(node: str | None, size: int, device: str | None = None) -> str:
+        args: dict[str, Any] = {"size": size}
+        if node is not None:
+            args["node-name"] = node
+        if device is not None:
+            args["device"] = device
+        return cmd("block_resize", args)
+
+    qnodes = cmd("query-named-block-nodes", {"flat": True})
+    plain_qcow2 = {"path": "{tmp}/p.qcow2", "format": "qcow2", "size": "16M"}
+    luks = {"images": [LUKS_IMG], "daemon_args": SECRETS}
+    qcow2 = {"images": [plain_qcow2]}
+    qcow2_luks = {"images": [QCOW_IMG], "daemon_args": SECRETS}
+    odd = new_file("{tmp}/f.img", 593921)
+
+    cases = [
+        # -- sizes ---------------------------------------------------------------------
+        C("size-file-not-sector-multiple", *odd, add_file(), qnodes),
+        C("size-luks-over-odd-file", *odd, add_file(), resize("f0", 2 * MiB + 1234),
+          cmd("blockdev-del", {"node-name": "f0"}), add_luks(), resize("l0", 1000000 + 17),
+          qnodes, **luks),
+        # -- block_resize: the checks before any driver --------------------------------
+        C("resize-unknown-node", resize("nope", MiB)),
+        C("resize-device-only", *odd, add_file(), resize(None, MiB, device="f0")),
+        C("resize-device-and-node", *odd, add_file(), resize("f0", MiB, device="nope")),
+        C("resize-negative", *odd, add_file(), resize("f0", -1), resize("nope", -1)),
+        C("resize-zero-file", *odd, add_file(), resize("f0", 0), qnodes),
+        C("resize-beyond-request-limit", *odd, add_file(), resize("f0", INT64_MAX),
+          resize("f0", BDRV_MAX_LENGTH + 512), qnodes),
+        C("resize-read-only-file", *odd, add_file(**{"read-only": True}), resize("f0", MiB),
+          resize("f0", INT64_MAX), qnodes),
+        C("resize-read-only-luks", add_luks(**{"read-only": True}), resize("l0", 32 * MiB),
+          qnodes, **luks),
+        # -- file ------------------------------------------------------------------------
+        C("resize-file-grow-and-shrink", *odd, add_file(), resize("f0", 3 * MiB), qnodes,
+          resize("f0", 1000), qnodes, resize("f0", 4 * MiB + 1), qnodes),
+        C("resize-file-under-qcow2", add_file(path="{tmp}/p.qcow2"), add_qcow2(file="f0"),
+          resize("f0", 32 * MiB), resize("q0", 32 * MiB), qnodes, **qcow2),
+        C("resize-file-under-luks", add_file(path="{tmp}/a.img"), add_luks(file="f0"),
+          resize("f0", 32 * MiB), qnodes, **luks),
+        C("resize-file-under-raw", *odd, add_file(), add_raw(), resize("f0", 2 * MiB),
+          qnodes, resize("r0", 3 * MiB), qnodes),
+        C("resize-file-under-raw-window", *odd, add_file(), add_raw(offset=4096),
+          resize("f0", 2 * MiB), add_raw("r1", size=65536), resize("f0", 2 * MiB),
+          cmd("blockdev-del", {"node-name": "r1"}), resize("f0", 2 * MiB), qnodes),
+        # -- luks --------------------------------------------------------------------------
+        C("resize-luks-grow-shrink-odd", add_luks(), resize("l0", 32 * MiB), qnodes,
+          resize("l0", 8 * MiB), qnodes, resize("l0", 8 * MiB + 100), qnodes, **luks),
+        C("resize-luks-huge", add_luks(), resize("l0", INT64_MAX),
+          resize("l0", BDRV_MAX_LENGTH), resize("l0", BDRV_MAX_LENGTH - MiB),
+          qnodes, **luks),
+        # -- qcow2 -------------------------------------------------------------------------
+        C("resize-qcow2-grow", add_qcow2(), resize("q0", 64 * MiB), qnodes,
+          resize("q0", 2 << 30), qnodes, **qcow2),
+        C("resize-qcow2-not-sector-multiple", add_qcow2(), resize("q0", 32 * MiB + 1),
+          resize("q0", 1000), qnodes, **qcow2),
+        C("resize-qcow2-shrink", add_qcow2(), resize("q0", 4 * MiB), qnodes,
+          resize("q0", 0), qnodes, resize("q0", 16 * MiB), qnodes, **qcow2),
+        C("resize-qcow2-l1-too-large", add_qcow2(), resize("q0", 1 << 52),
+          resize("q0", (1 << 51) + 512), resize("q0", 1 << 62), resize("q0", INT64_MAX),
+          qnodes, **qcow2),
+        C("resize-qcow2-luks-grow", add_qcow2(file={"driver": "file",
+                                                    "filename": "{tmp}/q.qcow2"},
+                                              encrypted=True),
+          resize("q0", 40 * MiB), qnodes, **qcow2_luks),
+        C("resize-qcow2-read-only", add_qcow2(**{"read-only": True}), resize("q0", 64 * MiB),
+          resize("q0", 64 * MiB + 1), **qcow2),
+        # -- raw ---------------------------------------------------------------------------
+        C("raw-over-file", *odd, add_file(), add_raw(), qnodes, resize("r0", 2 * MiB),
+          qnodes),
+        C("raw-window", *odd, add_file(), add_raw(offset=512, size=65536), qnodes,
+          resize("r0", 131072)),
+        C("raw-window-offset-only", *odd, add_file(), add_raw(offset=4096), qnodes,
+          resize("r0", 65536), qnodes),
+        C("raw-window-errors", *odd, add_file(), add_raw(offset=600000),
+          add_raw(size=600000), add_raw(size=1000), add_raw(offset=1, size=594432),
+          add_raw(offset=512, size=594432), add_raw(offset=-1), add_raw(size=-512),
+          add_raw(offset=594432), qnodes),
+        C("raw-explicit-zero-offset", *odd, add_file(), add_raw(offset=0), qnodes),
+        C("raw-resize-huge", *odd, add_file(), add_raw(offset=4096),
+          resize("r0", INT64_MAX), resize("r0", INT64_MAX - 4095), qnodes),
+        # -- blockdev-create: inline files and huge sizes --------------------------------
+        C("create-luks-inline-file", *new_file("{tmp}/n.img", 0),
+          *create("c1", {"driver": "luks", "size": 4 * MiB, "key-secret": "s0",
+                         "iter-time": 10,
+                         "file": {"driver": "file", "filename": "{tmp}/n.img"}}),
+          qnodes, add_luks(file={"driver": "file", "filename": "{tmp}/n.img"}), qnodes,
+          daemon_args=SECRETS),
+        C("create-luks-inline-file-missing",
+          *create("c1", {"driver": "luks", "size": 4 * MiB, "key-secret": "s0",
+                         "iter-time": 10,
+                         "file": {"driver": "file", "filename": "{tmp}/nope.img"}}),
+          qnodes, daemon_args=SECRETS),
+        C("create-qcow2-inline-file", *new_file("{tmp}/n.qcow2", 0),
+          *create("c1", {"driver": "qcow2", "size": 4 * MiB, "cluster-size": 4096,
+                         "file": {"driver": "file", "filename": "{tmp}/n.qcow2"}}),
+          qnodes, add_qcow2(file={"driver": "file", "filename": "{tmp}/n.qcow2"}), qnodes),
+        C("create-qcow2-luks-inline-file", *new_file("{tmp}/n.qcow2", 0),
+          *create("c1", {"driver": "qcow2", "size": 4 * MiB,
+                         "encrypt": {"format": "luks", "key-secret": "s0", "iter-time": 10},
+                         "file": {"driver": "file", "filename": "{tmp}/n.qcow2"}}),
+          add_qcow2(file={"driver": "file", "filename": "{tmp}/n.qcow2"}, encrypted=True),
+          qnodes, daemon_args=SECRETS),
+        C("create-luks-huge", *new_file("{tmp}/n.img", 0), add_file(path="{tmp}/n.img"),
+          *create("c1", {"driver": "luks", "file": "f0", "size": INT64_MAX,
+                         "key-secret": "s0", "iter-time": 10}),
+          *create("c2", {"driver": "luks", "file": "f0", "size": UINT64_MAX,
+                         "key-secret": "s0", "iter-time": 10}),
+          *create("c3", {"driver": "luks", "file": "f0", "size": BDRV_MAX_LENGTH,
+                         "key-secret": "s0", "iter-time": 10}),
+          *create("c4", {"driver": "luks", "file": "f0", "size": INT64_MAX - 1024 * 1024,
+                         "key-secret": "s0", "iter-time": 10}),
+          qnodes, daemon_args=SECRETS),
+        C("create-qcow2-huge", *new_file("{tmp}/n.qcow2", 0), add_file(path="{tmp}/n.qcow2"),
+          *create("c1", {"driver": "qcow2", "file": "f0", "size": 1 << 62}),
+          *create("c2", {"driver": "qcow2", "file": "f0", "size": (1 << 51) + 65536}),
+          *create("c3", {"driver": "qcow2", "file": "f0", "size": INT64_MAX - 511}),
+          *create("c4", {"driver": "qcow2", "file": "f0", "size": BDRV_MAX_LENGTH + 512}),
+          *create("c5", {"driver": "qcow2", "file": "f0", "size": UINT64_MAX - 511}),
+          *create("c6", {"driver": "qcow2", "file": "f0", "size": 1 << 62,
+                         "cluster-size": 2 * MiB}),
+          *create("c7", {"driver": "qcow2", "file": "f0", "size": 1 << 62,
+                         "cluster-size": 512}),
+          *create("c8", {"driver": "qcow2", "file": "f0", "size": (1 << 62) + 1})),
+        C("create-qcow2-luks-huge", *new_file("{tmp}/n.qcow2", 0),
+          add_file(path="{tmp}/n.qcow2"),
+          *create("c1", {"driver": "qcow2", "file": "f0", "size": 1 << 62,
+                         "encrypt": {"format": "luks", "key-secret": "s0",
+                                     "iter-time": 10}}),
+          *create("c2", {"driver": "qcow2", "file": "f0", "size": 1 << 62,
+                         "encrypt": {"format": "luks", "key-secret": "nope"}}),
+          *create("c3", {"driver": "qcow2", "file": "f0", "size": 4 * MiB,
+                         "encrypt": {"format": "luks"}}),
+          *create("c4", {"driver": "qcow2", "file": "f0", "size": 4 * MiB,
+                         "encrypt": {"format": "luks", "key-secret": "nope"}}),
+          daemon_args=SECRETS),
+        C("create-file-huge",
+          *create("c1", {"driver": "file", "filename": "{tmp}/n.img", "size": UINT64_MAX}),
+          *create("c2", {"driver": "file", "filename": "{tmp}/n.img", "size": 1 << 63}),
+          cmd("blockdev-add", {"driver": "file", "node-name": "f0",
+                               "filename": "{tmp}/n.img"}), qnodes),
+    ]
+    return cases
