@@ -1,4 +1,4 @@
-"""object-add / object-del for QEMU's user-creatable objects (qom-type secret)."""
+"""object-add / object-del for QEMU's user-creatable objects (secret, tls-creds-*)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from qmpd.commands import CommandContext, handler
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
 from qmpd.errors import QMPError
+from qmpd.exports.tls import TLS_TYPES, make_creds
 
 
-def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None = None) -> None:
+def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None = None,
+               tls_creds=None) -> None:
     """Create an object from validated ObjectOptions (also used by --object).
 
     ``file_contents`` is the secret file, read beforehand off the event loop.
@@ -19,13 +21,18 @@ def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None 
     object_id = args["id"]
     if not id_wellformed(object_id):
         raise QMPError.generic("Parameter 'id' expects an identifier")
+    qom_type = args["qom-type"]
     if "loaded" in args:  # deprecated read-only property, refused as QEMU 7.2 does
-        raise QMPError.generic("Property 'secret.loaded' is not writable")
+        raise QMPError.generic(f"Property '{qom_type}.loaded' is not writable")
     if object_id in ctx.objects:
         raise QMPError.generic(
             f"attempt to add duplicate property '{object_id}' to object (type 'container')")
-    qom_type = args["qom-type"]
-    if qom_type != "secret":  # the schema's ObjectType only offers 'secret'
+    if qom_type in TLS_TYPES:
+        # loaded at creation, as QEMU's complete(); object_add reads the files off the loop
+        ctx.exports.tls_lookup.add(tls_creds or make_creds(args))
+        ctx.objects[object_id] = qom_type
+        return
+    if qom_type != "secret":
         raise QMPError.generic(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     try:
         ctx.secrets.add(object_id, data=args.get("data"), file=args.get("file"),
@@ -49,8 +56,12 @@ async def object_add(ctx: CommandContext, args: dict) -> dict:
                 contents = None  # the id error comes first, as in QEMU
             else:
                 raise QMPError.generic(str(exc)) from None
+    creds = None
+    if (args["qom-type"] in TLS_TYPES and id_wellformed(args["id"])
+            and args["id"] not in ctx.objects and "loaded" not in args):
+        creds = await trio.to_thread.run_sync(make_creds, args)
     try:
-        add_object(ctx, args, contents)
+        add_object(ctx, args, contents, creds)
     finally:
         wipe(contents)
     return {}
@@ -61,8 +72,11 @@ async def object_del(ctx: CommandContext, args: dict) -> dict:
     object_id = args["id"]
     if object_id not in ctx.objects:
         raise QMPError.generic(f"object '{object_id}' not found")
-    del ctx.objects[object_id]
-    ctx.secrets.delete(object_id)
+    qom_type = ctx.objects.pop(object_id)
+    if qom_type in TLS_TYPES:
+        ctx.exports.tls_lookup.delete(object_id)   # a running server keeps its context
+    else:
+        ctx.secrets.delete(object_id)
     return {}
 
 

@@ -92,9 +92,7 @@ class ExportRegistry:
             if tls_creds is not None:
                 if self.tls_lookup is None:
                     raise QMPError.generic(f"No TLS credentials with id '{tls_creds}'")
-                tls = self.tls_lookup(tls_creds)
-                if addr["type"] != "inet":
-                    raise QMPError.generic("TLS is only supported with IPv4/IPv6")
+                tls = self.tls_lookup(tls_creds)   # any address type, as qsd 7.2
             elif addr["type"] == "inet":
                 log.warning("NBD server on TCP without TLS: decrypted disks are readable "
                             "by anyone who can reach %s", describe(addr))

@@ -29,6 +29,7 @@ server endpoint).
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -53,20 +54,18 @@ def psk_supported() -> bool:
 
 
 def _path(directory: str, name: str, required: bool) -> str | None:
-    """QEMU's qcrypto_tls_creds_get_path: the file, checked for access."""
-    path = os.path.join(directory, name)
+    """QEMU's qcrypto_tls_creds_get_path: "DIR/NAME", checked with access(R_OK)."""
+    path = f"{directory}/{name}"
     if os.access(path, os.R_OK):
         return path
-    if required:
-        err = OSError(0, "")
-        try:
-            os.stat(path)
-            err = PermissionError(13, os.strerror(13))
-        except OSError as exc:
-            err = exc
-        raise QMPError.generic(f"Unable to access credentials {path}: "
-                               f"{os.strerror(err.errno or 2)}")
-    return None
+    try:
+        os.stat(path)
+        err = errno.EACCES
+    except OSError as exc:
+        err = exc.errno or errno.ENOENT
+    if err == errno.ENOENT and not required:
+        return None
+    raise QMPError.generic(f"Unable to access credentials {path}: {os.strerror(err)}")
 
 
 @dataclass
@@ -122,8 +121,8 @@ class X509Creds(TlsCreds):
         try:
             ctx.load_verify_locations(cafile=self.files["ca"])
         except (ssl.SSLError, OSError) as exc:
-            raise QMPError.generic(f"Unable to load CA certificate list {self.files['ca']}: "
-                                   f"{_ssl_text(exc)}") from None
+            raise QMPError.generic(
+                f"Unable to import CA certificate list {self.files['ca']}") from None
         if "crl" in self.files:
             try:
                 ctx.load_verify_locations(cafile=self.files["crl"])
@@ -232,7 +231,9 @@ def make_creds(args: dict) -> TlsCreds:
         creds = PskCreds(**common, username=args.get("username"))
         creds.load()
     else:
-        raise QMPError.generic(f"qmpd does not offer {qom_type} objects")
+        raise QMPError.generic(
+            f"qmpd does not offer {qom_type} objects: Python's ssl has no anonymous "
+            "TLS key exchange (use tls-creds-x509)")
     return creds
 
 
@@ -258,7 +259,7 @@ class TlsCredsStore:
                 raise QMPError.generic(f"Object with id '{creds_id}' is not TLS credentials")
             raise QMPError.generic(f"No TLS credentials with id '{creds_id}'")
         if creds.endpoint != "server":
-            raise QMPError.generic("Expecting TLS credentials with a server endpoint")
+            raise QMPError.generic("Expected TLS credentials for a server endpoint")
         return creds
 
     def __call__(self, creds_id: str) -> ssl.SSLContext:

@@ -12,6 +12,7 @@ plays those against both daemons at once.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tests.tools.record_qsd import C, Case, S, Step, cmd, job_event
@@ -231,5 +232,67 @@ def permission_cases() -> list[Case]:
     ]
 
 
+TLS_DIR = Path(__file__).resolve().parent.parent / "data" / "tls"
+
+
+def tls_files(*names: str, garbage: tuple[str, ...] = ()) -> list[dict]:
+    """The recorded test CA/server credentials written into {tmp} (QEMU's file names)."""
+    files = [{"path": "{tmp}/" + n, "text": (TLS_DIR / n).read_text()} for n in names]
+    return files + [{"path": "{tmp}/" + n, "text": "not a certificate\n"} for n in garbage]
+
+
+def x509(creds_id: str = "t0", directory: str = "{tmp}", **props: Any) -> str:
+    return cmd("object-add", {"qom-type": "tls-creds-x509", "id": creds_id, "dir": directory,
+                              **props})
+
+
+SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+#: qmpd runs on Pythons without TLS-PSK (3.11/3.12) and has no anonymous TLS.
+NO_PSK = {"note": "tls-creds-psk needs Python 3.13's ssl PSK support: qmpd refuses it with a "
+                  "text naming why", "skip": ["steps[0].replies"]}
+NO_ANON = {"note": "qmpd has no anonymous TLS (Python's ssl offers no anon key exchange): "
+                   "tls-creds-anon is refused", "skip": ["steps[0].replies", "steps[1].replies"]}
+
+
+def tls_cases() -> list[Case]:
+    return [
+        C("tls-x509-missing-dir", x509(directory="{tmp}/nope", endpoint="server"),
+          x509(directory="{tmp}/nope"), **IMAGE),
+        C("tls-x509-no-dir-property",
+          cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server"}),
+          **IMAGE),
+        C("tls-x509-server-files-missing", x509(endpoint="server"),
+          files=tls_files("ca-cert.pem"), **IMAGE),
+        C("tls-x509-server-key-missing", x509(endpoint="server"),
+          files=tls_files("ca-cert.pem", "server-cert.pem"), **IMAGE),
+        C("tls-x509-files-checked-before-parsing", x509(endpoint="server"),
+          files=tls_files(garbage=("ca-cert.pem",)), **IMAGE),
+        C("tls-x509-bad-ca", x509(endpoint="client"), files=tls_files(garbage=("ca-cert.pem",)),
+          **IMAGE),
+        C("tls-x509-loaded-not-writable", x509(endpoint="server", loaded=True),
+          files=tls_files(*SERVER_FILES), **IMAGE),
+        C("tls-x509-client-endpoint-refused-by-server", x509(endpoint="client"),
+          start_unix(**{"tls-creds": "t0"}), QUERY, files=tls_files("ca-cert.pem"), **IMAGE),
+        C("tls-x509-server", x509(endpoint="server"), x509("t1", endpoint="server",
+                                                          **{"verify-peer": False}),
+          x509("t0", endpoint="server"),
+          start_unix(**{"tls-creds": "t0"}), cmd("nbd-server-stop"),
+          start("inet", host="127.0.0.1", port="0", **{"tls-creds": "t1"}),
+          export(), cmd("object-del", {"id": "t1"}), QUERY,
+          files=tls_files(*SERVER_FILES), **IMAGE),
+        C("tls-x509-priority-and-sanity-check",
+          x509(endpoint="server", priority="NORMAL", **{"sanity-check": False}),
+          start_unix(**{"tls-creds": "t0", "tls-authz": "nope"}),
+          files=tls_files(*SERVER_FILES), **IMAGE),
+        C("tls-psk-missing-keys",
+          cmd("object-add", {"qom-type": "tls-creds-psk", "id": "p0", "dir": "{tmp}",
+                             "endpoint": "server"}), difference=NO_PSK, **IMAGE),
+        C("tls-anon",
+          cmd("object-add", {"qom-type": "tls-creds-anon", "id": "a0", "endpoint": "server"}),
+          start_unix(**{"tls-creds": "a0"}), difference=NO_ANON, **IMAGE),
+    ]
+
+
 def exports_cases() -> list[Case]:
-    return server_cases() + export_cases() + legacy_cases() + permission_cases()
+    return (server_cases() + export_cases() + legacy_cases() + permission_cases()
+            + tls_cases())
