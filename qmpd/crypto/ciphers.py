@@ -319,7 +319,7 @@ _PER_SECTOR_MAX = {
 
 
 _SCRATCH_MAX = (4 << 20) + 16   # bytes kept per scratch buffer (4 MiB requests)
-_POOL_MAX = 4                    # scratch sets kept for later requests
+_POOL_MAX = 4                    # scratch sets kept for later requests (<= 8 MiB each)
 _pool: list[dict[str, np.ndarray]] = []
 _pool_lock = threading.Lock()
 _lent = threading.local()
@@ -340,10 +340,13 @@ def _scratch() -> Iterator[None]:
     _lent.buffers = buffers
     try:
         yield
+    except BaseException:
+        buffers.clear()   # a request cut short may have left data in them
+        raise
     finally:
         _lent.buffers = None
         with _pool_lock:
-            if len(_pool) < _POOL_MAX:
+            if buffers and len(_pool) < _POOL_MAX:
                 _pool.append(buffers)
 
 
