@@ -86,5 +86,6 @@ async def object_from_cli(daemon, text: str) -> None:
         args = keyval.parse(text, implied_key="qom-type")
     except keyval.KeyvalError as exc:
         raise QMPError.generic(str(exc)) from None
-    daemon.schema.validate_arguments("object-add", args)
+    # typed properties (verify-peer=on) are coerced as QEMU's keyval visitor does
+    args = keyval.coerce(args, lambda o: daemon.schema.validate_arguments("object-add", o))
     await object_add(daemon.context(None, "object-add"), args)
