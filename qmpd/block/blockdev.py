@@ -95,7 +95,7 @@ async def delete(graph: BlockGraph, node_name: str) -> None:
 async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
     """blockdev-reopen (7.2): switch read-only <-> read-write, atomically."""
     async with graph.lock:
-        plan: list[tuple[Node, bool]] = []
+        plan: list[tuple[Node, bool, dict]] = []
         for opts in options_list:
             name = opts.get("node-name")
             if not name:
@@ -144,7 +144,8 @@ def check_reopen_options(node: Node, opts: dict) -> None:
             raise QMPError.generic(f"Cannot change the option '{key}'")
 
 
-def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node, bool]]) -> None:
+def _plan_reopen(node: Node, opts: dict, read_only: bool,
+                 plan: list[tuple[Node, bool, dict]]) -> None:
     """Check one node's reopen options and queue it, with its implicit child.
 
     As QEMU's reopen queue: a child the parent created from inline options
@@ -159,7 +160,7 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node,
     if node.busy:
         raise QMPError.generic(f"Block device {node.name} is in use")
     check_reopen_options(node, {**opts, "node-name": node.name})
-    plan.append((node, read_only))
+    plan.append((node, read_only, opts))
     child, ref = node.file, opts.get("file")
     if child is None or ref is None:
         return
@@ -171,24 +172,24 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool, plan: list[tuple[Node,
         _plan_reopen(child, {**child.options, "node-name": child.name}, read_only, plan)
 
 
-async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool]]) -> None:
-    old = {node: node.read_only for node, _ in plan}
+async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool, dict]]) -> None:
+    old = {node: node.read_only for node, _, _ in plan}
     made_writable: list[Node] = []
-    files = [node for node, _ in plan if node.holds_locks]
+    files = [node for node, _, _ in plan if node.holds_locks]
     try:
-        for node, ro in plan:
+        for node, ro, _ in plan:
             if node.holds_locks and not ro and node.read_only:
                 await in_thread(node.handle.reopen, False)
                 made_writable.append(node)
-        for node, ro in plan:
+        for node, ro, _ in plan:
             node.read_only = ro
         for node in _tops(plan):
             await graph.refresh(node)
-        for node, ro in plan:
+        for node, ro, _ in plan:
             if node.holds_locks and ro and not node.handle.read_only:
                 await in_thread(node.handle.reopen, True)
-        for node, _ in plan:
-            node.reopen_commit(options_of[node])
+        for node, _, opts in plan:
+            node.reopen_commit(opts)
     except BaseException:
         for node, ro in old.items():
             node.read_only = ro
@@ -197,14 +198,14 @@ async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool]]) -> Non
         for node in _tops(plan) + files:
             await graph.release(node)
         raise
-    for node, ro in plan:
+    for node, ro, _ in plan:
         node.options["read-only"] = ro
 
 
-def _tops(plan: list[tuple[Node, bool]]) -> list[Node]:
+def _tops(plan: list[tuple[Node, bool, dict]]) -> list[Node]:
     """The reopened nodes whose permissions must be passed down again."""
     out: list[Node] = []
-    for node, _ in plan:
+    for node, _, _ in plan:
         for target in (node, *node.children.values()):
             if target not in out:
                 out.append(target)

@@ -121,6 +121,18 @@ class Node:
     def update_locks(self, perm: Perm, shared: Perm) -> None:
         """Move the image locks to (perm, shared) or raise (files; in a thread)."""
 
+    # -- reopen ----------------------------------------------------------------
+    #: Options the driver lets a reopen leave out (QEMU's drv->mutable_opts).
+    reopen_mutable: ClassVar[frozenset[str]] = frozenset()
+
+    def reopen_changes(self, key: str) -> bool:
+        """Whether the driver's reopen takes a new value of option ``key``."""
+        return key in self.reopen_mutable
+
+    def reopen_commit(self, options: dict) -> None:
+        """Take the new options once the reopen succeeded (read-only aside)."""
+        self.options = {**options, "read-only": self.read_only}
+
     # -- lifecycle -------------------------------------------------------------
     @staticmethod
     def check_options(options: dict) -> None:

@@ -342,6 +342,7 @@ class FileBlockNode(Node):
     driver = "file"
     holds_locks = True
     inline_reads = True
+    reopen_mutable = frozenset({"x-check-cache-dropped"})
 
     def __init__(self, name: str, handle: FileNode, *, implicit: bool, options: dict) -> None:
         super().__init__(name, implicit=implicit, read_only=handle.read_only, options=options)

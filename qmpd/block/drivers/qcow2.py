@@ -37,6 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class Qcow2Node(EncryptedNode):
     driver = "qcow2"
+    #: QEMU 7.2's qcow2 mutable_opts: what a reopen may leave out or change.
+    reopen_mutable = frozenset({
+        "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+        "pass-discard-other", "overlap-check", "overlap-check.template",
+        "overlap-check.main-header", "overlap-check.active-l1", "overlap-check.active-l2",
+        "overlap-check.refcount-table", "overlap-check.refcount-block",
+        "overlap-check.snapshot-table", "overlap-check.inactive-l1",
+        "overlap-check.inactive-l2", "overlap-check.bitmap-directory", "cache-size",
+        "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"})
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +99,16 @@ class Qcow2Node(EncryptedNode):
                 pass   # the image stays dirty/leaky at worst, as after a crash
             self.clusters = None
         super().close()
+
+    def reopen_changes(self, key: str) -> bool:
+        # qcow2's reopen re-reads its encrypt.* options (but may not drop them).
+        return key.startswith("encrypt.") or super().reopen_changes(key)
+
+    def reopen_commit(self, options: dict) -> None:
+        super().reopen_commit(options)
+        secret = (options.get("encrypt") or {}).get("key-secret")
+        if secret is not None and self.volume is not None:
+            self.key_secret = secret
 
     # -- amend -----------------------------------------------------------------
     def amend_crypto_options(self, options: dict) -> dict | None:

@@ -25,6 +25,7 @@ INT64_MAX = (1 << 63) - 1
 
 class RawNode(Node):
     driver = "raw"
+    reopen_mutable = frozenset({"offset", "size"})
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +64,10 @@ class RawNode(Node):
             raise QMPError.generic("Specified size is not multiple of 512")
         self.offset, self.size = offset, size
         self.request_alignment = file.request_alignment
+
+    def reopen_commit(self, options: dict) -> None:
+        super().reopen_commit(options)
+        self.offset, self.size = options.get("offset", 0), options.get("size")
 
     # -- the data path: a window of the child ---------------------------------------
     @property
