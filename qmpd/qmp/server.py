@@ -21,18 +21,28 @@ import os
 import socket as stdlib_socket
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from qmpd.commands import CommandContext
 from qmpd.errors import QMPError
 from qmpd.qmp.pretty import encode_pretty
 from qmpd.qmp.session import Call, Incoming, Session
 from qmpd.qmp.wire import encode_message
 
-if TYPE_CHECKING:  # pragma: no cover
-    from qmpd.daemon import Daemon
+
+
+class SessionHost(Protocol):
+    """What a connection needs of the daemon that accepted it (the daemon is
+    the only implementation; the wire never imports it)."""
+
+    schema: Any
+    limits: Any
+    connections: set
+
+    def greeting(self) -> dict: ...
+
+    async def execute(self, call: Call, session: Session, connection: Any) -> dict: ...
 
 log = logging.getLogger("qmpd.server")
 
@@ -84,7 +94,7 @@ def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
 class Connection:
     """One client: a QMP session plus the tasks that feed and drain it."""
 
-    def __init__(self, daemon: "Daemon", stream: trio.abc.Stream, number: int, *,
+    def __init__(self, daemon: SessionHost, stream: trio.abc.Stream, number: int, *,
                  pretty: bool = False) -> None:
         self.daemon = daemon
         self.stream = stream
