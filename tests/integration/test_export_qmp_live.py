@@ -39,7 +39,7 @@ class Player:
         self.transcript: list = []
         self.clients: list[socket.socket] = []
 
-    def say(self, name: str, args: dict | None = None, settle: float = 0.4) -> list:
+    def say(self, name: str, args: dict | None = None, settle: float = 0.2) -> list:
         """Send a command; every message until the line is quiet, in order."""
         self.qmp.send(name, args)
         got: list = []
