@@ -1,19 +1,19 @@
-"""Fixtures that run qmpd as a real subprocess on a Unix socket."""
+"""Fixtures that run qmpd as a real subprocess on a Unix socket.
+
+They predate qmpd's pytest plugin (qmpd/testing) and keep their interface
+(``start(*args) -> (socket_path, process)``); the daemons are started and
+stopped by the plugin's QmpdProcess.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from tests.processes import accepts, stop
+from qmpd.testing import QmpdProcess, StartupError
 
 #: How long a fresh daemon may take to create its socket.
 STARTUP_TIMEOUT = 10.0
@@ -22,50 +22,35 @@ StartDaemon = Callable[..., tuple[str, subprocess.Popen]]
 
 
 class QmpdLauncher:
-    """Starts ``python -m qmpd --socket PATH ...`` processes and stops them all."""
+    """Starts qmpd processes (qmpd.testing.QmpdProcess, as the pytest plugin does)
+    with the caller's daemon arguments and stops them all."""
 
     def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-        self.own_dirs: list[str] = []
+        self.started: list[QmpdProcess] = []
 
     def start(self, *daemon_args: str, workdir: str | os.PathLike | None = None
               ) -> tuple[str, subprocess.Popen]:
-        if workdir is None:
-            workdir = tempfile.mkdtemp(prefix="qmpd-")
-            self.own_dirs.append(workdir)
-        workdir = str(workdir)
-        n = len(self.started)
-        sock = os.path.join(workdir, f"qmpd-{n}.sock")
-        log_path = Path(workdir) / f"qmpd-{n}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "qmpd", "--socket", sock, *daemon_args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.started.append(proc)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not accepts(sock):
-            if proc.poll() is not None:
-                pytest.fail(f"qmpd exited with {proc.returncode} before creating its socket:\n"
-                            f"{log_path.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"qmpd did not create {sock} within {STARTUP_TIMEOUT} s:\n"
-                            f"{log_path.read_text(errors='replace')}")
-            time.sleep(0.02)
-        return sock, proc
+        daemon = QmpdProcess(daemon_args, workdir=workdir, name=f"qmpd-{len(self.started)}",
+                             cwd=os.getcwd(), startup_timeout=STARTUP_TIMEOUT)
+        self.started.append(daemon)
+        try:
+            daemon.start()
+        except StartupError as exc:
+            pytest.fail(str(exc))
+        assert daemon.process is not None
+        return daemon.socket_path, daemon.process
 
     def close(self) -> None:
-        for proc in self.started:
-            stop(proc)
-        for d in self.own_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        for daemon in self.started:
+            daemon.stop(timeout=5)
 
 
 @pytest.fixture
 def qmpd_daemon() -> Iterator[StartDaemon]:
     """Factory: ``start(*daemon_args, workdir=None) -> (socket_path, process)``.
 
-    Starts ``python -m qmpd --socket PATH *daemon_args`` and returns once the
-    socket exists. The socket lives in ``workdir`` (a fresh short temporary
+    Starts ``python -m qmpd`` with a QMP monitor on a Unix socket and
+    ``daemon_args`` and returns once the socket accepts. The socket lives in ``workdir`` (a fresh short temporary
     directory by default: Unix socket paths are limited to 107 bytes, which
     pytest's tmp_path can exceed). The daemon's stdout and stderr go to
     ``qmpd-N.log`` next to the socket and are shown if it dies during
