@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -62,16 +63,19 @@ def test_factory_starts_several_daemons(qmpd_factory, disk_in_tmp) -> None:
 
 # -- as a user's project: a pytest of its own -------------------------------------------------
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    """The example test of README's section on the plugin, as a user would copy it."""
+    text = README.read_text()
+    section = text[text.index("## Testing against qmpd: the pytest plugin"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 USER_TESTS = '''
 import os
 import pytest
-
-async def test_version(qmp_client):
-    info = await qmp_client.execute("query-version")
-    assert info["qemu"]["major"] == 7
-
-def test_sync(qmp):
-    assert qmp.cmd("query-block-exports") == []
 
 async def test_events_of_a_job(qmp_client, qmpd):
     from qemu.qmp import EventListener
@@ -108,19 +112,22 @@ def test_sync_test_may_not_use_the_async_client(qmp_client):
 
 def test_plugin_in_a_users_project(tmp_path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\nqmpd_args = --log-level=info\n")
+    (tmp_path / "test_readme.py").write_text(readme_example())
     (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
     pids = tmp_path / "pids"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PIDS_FILE"] = str(pids)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                          "-p", "no:randomly", "test_user.py"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v",
+                          "test_readme.py", "test_user.py"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300, check=False)
     text = out.stdout + out.stderr
     summary = text.strip().splitlines()[-1]
     # the crash test passes its call and errors at teardown
     assert re.search(r"1 failed, 5 passed, 3 errors", summary), text
-    for name in ("test_version", "test_sync", "test_events_of_a_job", "test_record_pid"):
-        assert f"FAILED test_user.py::{name}" not in text, text
+    for name in ("test_daemon_answers", "test_no_exports_yet"):   # README's example
+        assert f"test_readme.py::{name} PASSED" in text, text
+    for name in ("test_events_of_a_job", "test_record_pid"):
+        assert f"test_user.py::{name} PASSED" in text, text
     # a failing test's report carries the daemon's log
     assert re.search(r"qmpd log \(.* call\)", text), text
     assert "QMP monitor on" in text
