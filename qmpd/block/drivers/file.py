@@ -341,6 +341,7 @@ class FileBlockNode(Node):
 
     driver = "file"
     holds_locks = True
+    inline_block_status = True
     inline_reads = True
     reopen_mutable = frozenset({"x-check-cache-dropped"})
 

@@ -150,6 +150,7 @@ class EncryptedNode(Node):
 
 class LuksNode(EncryptedNode):
     driver = "luks"
+    inline_block_status = True
     request_alignment = 512
 
     def child_perms(self, child: Node) -> tuple[Perm, Perm]:

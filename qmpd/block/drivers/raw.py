@@ -74,6 +74,10 @@ class RawNode(Node):
     def inline_reads(self) -> bool:
         return self.file is not None and self.file.inline_reads
 
+    @property
+    def inline_block_status(self) -> bool:  # type: ignore[override]
+        return self.file is not None and self.file.inline_block_status
+
     def length(self) -> int:
         """raw_co_getlength (raw has a variable length in QEMU: asked each
         time): what of the file is left after the offset, at most size."""
