@@ -82,3 +82,11 @@ def shared_qmpd_daemon() -> Iterator[Callable[[], str]]:
         yield get
     finally:
         launcher.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """test_differential_qsd.py: which seeded sequences to run against qsd."""
+    parser.addoption("--diff-seed", type=int, default=20240612,
+                     help="first seed of the differential sequences against qsd")
+    parser.addoption("--diff-count", type=int, default=3,
+                     help="how many differential sequences to run")
