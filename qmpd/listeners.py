@@ -20,8 +20,8 @@ launcher, and a socket on a random port is one nobody can reach.
 
 A descriptor is taken over, not duplicated: closing the listener (at
 nbd-server-stop or shutdown) really closes the socket, so clients get
-ECONNREFUSED instead of waiting in a backlog nobody accepts from. Each
-descriptor can be taken once.
+ECONNREFUSED instead of waiting in a backlog nobody accepts from. A
+descriptor is taken by one listener at a time.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class ListenerError(Exception):
 
 #: Names of inherited descriptors (systemd's LISTEN_FDNAMES), each naming one or more.
 _named: dict[str, list[int]] = {}
-#: Descriptors already taken over by a listener.
-_claimed: set[int] = set()
+#: Descriptors taken over, with the socket that owns each (free again once it is closed).
+_claimed: dict[int, socket.socket] = {}
 
 
 def register_names(names: dict[str, list[int]]) -> None:
@@ -89,7 +89,8 @@ def check_listening(fd: int, text: str | None = None) -> socket.socket:
     ``text`` is how the user spelled the descriptor (for the message).
     """
     shown = str(fd) if text is None else text
-    if fd in _claimed:
+    owner = _claimed.get(fd)
+    if owner is not None and owner.fileno() == fd:
         raise ListenerError(f"File descriptor '{shown}' is already in use")
     try:
         is_socket = fd >= 0 and stat.S_ISSOCK(os.fstat(fd).st_mode)
@@ -110,7 +111,7 @@ def check_listening(fd: int, text: str | None = None) -> socket.socket:
     if problem is not None:
         sock.detach()  # not ours to close: the launcher still owns it
         raise ListenerError(problem)
-    _claimed.add(fd)
+    _claimed[fd] = sock
     os.set_inheritable(fd, False)
     return sock
 
@@ -146,7 +147,7 @@ def inherited_sockets(text: str) -> list[socket.socket]:
             taken.append(check_listening(fd, text))
     except BaseException:
         for sock in taken:   # all or nothing
-            _claimed.discard(sock.fileno())
+            _claimed.pop(sock.fileno(), None)
             sock.detach()
         raise
     return taken
