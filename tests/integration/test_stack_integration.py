@@ -602,3 +602,52 @@ def test_shipped_units_pass_systemd_analyze_verify(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert stat.S_ISREG((EXAMPLES / "qmpd.socket").stat().st_mode)
 
+
+
+# -- systemd's own launcher ------------------------------------------------------------------
+
+def test_under_systemd_socket_activate(wd, notify, processes) -> None:
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    image = raw_image(wd)
+    qmp_path, nbd_path = os.path.join(wd, "qmp.sock"), os.path.join(wd, "nbd.sock")
+    proc = subprocess.Popen(
+        [tool, "-l", qmp_path, "-l", nbd_path, "--fdname=qmp:nbd", "-E", "NOTIFY_SOCKET",
+         *QMPD, *export_args(image, "addr.type=fd,addr.str=nbd")],
+        env=notify.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    processes.append(proc)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(nbd_path):          # the launcher's sockets, not qmpd's
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    # it execs qmpd on the first connection, which qmpd then serves
+    assert qmp_async_version(qmp_path)["package"].startswith("qmpd ")
+    assert notify.wait(proc)["READY"] == "1"
+    assert nbd_greeting(nbd_path).startswith(NBD_GREETING)
+    stop(proc, notify)
+
+
+def test_under_systemd_socket_activate_accept_mode_is_refused(wd, processes) -> None:
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    path = os.path.join(wd, "qmp.sock")
+    proc = subprocess.Popen([tool, "--accept", "-l", path, *QMPD],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    processes.append(proc)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)       # --accept: qmpd gets this connection, not a listener
+    client.settimeout(20)
+    assert client.recv(100) == b""          # refused: it exits without serving
+    client.close()
+    proc.terminate()
+    err = proc.communicate(timeout=20)[1].decode()
+    assert "qmpd: LISTEN_FDS socket 3 (name 'unknown'): Failed to listen on fd socket: " \
+           "Invalid argument" in err, err
