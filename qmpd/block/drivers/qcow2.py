@@ -234,12 +234,15 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     refcount_bits = options.get("refcount-bits", 16)
     lazy = bool(options.get("lazy-refcounts", False))
 
+    # QEMU checks the options before its first yield (the job's events come
+    # before the command's reply), then takes the file's permissions.
+    qcow2.check_create_options(size, cluster_size, refcount_bits, version, lazy)
+    if options.get("compression-type", "zlib") == "zstd":
+        raise QMPError.generic("qmpd creates qcow2 images with compression-type=zlib only")
+
     def write(node: Node) -> None:
-        """QEMU's order: the options, the size (its resize of the new image),
-        then the encryption (secret, cipher). A refused size writes nothing."""
-        qcow2.check_create_options(size, cluster_size, refcount_bits, version, lazy)
-        if options.get("compression-type", "zlib") == "zstd":
-            raise QMPError.generic("qmpd creates qcow2 images with compression-type=zlib only")
+        """QEMU's order: the size (its resize of the new image), then the
+        encryption (secret, cipher). A refused size writes nothing."""
         qcow2.check_create_size(size, cluster_size)
         passphrase = lookup_passphrase(graph, crypto, "encrypt.") if crypto is not None else None
         try:
