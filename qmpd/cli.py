@@ -87,9 +87,9 @@ class UsageError(Exception):
 _TRUE, _FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
 #: Chardev options QEMU knows (any backend's); qmpd implements the first set.
 _CHARDEV_USED = {"backend", "id", "path", "fd", "host", "port", "to", "ipv4", "ipv6",
-                 "server", "wait", "nodelay", "delay", "numeric"}
+                 "server", "wait", "nodelay", "delay", "abstract", "tight"}
 _CHARDEV_UNSUPPORTED = {"localaddr", "localport", "reconnect", "telnet", "tn3270", "websocket",
-                        "tls-creds", "tls-authz", "abstract", "tight", "mux", "logfile",
+                        "tls-creds", "tls-authz", "mux", "logfile",
                         "logappend", "width", "height", "chardev", "signal", "name", "debug",
                         "size", "mouse", "clipboard", "cols", "rows"}
 
@@ -129,12 +129,14 @@ def _chardev(text: str) -> tuple[str, listeners.Address]:
     if not _bool(options, "server", True):
         raise UsageError("qmpd only listens (server=on)")
     _bool(options, "wait")   # checked; qmpd never waits for a first client
-    for key in ("nodelay", "ipv4", "ipv6", "numeric"):
+    for key in ("nodelay", "delay", "ipv4", "ipv6", "abstract", "tight"):
         _bool(options, key)
     if not given:
         raise UsageError("chardev: socket: give path=PATH, fd=N or host=H,port=P")
     if given[0] == "path":
-        return options["id"], UnixAddress(str(options["path"]))
+        return options["id"], UnixAddress(str(options["path"]),
+                                          abstract=bool(_bool(options, "abstract", False)),
+                                          tight=bool(_bool(options, "tight", True)))
     if given[0] == "fd":
         return options["id"], FdAddress(str(options["fd"]))
     if "port" not in options:
@@ -147,8 +149,7 @@ def _chardev(text: str) -> tuple[str, listeners.Address]:
             raise UsageError("Parameter 'to' expects a number") from None
     return options["id"], InetAddress(
         host=str(options["host"]), port=str(options["port"]), to=to,
-        ipv4=_bool(options, "ipv4"), ipv6=_bool(options, "ipv6"),
-        numeric=bool(_bool(options, "numeric", False)))
+        ipv4=_bool(options, "ipv4"), ipv6=_bool(options, "ipv6"))
 
 
 def _claimed_by_nbd(args: argparse.Namespace) -> set[str]:

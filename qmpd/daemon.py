@@ -36,6 +36,7 @@ from qmpd.listeners import (
     ListenerError,
     MonitorSpec,
     UnixAddress,
+    abstract_unix_socket,
     describe,
     inherited_sockets,
     trio_listener,
@@ -261,6 +262,10 @@ async def _open_monitor(spec: MonitorSpec, made_paths: list[str]) -> list[trio.S
     if isinstance(where, list):
         return list(where)
     try:
+        if isinstance(where, UnixAddress) and where.abstract:
+            sock = abstract_unix_socket(where)
+            log.info("QMP monitor on %s", describe(sock))
+            return [trio_listener(sock)]
         if isinstance(where, UnixAddress):
             path = os.path.abspath(where.path)
             listener = open_unix_listener(path)

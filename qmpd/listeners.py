@@ -201,7 +201,33 @@ class InetAddress:
 
 @dataclass(frozen=True)
 class UnixAddress:
+    """A socket file, or (``abstract``, Linux) a name in the abstract namespace:
+    ``tight`` binds exactly the name, else the name zero-padded to 108 bytes."""
+
     path: str
+    abstract: bool = False
+    tight: bool = True
+
+
+SUN_PATH_MAX = 108
+
+
+def abstract_unix_socket(addr: UnixAddress) -> socket.socket:
+    """Listen on an abstract Unix address (nothing on disk to replace or remove)."""
+    name = b"\0" + os.fsencode(addr.path)
+    if len(name) > SUN_PATH_MAX:
+        raise ListenerError(f"UNIX socket path '{addr.path}' is too long")
+    if not addr.tight:
+        name += b"\0" * (SUN_PATH_MAX - len(name))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"Failed to bind socket to @{addr.path}: "
+                            f"{os.strerror(exc.errno or errno.EIO)}") from None
+    return sock
 
 
 @dataclass(frozen=True)

@@ -260,3 +260,21 @@ def test_argparse_namespace_has_startup_in_order() -> None:
     assert args.startup == [("blockdev", "b"), ("object", "o"), ("nbd-server", "n"),
                             ("export", "e")]
     assert args.daemonize and isinstance(args, argparse.Namespace)
+
+
+async def test_abstract_unix_monitor() -> None:
+    from qmpd.daemon import Daemon
+
+    args = cli.build_parser().parse_args([
+        "--chardev", f"socket,id=m,path=qmpd-unit-{os.getpid()},abstract=on,server=on,wait=off",
+        "--monitor", "chardev=m"])
+    spec, = cli.monitor_specs(args)
+    assert spec.address == UnixAddress(f"qmpd-unit-{os.getpid()}", abstract=True)
+    daemon = Daemon()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve, [spec])
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect("\0" + spec.address.path)
+        assert (await sock.recv(65536)).startswith(b'{"QMP"')
+        sock.close()
+        daemon.request_shutdown("host-qmp-quit")

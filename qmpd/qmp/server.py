@@ -1,4 +1,4 @@
-"""The QMP server on a Unix socket: the only module that touches sockets.
+"""The QMP server on a listening socket: one connection, its session and its tasks.
 
 Every client gets a :class:`Connection` with three tasks in its own nursery:
 
@@ -29,7 +29,6 @@ from qmpd.errors import QMPError
 from qmpd.qmp.pretty import encode_pretty
 from qmpd.qmp.session import Call, Incoming, Session
 from qmpd.qmp.wire import encode_message
-
 
 
 class SessionHost(Protocol):
