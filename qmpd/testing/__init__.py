@@ -136,7 +136,7 @@ class QmpdProcess:
                 "--monitor", monitor, *extra]
 
     # -- life -----------------------------------------------------------------------
-    def start(self) -> QmpdProcess:
+    def start(self) -> Self:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="qmpd-"))
         with open(self.log_path, "ab") as log:

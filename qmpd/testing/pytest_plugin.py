@@ -42,7 +42,7 @@ from qmpd.testing import QmpdProcess, StartupError, default_command
 _DAEMONS = pytest.StashKey[list]()
 
 try:  # pragma: no cover - depends on what is installed
-    import pytest_asyncio
+    import pytest_asyncio  # type: ignore[import-not-found, unused-ignore]
 except ImportError:
     pytest_asyncio = None
 
