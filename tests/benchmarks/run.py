@@ -5,6 +5,11 @@
 
 Starts both daemons on the same machine, measures the same things on each,
 prints a table of medians over --runs repetitions and the ratio qmpd/qsd.
+LUKS images are made by qemu-img (aes-256-xts; sha256 unless a row names
+sha1 or sha512). The calibration rows add a key in a fresh daemon, once
+with one session polling and once while 4 other sessions send commands
+back to back; the spread of those iteration counts across runs follows the
+table.
 Nothing here asserts a time: the numbers are for people (README has the
 table of the last run we recorded).
 """
@@ -178,44 +183,90 @@ def open_luks(c: Client, image: str, node: str = "l0", passphrase: str = PASSWOR
     return elapsed
 
 
+class Poller:
+    """Another session: query-version every 2 ms, remembering the longest wait (s).
+
+    ``pause=False`` hammers instead: back-to-back commands, as fast as the
+    daemon answers.
+    """
+
+    def __init__(self, d: Daemon, index: int, pause: bool = True) -> None:
+        self.client = d.client(index)
+        self.pause = pause
+        self.worst = 0.0
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            self.client.execute("query-version")
+            self.worst = max(self.worst, time.perf_counter() - t)
+            self.count += 1
+            if self.pause:
+                time.sleep(0.002)
+
+    def __enter__(self) -> "Poller":
+        self._thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+
+def add_key(c: Client, iter_time: int) -> float:
+    """Add a key to node l0 (iter-time ms); the job's wall time."""
+    c.execute("object-add", {"qom-type": "secret", "id": "new", "data": "another"})
+    t0 = time.perf_counter()
+    reply = c.execute("x-blockdev-amend", {"job-id": "add", "node-name": "l0", "options": {
+        "driver": "luks", "state": "active", "new-secret": "new", "iter-time": iter_time}})
+    assert "return" in reply, reply
+    c.wait_job("add")
+    return time.perf_counter() - t0
+
+
+def new_slot_iterations(c: Client) -> int:
+    jobs = c.execute("query-jobs")["return"]
+    assert not any(j.get("error") for j in jobs), jobs
+    nodes = c.execute("query-named-block-nodes")["return"]
+    slots = next(n for n in nodes if n["node-name"] == "l0")["image"]["format-specific"]["data"]["slots"]
+    return slots[1].get("iters", 0)
+
+
 def add_key_with_latency(d: Daemon, image: str, iter_time: int) -> tuple[float, float, int]:
     """Add a key (iter-time ms); meanwhile another session polls query-version.
 
     Returns (job wall time s, longest wait of the other session s, new slot's iterations).
     """
     c = d.client(0)
-    other = d.client(1)
     open_luks(c, image)
-    c.execute("object-add", {"qom-type": "secret", "id": "new", "data": "another"})
-    stop = threading.Event()
-    worst = [0.0]
-
-    def poll() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            other.execute("query-version")
-            worst[0] = max(worst[0], time.perf_counter() - t)
-            time.sleep(0.002)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    time.sleep(0.05)
-    t0 = time.perf_counter()
-    reply = c.execute("x-blockdev-amend", {"job-id": "add", "node-name": "l0", "options": {
-        "driver": "luks", "state": "active", "new-secret": "new", "iter-time": iter_time}})
-    assert "return" in reply, reply
-    c.wait_job("add")
-    wall = time.perf_counter() - t0
-    stop.set()
-    poller.join()
-    jobs = c.execute("query-jobs")["return"]
-    assert not any(j.get("error") for j in jobs), jobs
-    nodes = c.execute("query-named-block-nodes")["return"]
-    slots = next(n for n in nodes if n["node-name"] == "l0")["image"]["format-specific"]["data"]["slots"]
-    iters = slots[1].get("iters", 0)
+    with Poller(d, 1) as other:
+        wall = add_key(c, iter_time)
+    iters = new_slot_iterations(c)
     c.close()
-    other.close()
-    return wall, worst[0], iters
+    return wall, other.worst, iters
+
+
+def add_key_hammered(d: Daemon, image: str, iter_time: int, sessions: int) -> int:
+    """A fresh daemon calibrates while ``sessions`` other sessions hammer it:
+    open, add a key; returns the new slot's iterations."""
+    c = d.client(0)
+    hammers = [Poller(d, 1 + i, pause=False) for i in range(sessions)]
+    for h in hammers:
+        h.__enter__()
+    try:
+        open_luks(c, image)
+        add_key(c, iter_time)
+    finally:
+        for h in hammers:
+            h.__exit__()
+    iters = new_slot_iterations(c)
+    c.close()
+    return iters
 
 
 def memory_with_nodes(d: Daemon, image_dir: Path, nodes: int, sessions: int) -> int:
@@ -234,6 +285,11 @@ def memory_with_nodes(d: Daemon, image_dir: Path, nodes: int, sessions: int) -> 
         x.close()
     c.close()
     return rss
+
+
+HAMMER_SESSIONS = 4
+#: Rows whose spread across runs is printed after the table (calibration stability).
+SPREAD_ROWS = ("new slot's PBKDF2 iterations", f"new slot's PBKDF2 iterations, {HAMMER_SESSIONS} sessions hammering")
 
 
 def main() -> int:
@@ -255,11 +311,17 @@ def main() -> int:
         multi = str(work / "four-slots.luks")
         qemu_img_create_luks(multi, PASSWORD, size="16M", iter_time=iter_time // 2)
         last = add_slots_with_qemu_img(multi, 3, iter_time // 2)
+        # Opened only, never changed: made once. aes-256-xts, like the sha256 image.
+        other_hashes = {}
+        for hash_alg in ("sha1", "sha512"):
+            other_hashes[hash_alg] = str(work / f"{hash_alg}.luks")
+            qemu_img_create_luks(other_hashes[hash_alg], PASSWORD, size="16M", iter_time=iter_time,
+                                 extra=f"hash-alg={hash_alg}")
         for run in range(opts.runs):
             for kind in ("qsd", "qmpd"):
                 image = str(work / f"{kind}-{run}.luks")
                 qemu_img_create_luks(image, PASSWORD, size="16M", iter_time=iter_time)
-                d = Daemon(kind, work, 3, [])
+                d = Daemon(kind, work, 4, [])
                 try:
                     record(kind, "idle RSS (MiB)", d.rss_kib() / 1024)
                     record(kind, "query-version, sequential (/s)", sequential_rate(d, n))
@@ -267,16 +329,32 @@ def main() -> int:
                     if kind == "qmpd":
                         record(kind, "query-version, 64 connections (/s)", concurrent_rate(d, 64, n // 64))
                     c = d.client(2)
-                    record(kind, "blockdev-add of a qemu-img image (s)", open_luks(c, image, "probe"))
-                    c.execute("blockdev-del", {"node-name": "probe"})
-                    record(kind, "blockdev-add, 4 slots, passphrase in the last (s)",
-                           open_luks(c, multi, "multi", last))
-                    c.execute("blockdev-del", {"node-name": "multi"})
+                    with Poller(d, 3) as other:
+                        record(kind, "blockdev-add of a qemu-img image (s)", open_luks(c, image, "probe"))
+                        c.execute("blockdev-del", {"node-name": "probe"})
+                        record(kind, "blockdev-add, 4 slots, passphrase in the last (s)",
+                               open_luks(c, multi, "multi", last))
+                        c.execute("blockdev-del", {"node-name": "multi"})
+                        for hash_alg, path in other_hashes.items():
+                            record(kind, f"blockdev-add of a qemu-img image, {hash_alg} (s)",
+                                   open_luks(c, path, hash_alg))
+                            c.execute("blockdev-del", {"node-name": hash_alg})
+                    record(kind, "longest wait of another session during the blockdev-adds (ms)",
+                           other.worst * 1000)
                     c.close()
                     wall, worst, iters = add_key_with_latency(d, image, iter_time)
                     record(kind, f"add-key job, iter-time {iter_time} (s)", wall)
                     record(kind, "longest wait of another session (ms)", worst * 1000)
                     record(kind, "new slot's PBKDF2 iterations", iters)
+                finally:
+                    d.stop()
+                # A fresh daemon, so that it calibrates while other sessions hammer it.
+                image = str(work / f"{kind}-{run}-hammered.luks")
+                qemu_img_create_luks(image, PASSWORD, size="16M", iter_time=iter_time)
+                d = Daemon(kind, work, 1 + HAMMER_SESSIONS, [])
+                try:
+                    record(kind, f"new slot's PBKDF2 iterations, {HAMMER_SESSIONS} sessions hammering",
+                           add_key_hammered(d, image, iter_time, HAMMER_SESSIONS))
                 finally:
                     d.stop()
                 d = Daemon(kind, work, 1, [])
@@ -294,6 +372,15 @@ def main() -> int:
         ratio = f"{q / s:.2f}" if s else "—"
         fmt = (lambda v: f"{v:,.0f}") if (q > 100 or (s or 0) > 100) else (lambda v: f"{v:.3f}")
         print(f"| {name} | {fmt(s) if s is not None else '—'} | {fmt(q)} | {ratio} |")
+    print(f"\nSpread across the {opts.runs} runs (calibration stability):\n")
+    print("| measurement | daemon | runs | max/min |")
+    print("|---|---|---|---:|")
+    for name in SPREAD_ROWS:
+        for kind in ("qsd", "qmpd"):
+            values = results[kind].get(name, [])
+            if values:
+                runs = ", ".join(f"{v:,.0f}" for v in values)
+                print(f"| {name} | {kind} | {runs} | {max(values) / max(1, min(values)):.2f} |")
     return 0
 
 
