@@ -167,7 +167,7 @@ class LuksNode(EncryptedNode):
         self._length = await in_thread(lambda: max(0, file.length() - self._payload()))
 
     def amend_check_writable(self) -> None:
-        if self.leaf().read_only:
+        if self.read_only or self.leaf().read_only:
             raise QMPError.generic("Block node is read-only")
 
     # -- the data path ------------------------------------------------------------
