@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """LUKS payload sector crypto throughput: per-sector contexts vs numpy paths.
 
-    .venv/bin/python tests/benchmarks/sector_crypto.py [--total MiB] [--crossover] [--gil]
+    .venv/bin/python tests/benchmarks/sector_crypto.py [--total MiB] [--repeat N]
+    .venv/bin/python tests/benchmarks/sector_crypto.py --crossover | --gil
 
 For each cipher, request size and direction it prints MiB/s of
   old         SectorCipher before the vectorised paths, copied here: one
@@ -98,7 +99,7 @@ def throughput(fn, request: int, total: int, sector_size: int, repeat: int = 3) 
     return requests * request / best / (1 << 20)
 
 
-def table(total: int, sector_sizes: list[int]) -> None:
+def table(total: int, sector_sizes: list[int], repeat: int) -> None:
     print(f"{'cipher':26} {'sector':>6} {'request':>8} {'dir':4} {'old':>6} "
           f"{'per-sector':>11} {'numpy':>9} {'auto':>9}   MiB/s")
     for name, (spec, nkey) in SPECS.items():
@@ -107,7 +108,7 @@ def table(total: int, sector_sizes: list[int]) -> None:
                                   iv_shift=(sector_size // 512).bit_length() - 1)
             for request in (4096, 1 << 20):
                 for encrypt in (True, False):
-                    rates = {label: throughput(fn, request, total, sector_size)
+                    rates = {label: throughput(fn, request, total, sector_size, repeat)
                              for label, fn in paths(cipher, encrypt).items()}
                     print(f"{name:26} {sector_size:6} {request // 1024:6}Ki "
                           f"{'enc' if encrypt else 'dec':4} {rates['old']:6.0f} "
@@ -185,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--total", type=int, default=256, help="MiB per measurement")
     parser.add_argument("--sector-sizes", default="512,4096")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--gil", action="store_true")
     args = parser.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
     elif args.gil:
         gil()
     else:
-        table(args.total << 20, sector_sizes)
+        table(args.total << 20, sector_sizes, args.repeat)
 
 
 if __name__ == "__main__":
