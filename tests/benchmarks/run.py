@@ -6,10 +6,10 @@
 Starts both daemons on the same machine, measures the same things on each,
 prints a table of medians over --runs repetitions and the ratio qmpd/qsd.
 LUKS images are made by qemu-img (aes-256-xts; sha256 unless a row names
-sha1 or sha512). The calibration rows add a key in a fresh daemon, once
-with one session polling and once while 4 other sessions send commands
-back to back; the spread of those iteration counts across runs follows the
-table.
+sha1 or sha512). The iteration rows add a key in a daemon that has not
+calibrated yet: once with one other session polling, once in a fresh daemon
+while 4 other sessions send commands back to back; the spread of those
+counts across runs follows the table.
 Nothing here asserts a time: the numbers are for people (README has the
 table of the last run we recorded).
 """
