@@ -14,6 +14,7 @@ import random
 import shutil
 import struct
 import subprocess
+import time
 import tempfile
 
 import pytest
@@ -70,12 +71,14 @@ def _create(path, size, cluster_size, version, refcount_bits, encrypted, lazy, e
         opts += ["encrypt.format=luks", "encrypt.key-secret=s0"]
     # qemu-img's PBKDF2 benchmark fails now and then on a loaded machine
     # ("Unable to get accurate CPU usage") with a short iter-time: retry
-    for iter_time in (10, 10, 10, 20, 20, 50, 50, 100, 200):
+    for attempt in range(30):
+        iter_time = (10, 20, 50, 100, 200)[min(attempt // 3, 4)]
         extra_opts = [f"encrypt.iter-time={iter_time}"] if encrypted else []
         proc = subprocess.run(args + ["-o", ",".join(opts + extra_opts), str(path), str(size)],
                               capture_output=True, text=True)
         if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
             break
+        time.sleep(min(0.1 * (attempt + 1), 1.0))
     assert proc.returncode == 0, proc.stderr
 
 
