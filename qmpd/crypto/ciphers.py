@@ -375,7 +375,9 @@ def _buffer(slot: str, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, np.uint8)
     buffer = buffers.get(slot)
     if buffer is None or len(buffer) < nbytes:
-        buffer = buffers[slot] = np.empty(nbytes, np.uint8)
+        # zeros, not empty: the pool keeps it, with whatever parts of it no
+        # request writes (update_into's slack), and those must not be old heap
+        buffer = buffers[slot] = np.zeros(nbytes, np.uint8)
     return buffer[:nbytes]
 
 
