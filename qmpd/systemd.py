@@ -44,7 +44,7 @@ class Activation:
 
     def by_name(self) -> dict[str, list[int]]:
         named: dict[str, list[int]] = {}
-        for fd, name in zip(self.fds, self.names):
+        for fd, name in zip(self.fds, self.names, strict=False):
             named.setdefault(name, []).append(fd)
         return named
 

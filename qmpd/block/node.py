@@ -17,8 +17,7 @@ from typing import Any, Callable, ClassVar, Protocol, TypeVar
 import trio
 
 from qmpd import handoff
-from qmpd.block.datapath import (
-    BDRV_MAX_LENGTH, AlignedAccess, Extent, check_request, no_waiting)
+from qmpd.block.datapath import BDRV_MAX_LENGTH, AlignedAccess, Extent, check_request, no_waiting
 from qmpd.block.permissions import ALL, NONE, Perm
 from qmpd.crypto.errors import CryptoError
 from qmpd.errors import QMPError

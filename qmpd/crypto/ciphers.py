@@ -605,7 +605,7 @@ class SectorCipher:
         algorithm = self._algorithm
         parts = []
         with memoryview(data) as view:
-            for start, iv in zip(range(0, len(data), size), self._iv_list(sector, count)):
+            for start, iv in zip(range(0, len(data), size), self._iv_list(sector, count), strict=False):
                 parts.append(make(algorithm, _mode(mode, iv)).update(view[start:start + size]))
         return b"".join(parts)
 

@@ -31,8 +31,8 @@ import trio
 from qmpd.block.graph import BlockGraph
 from qmpd.block.node import in_thread
 from qmpd.errors import QMPError
-from qmpd.exports.nbd_export import NbdBlockExport
 from qmpd.exports.listeners import describe, open_listeners, unix_path_of
+from qmpd.exports.nbd_export import NbdBlockExport
 from qmpd.nbd.server import NbdServer
 
 log = logging.getLogger(__name__)

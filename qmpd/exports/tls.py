@@ -120,7 +120,7 @@ class X509Creds(TlsCreds):
             ctx.check_hostname = False   # QEMU checks the name itself, against the URI host
         try:
             ctx.load_verify_locations(cafile=self.files["ca"])
-        except (ssl.SSLError, OSError) as exc:
+        except (ssl.SSLError, OSError):
             raise QMPError.generic(
                 f"Unable to import CA certificate list {self.files['ca']}") from None
         if "crl" in self.files:

@@ -46,8 +46,8 @@ import trio
 
 from qmpd import handoff
 from qmpd.crypto.errors import CryptoError
-from qmpd.jobs import states
 from qmpd.errors import GENERIC_ERROR, QMPError, describe_bug
+from qmpd.jobs import states
 
 log = logging.getLogger(__name__)
 

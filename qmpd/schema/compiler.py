@@ -18,7 +18,13 @@ import jsonschema
 from jsonschema import validators
 
 from qmpd.schema.model import (
-    AlternateType, ArrayType, BuiltinType, EnumType, Member, ObjectType, Type,
+    AlternateType,
+    ArrayType,
+    BuiltinType,
+    EnumType,
+    Member,
+    ObjectType,
+    Type,
 )
 
 

@@ -25,8 +25,15 @@ JSON Schema (see compiler), and tests check the two agree.
 from __future__ import annotations
 
 from qmpd.schema.model import (
-    INT64_MIN, INTEGER_BASES, UINT64_MAX, AlternateType, ArrayType, BuiltinType, EnumType,
-    ObjectType, Type,
+    INT64_MIN,
+    INTEGER_BASES,
+    UINT64_MAX,
+    AlternateType,
+    ArrayType,
+    BuiltinType,
+    EnumType,
+    ObjectType,
+    Type,
 )
 from qmpd.schema.unvisited_keys import UnvisitedKeys
 

@@ -11,8 +11,14 @@ arguments or return value points at the empty object type.
 from __future__ import annotations
 
 from qmpd.schema.model import (
-    AlternateType, ArrayType, BuiltinType, CommandDef, EnumType, EventDef,
-    ObjectType, Type,
+    AlternateType,
+    ArrayType,
+    BuiltinType,
+    CommandDef,
+    EnumType,
+    EventDef,
+    ObjectType,
+    Type,
 )
 
 

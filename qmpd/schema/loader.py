@@ -15,9 +15,20 @@ import jsonschema
 
 from qmpd.schema.metaschema import KINDS, META_SCHEMA
 from qmpd.schema.model import (
-    BUILTIN_JSON_TYPES, EMPTY_OBJECT_NAME, AlternateBranch, AlternateType,
-    ArrayType, BuiltinType, CommandDef, EnumType, EnumValue, EventDef, Member,
-    ObjectType, Type, Variant,
+    BUILTIN_JSON_TYPES,
+    EMPTY_OBJECT_NAME,
+    AlternateBranch,
+    AlternateType,
+    ArrayType,
+    BuiltinType,
+    CommandDef,
+    EnumType,
+    EnumValue,
+    EventDef,
+    Member,
+    ObjectType,
+    Type,
+    Variant,
 )
 
 

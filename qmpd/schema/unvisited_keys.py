@@ -166,7 +166,7 @@ class UnvisitedKeys:
 
     def first(self) -> str | None:
         """The key QEMU's ``g_hash_table_iter_next`` would yield first, if any."""
-        for h, key in zip(self._hashes, self._keys):
+        for h, key in zip(self._hashes, self._keys, strict=False):
             if h > _TOMBSTONE:
                 return key
         return None

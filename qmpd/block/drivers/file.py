@@ -35,8 +35,8 @@ from qmpd.block.drivers.base import BlockDriver, OpenFlags
 from qmpd.block.locks import ImageLock
 from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import ALL, Perm
-from qmpd.posixio import pread_fully, pwrite_fully
 from qmpd.errors import QMPError
+from qmpd.posixio import pread_fully, pwrite_fully
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpd.block.graph import BlockGraph

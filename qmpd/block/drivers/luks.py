@@ -28,8 +28,16 @@ from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import ALL, Perm, PermissionUse
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks import (
-    DEFAULT_ITER_TIME, LuksAmendOptions, LuksCreateOptions, apply_amend, create_volume,
-    header_length, open_volume, precheck_amend, prepare_amend)
+    DEFAULT_ITER_TIME,
+    LuksAmendOptions,
+    LuksCreateOptions,
+    apply_amend,
+    create_volume,
+    header_length,
+    open_volume,
+    precheck_amend,
+    prepare_amend,
+)
 from qmpd.crypto.secrets import wipe
 from qmpd.errors import QMPError
 

@@ -23,7 +23,11 @@ from qmpd.block.drivers import qcow2_metadata as qcow2
 from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.drivers.file import NodeRegionIO
 from qmpd.block.drivers.luks import (
-    EncryptedNode, create_on_node, lookup_passphrase, luks_create_options)
+    EncryptedNode,
+    create_on_node,
+    lookup_passphrase,
+    luks_create_options,
+)
 from qmpd.block.drivers.qcow2_clusters import Qcow2Clusters
 from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import Perm

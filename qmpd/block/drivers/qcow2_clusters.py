@@ -85,8 +85,15 @@ from typing import Protocol
 
 from qmpd.block.datapath import Extent, check_request
 from qmpd.block.drivers.qcow2_metadata import (
-    COMPAT_LAZY_REFCOUNTS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
-    MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2Metadata)
+    COMPAT_LAZY_REFCOUNTS,
+    CRYPT_LUKS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    Qcow2Metadata,
+)
 from qmpd.errors import QMPError
 
 log = logging.getLogger(__name__)
@@ -382,7 +389,7 @@ class Qcow2Clusters:
             l2 = self._l2_offset(l1i)
             table = self._l2_table(l2)
             indexes = [c & ((1 << self.l2_bits) - 1) for c in clusters]
-            for c, i in zip(clusters, indexes):
+            for c, i in zip(clusters, indexes, strict=False):
                 old.append(table[i])
                 table[i] = updates[c]
             for first, end in _spans(indexes):
@@ -402,7 +409,7 @@ class Qcow2Clusters:
         if hosts is None:
             hosts = self._allocate(len(need))
         replaced = []
-        for l1i, host in zip(need, hosts):
+        for l1i, host in zip(need, hosts, strict=False):
             old = self._l2_offset(l1i)
             table = array("Q", self._l2_table(old)) if old else array("Q", bytes(self.cluster_size))
             self._check_overlap(host, self.cluster_size)
@@ -412,7 +419,7 @@ class Qcow2Clusters:
                 replaced.append(old)
                 self._l2_cache.pop(old, None)
         self.child.flush()
-        for l1i, host in zip(need, hosts):
+        for l1i, host in zip(need, hosts, strict=False):
             self._l1[l1i] = host | COPIED
         self._write_l1(need)
         if replaced:
@@ -739,7 +746,7 @@ class Qcow2Clusters:
         fresh = [p for p in moving if not (cluster_type(p[4]) == ZERO_ALLOC and p[4] & COPIED)]
         hosts = self._allocate(len(tables) + len(fresh))
         self._prepare_l2([p[0] >> self.l2_bits for p in moving], hosts[:len(tables)])
-        host_of = dict(zip((p[0] for p in fresh), hosts[len(tables):]))
+        host_of = dict(zip((p[0] for p in fresh), hosts[len(tables):], strict=False))
         cow = False
         updates: dict[int, int] = {}
         for cluster, inside, pos, n, entry in pieces:

@@ -10,10 +10,19 @@ no block layer. The surface:
 """
 
 from qmpd.crypto.luks.amend import (
-    AmendPlan, LuksAmendOptions, apply_amend, precheck_amend, prepare_amend)
+    AmendPlan,
+    LuksAmendOptions,
+    apply_amend,
+    precheck_amend,
+    prepare_amend,
+)
 from qmpd.crypto.luks.create import (
-    DEFAULT_ITER_TIME, LuksCreateOptions, create_volume, header_length)
-from qmpd.crypto.luks.header import LuksHeader, KeySlot
+    DEFAULT_ITER_TIME,
+    LuksCreateOptions,
+    create_volume,
+    header_length,
+)
+from qmpd.crypto.luks.header import KeySlot, LuksHeader
 from qmpd.crypto.luks.io import ImageIO, MemoryImageIO
 from qmpd.crypto.luks.volume import LuksVolume, open_volume, read_header
 

@@ -80,13 +80,24 @@ from qmpd.crypto import pbkdf
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.create import DEFAULT_ITER_TIME, check_iter_time
 from qmpd.crypto.luks.header import (
-    HEADER_SIZE, NUM_KEY_SLOTS, SALT_LEN, SECTOR_SIZE, SLOT_INACTIVE, KeySlot, LuksHeader,
-    slot_entry_offset)
+    HEADER_SIZE,
+    NUM_KEY_SLOTS,
+    SALT_LEN,
+    SECTOR_SIZE,
+    SLOT_INACTIVE,
+    KeySlot,
+    LuksHeader,
+    slot_entry_offset,
+)
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.keyslot import build_slot, read_material, try_slot, wipe
 from qmpd.crypto.luks.volume import (
-    LuksVolume, check_payload_in_file, find_key, parse_header_bytes, slot_state_digest)
-
+    LuksVolume,
+    check_payload_in_file,
+    find_key,
+    parse_header_bytes,
+    slot_state_digest,
+)
 
 SecretValue = bytes | bytearray | Callable[[], bytes | bytearray]
 

@@ -28,9 +28,21 @@ from qmpd.crypto import ciphers, hashes, pbkdf
 from qmpd.crypto.ciphers import CipherSpec
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.header import (
-    HEADER_SECTORS, KEY_SLOT_OFFSET, MAGIC, NUM_KEY_SLOTS, SALT_LEN,
-    SECTOR_SIZE, SLOT_INACTIVE, STRIPES, VERSION, KeySlot, LuksHeader,
-    make_fixed_string, make_uuid_field, material_sectors)
+    HEADER_SECTORS,
+    KEY_SLOT_OFFSET,
+    MAGIC,
+    NUM_KEY_SLOTS,
+    SALT_LEN,
+    SECTOR_SIZE,
+    SLOT_INACTIVE,
+    STRIPES,
+    VERSION,
+    KeySlot,
+    LuksHeader,
+    make_fixed_string,
+    make_uuid_field,
+    material_sectors,
+)
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.keyslot import build_slot, volume_key_digest, wipe
 from qmpd.crypto.luks.volume import LuksVolume, PassphraseWitness, slot_state_digest

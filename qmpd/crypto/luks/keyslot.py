@@ -20,7 +20,13 @@ from qmpd.crypto import afsplit, pbkdf
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.header import (
-    DIGEST_LEN, SALT_LEN, SECTOR_SIZE, SLOT_ACTIVE, KeySlot, LuksHeader)
+    DIGEST_LEN,
+    SALT_LEN,
+    SECTOR_SIZE,
+    SLOT_ACTIVE,
+    KeySlot,
+    LuksHeader,
+)
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.secrets import wipe  # noqa: F401  (re-exported for the engine)
 

@@ -25,8 +25,14 @@ from qmpd.crypto import ciphers, hashes, pbkdf
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.header import (
-    DIGEST_LEN, HEADER_SIZE, NUM_KEY_SLOTS, SECTOR_SIZE, LuksHeader, check_header,
-    slot_entry_offset)
+    DIGEST_LEN,
+    HEADER_SIZE,
+    NUM_KEY_SLOTS,
+    SECTOR_SIZE,
+    LuksHeader,
+    check_header,
+    slot_entry_offset,
+)
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.keyslot import read_material, try_slot, wipe
 
