@@ -221,7 +221,9 @@ def operations(size: int, *, boundaries: tuple[int, ...] = (512, 4096, 65536),
                         *[offset_at(u, size) for u in boundaries], st.integers(0, size - 1))
     ranges = offsets.flatmap(lambda off: st.tuples(
         st.just(off), st.one_of(st.integers(1, min(max_length, size - off)),
-                                st.sampled_from([1, 511, 512, 513, 4096, 65536]).map(
+                                st.sampled_from(sorted({1, 511, 512, 513, 4096, 65536,
+                                                        *boundaries,
+                                                        *[2 * u + 1 for u in boundaries]})).map(
                                     lambda n: min(n, size - off)))))
     op = st.one_of(
         st.tuples(st.just("write"), ranges, st.integers(0, 2**32 - 1)),
@@ -283,12 +285,17 @@ async def read_all(node: Node, chunk: int = 4 * MiB) -> bytes:
 
 
 async def run_model(options: list[dict], ops: list[tuple], discard_effect,
-                    initial: bytes | None = None) -> Model:
+                    initial: bytes | None = None, prefill: int = 0) -> Model:
     """Open the nodes, play ``ops`` on the last one, reopen on "reopen" (the
-    graph closed and built again), and check every byte at the end."""
+    graph closed and built again), and check every byte at the end.
+    ``prefill``: random data is written over the first bytes first, so that
+    the zeroes and discards of a few examples have something to remove."""
     async with opened(*options) as (graph, nodes):
         node = nodes[-1]
         model = Model(bytearray(initial if initial is not None else await read_all(node)))
+        if prefill:
+            await apply(node, model, ("write", (0, min(prefill, node.length())), len(ops)),
+                        discard_effect)
     for start, end in _segments(ops):
         async with opened(*options) as (graph, nodes):
             node = nodes[-1]
