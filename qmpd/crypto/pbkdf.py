@@ -233,16 +233,23 @@ def _derive_blocks(block: pbkdf_blocks.BlockFunction, hash_name: str,
         except BaseException as exc:   # raised in the caller, after the join
             errors.append(exc)
 
-    helpers = [threading.Thread(target=work, args=(first,), daemon=True, name="pbkdf2-block")
-               for first in range(2, threads + 1)]
+    started: list[threading.Thread] = []
+    mine = [1]
     try:
-        for helper in helpers:
-            helper.start()
-        work(1)
+        for first in range(2, threads + 1):
+            helper = threading.Thread(target=work, args=(first,), daemon=True,
+                                      name="pbkdf2-block")
+            try:
+                helper.start()
+            except RuntimeError:    # no thread to be had: the caller does that share
+                mine.append(first)
+            else:
+                started.append(helper)
+        for first in mine:
+            work(first)
     finally:
-        for helper in helpers:
-            if helper.ident is not None:
-                helper.join()
+        for helper in started:
+            helper.join()
     if errors:
         raise errors[0]
 

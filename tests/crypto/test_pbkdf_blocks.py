@@ -229,3 +229,15 @@ def test_both_strategies_open_the_right_slot(monkeypatch, race, cipher_mode, has
     assert len(keys) == 1
     with pytest.raises(Exception, match="Invalid password"):
         open_volume(MemoryImageIO(data), b"wrong")
+
+
+def test_no_thread_to_be_had_means_the_caller_computes_every_block(monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(pbkdf, "cores", lambda: 2)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert bytes(pbkdf2("sha1", b"pw", b"salt", 5000, 64)) == hashlib.pbkdf2_hmac(
+        "sha1", b"pw", b"salt", 5000, 64)
