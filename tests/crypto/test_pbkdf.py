@@ -120,7 +120,7 @@ def test_pbkdf2_picks_a_path_that_equals_cryptography(hash_name, monkeypatch):
     if not hash_supported(hash_name):
         pytest.skip(f"{hash_name} is not offered by this OpenSSL")
     for cores in (1, 2, 3):
-        monkeypatch.setattr(pbkdf, "cores", lambda: cores)
+        monkeypatch.setattr(pbkdf, "cores", lambda cores=cores: cores)
         for length in LENGTHS:
             # enough iterations for the blocks to get threads of their own
             expected = _reference(hash_name, b"pw", b"s" * 32, 5000, length)
