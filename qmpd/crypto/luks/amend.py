@@ -231,6 +231,33 @@ class _Session:
         wipe(key)
 
 
+def _check_add(header: LuksHeader, options: LuksAmendOptions) -> tuple[int, SecretValue]:
+    """QEMU's checks of an add before it reads anything: the slot and the
+    secret that will unlock the volume key."""
+    if options.new_secret is None:
+        raise CryptoError("'new-secret' is required to activate a keyslot")
+    if options.old_secret is not None:
+        raise CryptoError("'old-secret' must not be given when activating keyslots")
+    if options.keyslot is not None:
+        keyslot = _c_int(options.keyslot)
+        if not 0 <= keyslot < NUM_KEY_SLOTS:
+            raise CryptoError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
+                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+    else:
+        free = [i for i, slot in enumerate(header.slots) if not slot.is_active]
+        if not free:
+            raise CryptoError("Can't add a keyslot - all keyslots are in use")
+        keyslot = free[0]
+    if not options.force and header.slots[keyslot].is_active:
+        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
+                          "please erase it first")
+    unlock_secret = options.secret if options.secret is not None else options.opened_secret
+    if unlock_secret is None:
+        raise CryptoError("The passphrase to unlock the volume is not available: "
+                          "give 'secret'")
+    return keyslot, unlock_secret
+
+
 def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     """The checks QEMU makes before an amend first reads the image, in its order.
 
@@ -239,28 +266,7 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     the header fresh from disk, so this only decides *when* an error comes.
     """
     if options.state == "active":
-        if options.new_secret is None:
-            raise CryptoError("'new-secret' is required to activate a keyslot")
-        if options.old_secret is not None:
-            raise CryptoError("'old-secret' must not be given when activating keyslots")
-        if options.keyslot is not None:
-            keyslot = _c_int(options.keyslot)
-            if not 0 <= keyslot < NUM_KEY_SLOTS:
-                raise CryptoError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
-                                  f"must be between 0 and {NUM_KEY_SLOTS - 1}")
-        else:
-            free = [i for i, slot in enumerate(header.slots) if not slot.is_active]
-            if not free:
-                raise CryptoError("Can't add a keyslot - all keyslots are in use")
-            keyslot = free[0]
-        if not options.force and header.slots[keyslot].is_active:
-            raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
-                              "please erase it first")
-        unlock_secret = options.secret if options.secret is not None else options.opened_secret
-        if unlock_secret is None:
-            raise CryptoError("The passphrase to unlock the volume is not available: "
-                              "give 'secret'")
-        _resolve(unlock_secret)
+        _resolve(_check_add(header, options)[1])
         return
     if options.state != "inactive":
         raise CryptoError(f"Invalid keyslot state '{options.state}'")
@@ -304,28 +310,8 @@ def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,
 def _prepare_add(session: _Session, options: LuksAmendOptions,
                  random_bytes: Callable[[int], bytes]) -> AmendPlan:
     header = session.header
-    if options.new_secret is None:
-        raise CryptoError("'new-secret' is required to activate a keyslot")
-    if options.old_secret is not None:
-        raise CryptoError("'old-secret' must not be given when activating keyslots")
-    if options.keyslot is not None:
-        keyslot = _c_int(options.keyslot)
-        if not 0 <= keyslot < NUM_KEY_SLOTS:
-            raise CryptoError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
-                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
-    else:
-        free = [i for i, slot in enumerate(header.slots) if not slot.is_active]
-        if not free:
-            raise CryptoError("Can't add a keyslot - all keyslots are in use")
-        keyslot = free[0]
+    keyslot, unlock_secret = _check_add(header, options)
     was_active = header.slots[keyslot].is_active
-    if not options.force and was_active:
-        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
-                          "please erase it first")
-    unlock_secret = options.secret if options.secret is not None else options.opened_secret
-    if unlock_secret is None:
-        raise CryptoError("The passphrase to unlock the volume is not available: "
-                          "give 'secret'")
     session.unlock(_resolve(unlock_secret))
     new_secret = _resolve(options.new_secret)
 
