@@ -145,6 +145,24 @@ class Node:
     def length(self) -> int:
         raise OSError(errno.ENOTSUP, "no data path")
 
+    def unaligned(self, offset: int, length: int) -> bool:
+        """Whether a request misses this node's alignment. A parent node calls
+        the synchronous data path directly (raw with an offset, qcow2 inside
+        LUKS), so a driver with an alignment bounces such requests through
+        its AlignedAccess itself."""
+        align = self.request_alignment
+        return align > 1 and (offset | length) % align != 0
+
+    def size(self) -> int:
+        """The size a format parent sees of its file: the file's real size
+        for a file node (not rounded), the length for any other node."""
+        return self.length()
+
+    def truncate(self, size: int) -> None:
+        """A format parent sizing its file (qcow2 allocating, blockdev-create):
+        a file node truncates the file; any other node resizes (truncate_to)."""
+        self.truncate_to(size)
+
     def pread(self, offset: int, length: int) -> bytes:
         raise OSError(errno.ENOTSUP, "no data path")
 

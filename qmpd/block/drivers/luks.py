@@ -195,11 +195,16 @@ class LuksNode(EncryptedNode):
 
     def pread(self, offset: int, length: int) -> bytes:
         assert self.file is not None
+        if self.unaligned(offset, length):          # from a parent node
+            return self._access.pread(offset, length)
         data = self.file.pread(self._payload() + offset, length)
         return self._crypt(self.volume.cipher.decrypt, offset, data)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         assert self.file is not None
+        if self.unaligned(offset, len(data)):       # from a parent node
+            self._access.pwrite(offset, data, fua=fua)
+            return
         self.file.pwrite(self._payload() + offset,
                          self._crypt(self.volume.cipher.encrypt, offset, data), fua=fua)
 

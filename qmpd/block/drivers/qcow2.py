@@ -142,16 +142,27 @@ class Qcow2Node(EncryptedNode):
         return self._engine().length()
 
     def pread(self, offset: int, length: int) -> bytes:
+        if self.unaligned(offset, length):          # from a parent node (LUKS inside)
+            return self._access.pread(offset, length)
         return self._engine().pread(offset, length)
 
     def pwrite(self, offset: int, data, *, fua: bool = False) -> None:
+        if self.unaligned(offset, len(data)):
+            self._access.pwrite(offset, data, fua=fua)
+            return
         self._engine().pwrite(offset, data, fua=fua)
 
     def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                       fua: bool = False, fast: bool = False) -> None:
+        if self.unaligned(offset, length):
+            self._access.pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua, fast=fast)
+            return
         self._engine().pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua, fast=fast)
 
     def pdiscard(self, offset: int, length: int) -> None:
+        if self.unaligned(offset, length):
+            self._access.pdiscard(offset, length)
+            return
         self._engine().pdiscard(offset, length)
 
     def flush(self) -> None:

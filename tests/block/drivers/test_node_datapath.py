@@ -369,3 +369,49 @@ async def test_create_file_huge_sizes(tmp_path, size):
     assert await create_error({"driver": "file", "filename": str(tmp_path / "f.img"),
                                "size": size}) == "Could not resize file: Invalid argument"
     assert os.path.getsize(tmp_path / "f.img") == 0
+
+
+# -- format nodes over a luks node (the child's alignment is 512) ---------------------------
+
+@pytest.mark.interop
+async def test_raw_window_and_qcow2_over_luks(tmp_path, templates):
+    """A parent calls its child's data path directly: a raw window at an odd
+    offset and a qcow2 image inside a LUKS payload both reach the luks node
+    unaligned, and it bounces them (QEMU aligns child requests the same way)."""
+    path = str(tmp_path / "outer.luks")
+    await trio.to_thread.run_sync(templates.copy, "luks16", qmpd_luks_image(16 * MiB), path)
+    async with opened(luks_node("l0", path)) as (graph, [luks]):
+        await graph_add(graph, {"driver": "raw", "node-name": "r0", "file": "l0",
+                                "offset": 100, "size": 65536})
+        raw = graph.find("r0")
+        await raw.write(3, b"\x5a" * 1000)
+        assert await luks.read(103, 1000) == b"\x5a" * 1000
+        assert await raw.read(0, 1004) == (await luks.read(100, 3)) + b"\x5a" * 1000 + (
+            await luks.read(1103, 1))
+    luks_opts = f"driver=luks,key-secret=s0,file.filename={path}"
+    await trio.to_thread.run_sync(lambda: qemu_io(
+        f"driver=raw,offset=100,size=65536,file.{luks_opts.replace(',', ',file.')}",
+        "read -P 0x5a 3 1000"))
+    # a qcow2 image inside the LUKS payload, made and written by qmpd
+    graph = BlockGraph(Secrets(SECRETS))
+    try:
+        await graph_add(graph, luks_node("l0", path))
+        await block_create.run(graph, {"driver": "qcow2", "file": "l0", "size": 4 * MiB,
+                                       "cluster-size": 4096}, NoProgress())
+        await graph_add(graph, {"driver": "qcow2", "node-name": "q0", "file": "l0"})
+        q0 = graph.find("q0")
+        await q0.write(12345, b"\x6b" * 70000)
+        await q0.write_zeroes(200000, 5000)
+        await block_resize.run(graph, None, "q0", 8 * MiB)
+        await q0.write(8 * MiB - 512, b"\x7c" * 512)
+    finally:
+        await graph.close_all()
+    inner = f"driver=qcow2,file.{luks_opts.replace(',', ',file.')}"
+    await trio.to_thread.run_sync(lambda: qemu_img_check(inner))
+    await trio.to_thread.run_sync(lambda: qemu_io(
+        inner, "read -P 0x6b 12345 70000", "read -P 0x7c 8388096 512", "read -P 0 0 12345"))
+
+
+async def graph_add(graph, options: dict) -> None:
+    from qmpd.block import blockdev
+    await blockdev.add(graph, options)
