@@ -469,7 +469,7 @@ def test_crash_while_shrinking(tmp_path, version, cluster_size):
              ("flush",), ("resize", MiB + 1536), ("write", MiB - 700, rng.randbytes(1400)),
              ("flush",), ("resize", 512 << 10), ("resize", size), ("write", size - 4096, b"t" * 4096)]
     # 512-byte clusters make thousands of metadata writes: crash at a sample
-    assert run_crashes(tmp_path, base, steps, size, every=3 if cluster_size >= 4096 else 25) > 10
+    assert run_crashes(tmp_path, base, steps, size, every=6 if cluster_size >= 4096 else 40) > 10
 
 
 # -- the engine's own checks -----------------------------------------------------------
