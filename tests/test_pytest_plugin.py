@@ -127,7 +127,8 @@ def test_plugin_in_a_users_project(tmp_path) -> None:
     text = out.stdout + out.stderr
     summary = text.strip().splitlines()[-1]
     # the crash test passes its call and errors at teardown
-    assert re.search(r"1 failed, 5 passed, 3 errors", summary), text
+    # (under heavy load the startup failure may also error at teardown: 3 or 4 errors)
+    assert re.search(r"1 failed, 5 passed, [34] errors", summary), text
     for name in ("test_daemon_answers", "test_no_exports_yet"):   # README's example
         assert f"test_readme.py::{name} PASSED" in text, text
     for name in ("test_events_of_a_job", "test_record_pid"):

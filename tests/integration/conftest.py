@@ -16,7 +16,7 @@ import pytest
 from qmpd.testing import QmpdProcess, StartupError
 
 #: How long a fresh daemon may take to create its socket.
-STARTUP_TIMEOUT = 10.0
+STARTUP_TIMEOUT = 30.0
 
 StartDaemon = Callable[..., tuple[str, subprocess.Popen]]
 

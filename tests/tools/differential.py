@@ -420,9 +420,11 @@ def compare_runs(steps: list[Step], qsd: dict, qmpd: dict) -> Outcome:
         have = drop_shutdown(qmpd["steps"][i])
         if want == have:
             continue
-        if QSD_FLAKE in json.dumps(want):
-            out.folded.append(f"step {i}: qsd's PBKDF2 calibration failed ({QSD_FLAKE}); "
-                              f"stopped comparing")
+        if QSD_FLAKE in json.dumps(qsd["steps"][i:]):
+            # A job that failed this way shows only 'aborting' here and its
+            # error in a later query-jobs: anything from here on may follow.
+            out.folded.append(f"step {i}: qsd's PBKDF2 calibration failed ({QSD_FLAKE}) "
+                              f"here or in a job it started; stopped comparing")
             return out
         if want == eof or (i + 1 < len(steps) and qsd["steps"][i + 1] == eof):
             out.qsd_crashes.append(f"step {i}: qsd exited on {json.dumps(step.msg)}; "
