@@ -55,7 +55,7 @@ BATCH = 16
 
 def qemu_img(*args: str, retries: int = 30) -> str:
     """qemu-img, retried on QEMU 7.2's PBKDF2 calibration flake."""
-    for attempt in range(retries):
+    for _ in range(retries):
         proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
         if proc.returncode == 0:
             return proc.stdout

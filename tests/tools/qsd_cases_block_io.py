@@ -41,7 +41,7 @@ def cmd(name: str, args: Any = None) -> str:
 
 
 def block_io_cases() -> list:
-    from tests.tools.record_qsd import C, LUKS_IMG, QCOW_IMG, SECRETS, S, job_event
+    from tests.tools.record_qsd import LUKS_IMG, QCOW_IMG, SECRETS, C, S, job_event
 
     def run_job(send: str, job: str):
         return S(send, 1, [job_event(job, "concluded")])

@@ -30,11 +30,11 @@ class RawNode(Node):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.offset = 0
-        self.size: int | None = None
+        self.fixed_size: int | None = None   # "size": the window is fixed
 
     def child_perms(self, child: Node) -> tuple[Perm, Perm]:
         perm, shared = self.parent_perms
-        if self.offset or self.size is not None:
+        if self.offset or self.fixed_size is not None:
             shared &= ~Perm.RESIZE   # a window must not move under us
         return perm, shared
 
@@ -62,12 +62,12 @@ class RawNode(Node):
                 f"equal to the  actual size of the containing file ({real})")
         if size is not None and size % 512:
             raise QMPError.generic("Specified size is not multiple of 512")
-        self.offset, self.size = offset, size
+        self.offset, self.fixed_size = offset, size
         self.request_alignment = file.request_alignment
 
     def reopen_commit(self, options: dict) -> None:
         super().reopen_commit(options)
-        self.offset, self.size = options.get("offset", 0), options.get("size")
+        self.offset, self.fixed_size = options.get("offset", 0), options.get("size")
 
     # -- the data path: a window of the child ---------------------------------------
     @property
@@ -83,7 +83,7 @@ class RawNode(Node):
         time): what of the file is left after the offset, at most size."""
         assert self.file is not None
         left = max(0, self.file.length() - self.offset)
-        return left if self.size is None else min(self.size, left)
+        return left if self.fixed_size is None else min(self.fixed_size, left)
 
     def pread(self, offset: int, length: int) -> bytes:
         assert self.file is not None
@@ -109,7 +109,7 @@ class RawNode(Node):
 
     def resize(self, size: int) -> None:
         """raw_co_truncate: only without a fixed size; the file follows."""
-        if self.size is not None:
+        if self.fixed_size is not None:
             raise QMPError.generic("Cannot resize fixed-size raw disks")
         if INT64_MAX - size < self.offset:
             raise QMPError.generic("Disk size too large for the chosen offset")
@@ -127,7 +127,7 @@ class RawNode(Node):
             out["offset"] = self.offset
         out["driver"] = "raw"
         if "size" in self.options:
-            out["size"] = self.size
+            out["size"] = self.fixed_size
         out["file"] = {"driver": "file", "filename": self.leaf().filename()}
         return "json:" + json.dumps(out)
 

@@ -415,3 +415,27 @@ async def test_raw_window_and_qcow2_over_luks(tmp_path, templates):
 async def graph_add(graph, options: dict) -> None:
     from qmpd.block import blockdev
     await blockdev.add(graph, options)
+
+
+@pytest.mark.interop
+async def test_luks_over_raw_window(tmp_path, templates):
+    """A LUKS volume stored at an offset inside a bigger file (raw offset/size)."""
+    volume = await trio.to_thread.run_sync(templates.copy, "luks4", qmpd_luks_image(4 * MiB),
+                                           str(tmp_path / "v.luks"))
+    inner = open(volume, "rb").read()
+    path = str(tmp_path / "disk.img")
+    with open(path, "wb") as f:
+        f.write(b"\xee" * MiB + inner + b"\xdd" * 4096)
+    window = {"driver": "raw", "node-name": "r0", "offset": MiB, "size": len(inner),
+              "file": file_ref(path)}
+    async with opened(window, {"driver": "luks", "node-name": "l0", "key-secret": "s0",
+                               "file": "r0"}) as (_, [_, luks]):
+        assert luks.length() == 4 * MiB
+        await luks.write(1001, b"\x3c" * 3000)
+        assert await luks.read(1001, 3000) == b"\x3c" * 3000
+    with open(path, "rb") as f:
+        disk = f.read()
+    assert disk[:MiB] == b"\xee" * MiB and disk[-4096:] == b"\xdd" * 4096
+    await trio.to_thread.run_sync(lambda: qemu_io(
+        f"driver=luks,key-secret=s0,file.driver=raw,file.offset={MiB},"
+        f"file.size={len(inner)},file.file.filename={path}", "read -P 0x3c 1001 3000"))
