@@ -18,8 +18,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+import qmpd.block.drivers.qcow2_metadata as qcow2
 from qmpd.block.datapath import Extent
-from qmpd.block.drivers import qcow2_metadata as qcow2
 from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.drivers.file import NodeRegionIO
 from qmpd.block.drivers.luks import (
