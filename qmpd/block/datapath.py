@@ -21,7 +21,7 @@ import errno
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 _mode = threading.local()
 
@@ -68,6 +68,9 @@ class DataPath(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes (reads past the end are the caller's error)."""
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """pread of each (offset, length), all aligned; a burst in one call."""
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write all of ``data``; with ``fua`` it is durable when this returns."""
@@ -128,6 +131,12 @@ class AlignedAccess:
         size = self.node.length()
         data = self.node.pread(start, min(end, size) - start)
         return data[offset - start:offset - start + length]
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        align = self.alignment
+        if all((offset | length) % align == 0 for offset, length in ranges):
+            return self.node.pread_many(ranges)
+        return [self.pread(offset, length) for offset, length in ranges]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 import trio
@@ -166,6 +167,11 @@ class Node:
     def pread(self, offset: int, length: int) -> bytes:
         raise OSError(errno.ENOTSUP, "no data path")
 
+    def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """pread of each aligned (offset, length): drivers that decrypt
+        override it to decrypt a burst of small reads in one pass."""
+        return [self.pread(offset, length) for offset, length in ranges]
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         raise OSError(errno.ENOTSUP, "no data path")
 
@@ -203,17 +209,32 @@ class Node:
         drivers with metadata caches say no)."""
         return False
 
+    def read_now(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """The reads done here and now, on the caller's thread (the event
+        loop), if none of them has to wait: every byte in the page cache,
+        every lock free. None: nothing was read, use :meth:`read`.
+
+        A burst of reads in one call lets a driver decrypt them in one pass
+        (the NBD server hands over what one receive brought)."""
+        if not self.inline_reads:
+            return None
+        size = self.length()
+        for offset, length in ranges:
+            if length > INLINE_READ_MAX:
+                return None
+            check_request(offset, length, size)
+        try:
+            with no_waiting():
+                return self._access.pread_many(ranges)
+        except BlockingIOError:
+            return None   # not cached, or a lock is busy: a worker thread's job
+
     async def read(self, offset: int, length: int) -> bytes:
         check_request(offset, length, self.length())
-        if length <= INLINE_READ_MAX and self.inline_reads:
-            try:
-                with no_waiting():
-                    data = self._access.pread(offset, length)
-            except BlockingIOError:
-                pass   # not cached: read it in a worker thread
-            else:
-                await trio.lowlevel.checkpoint()
-                return data
+        done = self.read_now(((offset, length),))
+        if done is not None:
+            await trio.lowlevel.checkpoint()
+            return done[0]
         return await trio.to_thread.run_sync(self._access.pread, offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -242,13 +263,19 @@ class Node:
     #: loop): the NBD server asks it for every structured READ.
     inline_block_status: ClassVar[bool] = False
 
-    async def get_block_status(self, offset: int, length: int) -> list[Extent]:
+    def block_status_now(self, offset: int, length: int) -> list[Extent] | None:
+        """Block status on the caller's thread when it cannot wait (see
+        inline_block_status); None: use :meth:`get_block_status`."""
         check_request(offset, length, self.length())
         if length == 0:
             return []
-        if self.inline_block_status:
+        return self.block_status(offset, length) if self.inline_block_status else None
+
+    async def get_block_status(self, offset: int, length: int) -> list[Extent]:
+        extents = self.block_status_now(offset, length)
+        if extents is not None:
             await trio.lowlevel.checkpoint()
-            return self.block_status(offset, length)
+            return extents
         return await trio.to_thread.run_sync(self.block_status, offset, length)
 
     def truncate_to(self, size: int) -> None:

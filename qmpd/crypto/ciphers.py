@@ -46,9 +46,10 @@ buffers are reused per thread (_buffer): fresh ones cost a page fault per
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -566,9 +567,14 @@ class SectorCipher:
 
     def _ivs(self, first_sector: int, count: int) -> np.ndarray:
         """The IVs of `count` sectors as (count, iv_length // 8) words."""
-        shift = self._iv_shift
-        numbers = np.arange(count, dtype=np.uint64) << np.uint64(shift)
-        numbers += np.uint64((first_sector << shift) & _M64)   # wraps mod 2**64
+        sectors = np.arange(count, dtype=np.uint64)
+        sectors += np.uint64(first_sector & _M64)
+        return self._ivs_of(sectors)
+
+    def _ivs_of(self, sectors: np.ndarray) -> np.ndarray:
+        """The IVs of these sector numbers (uint64) as (count, iv_length // 8) words."""
+        count = len(sectors)
+        numbers = sectors << np.uint64(self._iv_shift)   # wraps mod 2**64
         if self.spec.ivgen_alg == "plain":
             numbers &= np.uint64(0xFFFFFFFF)
         if self.spec.ivgen_alg != "essiv":
@@ -692,6 +698,52 @@ class SectorCipher:
         if self.spec.cipher_mode == "xts":
             return self._ecb_xts.crypt(ivs, data, encrypt, self.sector_size)
         return self._cbc_encrypt(ivs, data) if encrypt else self._cbc_decrypt(ivs, data)
+
+    def _crypt_many(self, pieces: Sequence[tuple[int, Any]], encrypt: bool) -> list[bytes]:
+        """_crypt of each (sector, data), in one vectorised pass when the
+        pieces together are past the per-sector crossover (a burst of 4 KiB
+        reads: one numpy pass instead of 8 contexts a read)."""
+        size = self.sector_size
+        counts = [len(data) // size for _, data in pieces]
+        total = sum(counts)
+        if (len(pieces) < 2 or self._wiped or self.spec.cipher_mode == "ctr"
+                or self._per_sector_is_faster(total, encrypt)
+                or any(sector < 0 or len(data) % size for sector, data in pieces)):
+            return [self._crypt(sector, data, encrypt) for sector, data in pieces]
+        data = b"".join(data for _, data in pieces)
+        with _scratch():
+            if not self._iv_length:
+                out = _ecb(self._algorithm, np.frombuffer(data, np.uint8), encrypt, "out")
+                try:
+                    joined = out.tobytes()
+                finally:
+                    _clear(out)
+            else:
+                # sector numbers: each piece's first sector, counted up along it
+                firsts = np.array([sector & _M64 for sector, _ in pieces], np.uint64)
+                starts = np.cumsum([0, *counts[:-1]]).astype(np.uint64)
+                sectors = np.arange(total, dtype=np.uint64)
+                sectors += np.repeat(firsts - starts, counts)
+                ivs = self._ivs_of(sectors)
+                if self.spec.cipher_mode == "xts":
+                    joined = self._ecb_xts.crypt(ivs, data, encrypt, size)
+                else:
+                    joined = (self._cbc_encrypt(ivs, data) if encrypt
+                              else self._cbc_decrypt(ivs, data))
+        out, at = [], 0
+        with memoryview(joined) as view:
+            for count in counts:
+                out.append(bytes(view[at:at + count * size]))
+                at += count * size
+        return out
+
+    def encrypt_many(self, pieces: Sequence[tuple[int, Any]]) -> list[bytes]:
+        """encrypt() of each (sector, data) piece; whole sectors each."""
+        return self._crypt_many(pieces, True)
+
+    def decrypt_many(self, pieces: Sequence[tuple[int, Any]]) -> list[bytes]:
+        """decrypt() of each (sector, data) piece; whole sectors each."""
+        return self._crypt_many(pieces, False)
 
     def encrypt(self, sector: int, data: bytes) -> bytes:
         """Encrypt sectors starting at `sector`.

@@ -54,6 +54,12 @@ class NbdBlockExport:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.node.read(offset, length)
 
+    def read_now(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        return self.node.read_now(ranges)
+
+    def block_status_now(self, offset: int, length: int) -> Sequence[Extent] | None:
+        return self.node.block_status_now(offset, length)
+
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self.node.write(offset, data, fua=fua or self.writethrough)
 

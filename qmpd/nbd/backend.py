@@ -48,6 +48,16 @@ class NbdExport(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
 
+    def read_now(self, ranges: Sequence[tuple[int, int]]
+                 ) -> Sequence[bytes | bytearray | memoryview] | None:
+        """The reads done at once, on the server's thread, if none has to wait
+        (for the disk, for a lock a thread holds); None: nothing was read,
+        :meth:`read` each. A burst in one call lets the export decrypt it in
+        one pass. Errors: None (read() then reports them) or OSError."""
+
+    def block_status_now(self, offset: int, length: int) -> Sequence[ExtentLike] | None:
+        """:meth:`block_status` at once if it need not wait, else None."""
+
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, fua: bool,

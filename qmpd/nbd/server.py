@@ -103,6 +103,61 @@ async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply |
     return conn.reply_read(req, segments)
 
 
+def reads_now(conn: NbdConnection, export: NbdExport, reqs: Sequence[Request]
+              ) -> list[Reply | None]:
+    """_read() of a burst of READs at once, where the export can answer
+    without waiting (page-cached data, free locks): the replies, None for
+    each request left to a worker. One read_now() call for the whole burst
+    lets the export decrypt it in one pass. Any error sends the request to
+    a worker, which runs it again and reports the error as QEMU does."""
+    plans: list[list[tuple[int, int, bool]] | None] = []
+    ranges: list[tuple[int, int]] = []
+    for req in reqs:
+        plan = _read_plan(export, req)
+        plans.append(plan)
+        if plan:
+            ranges.extend((offset, length) for offset, length, zero in plan if not zero)
+    data: Sequence | None = []
+    if ranges:
+        try:
+            data = export.read_now(ranges)
+        except OSError:
+            data = None
+        if data is None and len(reqs) > 1:   # one uncached read must not hold back the others
+            return [reads_now(conn, export, [req])[0] for req in reqs]
+    if data is None:
+        return [None] * len(reqs)
+    replies: list[Reply | None] = []
+    pieces = iter(data)
+    for req, plan in zip(reqs, plans, strict=True):
+        if plan is None:
+            replies.append(None)
+            continue
+        segments = [(length, None if zero else next(pieces)) for _, length, zero in plan]
+        replies.append(conn.reply_read(req, segments))
+    return replies
+
+
+def _read_plan(export: NbdExport, req: Request) -> list[tuple[int, int, bool]] | None:
+    """(offset, length, reads as zeroes) runs of a READ from block status
+    taken at once; None if that would wait (or failed)."""
+    if not req.sparse:
+        return [(req.offset, req.length, False)] if req.length else []
+    plan = []
+    offset, end = req.offset, req.offset + req.length
+    try:
+        while offset < end:
+            extents = export.block_status_now(offset, end - offset)
+            if extents is None:
+                return None
+            for length, zero in _zero_runs(extents, end - offset):
+                plan.append((offset, length, zero))
+                offset += length
+    except OSError:
+        return None
+    return plan
+
+
 class _Partial(list):
     """Reply bytes after which the connection must close."""
 
@@ -378,6 +433,7 @@ class _Client:
         self._flush = trio.lowlevel.ParkingLot()  # the writer, while nothing is queued
         self._closing = False
         self._hang_up = False
+        self._sending = False  # the writer is in a send: only it may send
 
     async def run(self) -> None:
         with self.scope:
@@ -403,14 +459,42 @@ class _Client:
                 self.scope.cancel()
                 await trio.lowlevel.checkpoint()
 
-    def _queue(self, reply, replies: int = 1) -> None:
+    def _queue(self, reply, replies: int = 1, *, wake_writer: bool = True) -> None:
         if isinstance(reply, list):
             self._outbox.extend(reply)
         else:
             self._outbox.append(reply)
         self._outbox_replies += replies
-        if self._flush:
+        if wake_writer and self._flush:
             self._flush.unpark()
+
+    def _send_queued_now(self) -> None:
+        """The reader sends what is queued before it reads again, without a
+        trip through the writer task, unless the writer is mid-send (then the
+        order is the writer's). What the kernel does not take now is left to
+        the writer."""
+        if self._sending or not self._outbox:
+            return
+        buffers, self._outbox = self._outbox, []
+        replies, self._outbox_replies = self._outbox_replies, 0
+        rest = self.transport.send_buffers_now(buffers)
+        if rest:
+            self._outbox[:0] = rest
+            self._outbox_replies += replies
+            if self._flush:
+                self._flush.unpark()
+        else:
+            self._sent(replies)
+
+    def _sent(self, replies: int) -> None:
+        """Replies have left: their slots are free."""
+        self._in_flight -= replies
+        for _ in range(min(len(self._pending), replies)):
+            self._wake_worker()
+        if self._room:
+            self._room.unpark_all()
+        if self._hang_up:
+            self.scope.cancel()
 
     async def _read_loop(self, handshake: trio.CancelScope) -> None:
         conn = self.conn
@@ -428,11 +512,14 @@ class _Client:
             receives += 1
             if receives % 16 == 0:  # the fast transport never yields on its own
                 await trio.lowlevel.checkpoint()
+            burst: list[Request] = []
             for event in conn.receive_data(data):
                 if type(event) is Request:
-                    pending.append(event)
-                    self._wake_worker()
+                    burst.append(event)
                     continue
+                if burst:
+                    self._take(burst)
+                    burst = []
                 if self.export is None:
                     await self._send_now(conn.data_to_send())
                 else:
@@ -451,11 +538,34 @@ class _Client:
                     if event.reason:
                         log.info("NBD client disconnected: %s", event.reason)
                     return
+            if burst:
+                self._take(burst)
             rest = conn.data_to_send()  # errors for invalid requests
             if self.export is None:
                 await self._send_now(rest)
-            elif rest:
-                self._queue(rest, 0)
+                continue
+            if rest:
+                self._queue(rest, 0, wake_writer=False)
+            try:
+                self._send_queued_now()
+            except _STREAM_GONE:
+                return
+
+    def _take(self, burst: list[Request]) -> None:
+        """Answer at once the READs the export can serve without waiting, as
+        many as there are free slots; queue the rest for the workers."""
+        room = MAX_REQUESTS_IN_FLIGHT - self._in_flight
+        now = [req for req in burst
+               if req.command == Cmd.READ and not req.flags & CmdFlag.FUA][:max(room, 0)]
+        answered = dict(zip(map(id, now), reads_now(self.conn, self.export, now), strict=True))
+        for req in burst:
+            reply = answered.get(id(req))
+            if reply is not None:
+                self._in_flight += 1
+                self._queue(reply, wake_writer=False)   # the reader sends it (_read_loop)
+            else:
+                self._pending.append(req)
+                self._wake_worker()
 
     def _wake_worker(self) -> None:
         if self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
@@ -511,16 +621,14 @@ class _Client:
                 await self._flush.park()
             buffers, self._outbox = self._outbox, []
             replies, self._outbox_replies = self._outbox_replies, 0
+            self._sending = True
             try:
                 await self.transport.send_buffers(buffers)
             except _STREAM_GONE:
                 self.scope.cancel()
                 return
-            self._in_flight -= replies
-            for _ in range(min(len(self._pending), replies)):
-                self._wake_worker()
-            if self._room:
-                self._room.unpark_all()
+            finally:
+                self._sending = False
+            self._sent(replies)
             if self._hang_up:
-                self.scope.cancel()
                 return

@@ -40,6 +40,11 @@ class StreamTransport:
     async def send_buffers(self, buffers: list) -> None:
         await self.stream.send_all(b"".join(buffers))
 
+    def send_buffers_now(self, buffers: list) -> list:
+        """Send what the kernel takes now, without yielding; the buffers left
+        (the first one maybe cut). A TLS stream cannot: everything is left."""
+        return buffers
+
     async def receive_some(self, max_bytes: int) -> bytes:
         return await self.stream.receive_some(max_bytes)
 
@@ -73,6 +78,10 @@ class SocketTransport(StreamTransport):
 
     async def send_buffers(self, buffers: list) -> None:
         """Gather-send (sendmsg): many replies, one system call, no joins."""
+        while buffers := self.send_buffers_now(buffers):
+            await trio.lowlevel.wait_writable(self._trio_socket)
+
+    def send_buffers_now(self, buffers: list) -> list:
         first = 0
         while first < len(buffers):
             batch = buffers[first:first + _IOV_BATCH]
@@ -86,12 +95,10 @@ class SocketTransport(StreamTransport):
                 size = len(buf)
                 if sent < size:
                     buffers[first] = memoryview(buf)[sent:]
-                    break
+                    return buffers[first:]
                 sent -= size
                 first += 1
-            else:
-                continue
-            await trio.lowlevel.wait_writable(self._trio_socket)
+        return []
 
     async def receive_some(self, max_bytes: int) -> bytes:
         while True:

@@ -60,6 +60,12 @@ class FastExport:
     async def read(self, offset, length):
         return self.data[offset:offset + length]
 
+    def read_now(self, ranges):
+        return [self.data[offset:offset + length] for offset, length in ranges]
+
+    def block_status_now(self, offset, length):
+        return [_Run(length)]
+
     async def write(self, offset, data, fua):
         self.data[offset:offset + len(data)] = data
 

@@ -13,14 +13,15 @@ from tests.nbd import scenarios
 from tests.nbd.memory import Catalog, MemoryExport
 
 
-def scenario_catalog() -> Catalog:
-    """The exports of scenarios.EXPORTS over scenarios.image(), as qsd serves them."""
+def scenario_catalog(*, now: bool = False) -> Catalog:
+    """The exports of scenarios.EXPORTS over scenarios.image(), as qsd serves them;
+    ``now``: they answer reads at once (MemoryExport.now), as cached nodes do."""
     exports = []
     for spec in scenarios.EXPORTS:
         exports.append(MemoryExport.from_image(
             spec["name"], scenarios.image(), scenarios.ZEROES_END, writable=spec["writable"],
             description=spec["description"], allocation_depth=spec["allocation_depth"],
-            min_block=spec.get("align", 1)))
+            min_block=spec.get("align", 1), now=now))
     return Catalog(*exports)
 
 

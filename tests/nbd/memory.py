@@ -69,6 +69,23 @@ class MemoryExport:
         self._check("read")
         return bytes(self.data[offset:offset + length])
 
+    #: Serve reads and block status at once (read_now, block_status_now), as
+    #: a node does when everything is cached; off: every request goes through
+    #: the async calls (which subclasses override to delay or count).
+    now: bool = False
+
+    def read_now(self, ranges) -> list[bytes] | None:
+        if not self.now:
+            return None
+        self._check("read_now")
+        return [bytes(self.data[offset:offset + length]) for offset, length in ranges]
+
+    def block_status_now(self, offset: int, length: int) -> list[Extent] | None:
+        if not self.now:
+            return None
+        self._check("block_status_now")
+        return self._status(offset, length)
+
     async def write(self, offset: int, data, fua: bool) -> None:
         self._check("write")
         self.data[offset:offset + len(data)] = data
@@ -95,6 +112,9 @@ class MemoryExport:
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check("block_status")
+        return self._status(offset, length)
+
+    def _status(self, offset: int, length: int) -> list[Extent]:
         end = min(offset + length, self.size)
         out: list[Extent] = []
         pos = offset

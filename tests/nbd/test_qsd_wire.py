@@ -98,11 +98,14 @@ async def _receive(stream, want: int, closed: bool) -> tuple[bytes, bool]:
     return bytes(got), eof
 
 
+@pytest.mark.parametrize("now", [False, True], ids=["workers", "reads-now"])
 @pytest.mark.parametrize("name", list(RECORDING["scenarios"]))
-async def test_server_matches_qsd(name: str, sockdir) -> None:
+async def test_server_matches_qsd(name: str, now: bool, sockdir) -> None:
+    """Both ways a READ is served: by a worker through the async calls, and
+    at once from the reader (read_now/block_status_now, as cached nodes)."""
     path = sockdir / "nbd.sock"
     async with trio.open_nursery() as nursery:
-        await start_server(nursery, scenario_catalog(), path)
+        await start_server(nursery, scenario_catalog(now=now), path)
         stream = await trio.open_unix_socket(str(path))
         for i, step in enumerate(RECORDING["scenarios"][name]):
             if step["send"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -280,5 +281,52 @@ async def test_out_of_order_replies_and_in_flight_limit(sockdir) -> None:
         await read_exactly(s, 4096)
         seen.append(cookie)
         assert sorted(seen) == list(range(40)) and Gate.peak <= 16
+        await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
+class Uncached(MemoryExport):
+    """Serves reads at once except those touching the first 4 KiB (not "cached")."""
+
+    def read_now(self, ranges):
+        if any(offset < 4096 for offset, _ in ranges):
+            self.calls.append(("refused", len(ranges)))
+            return None
+        return super().read_now(ranges)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_reads_now_and_the_fallback_to_workers(sockdir, structured) -> None:
+    """A burst of READs is served at once in one read_now() call; when the
+    export cannot (one range not cached), each read is tried alone and only
+    the one that must wait goes to a worker (read()); an error from read_now
+    sends the reads to the workers too. Every reply is right either way."""
+    image = bytes(range(256)) * 4096
+    export = Uncached.from_image("disk", image, len(image), now=True)
+    path = sockdir / "s"
+    async with trio.open_nursery() as nursery:
+        await start_server(nursery, Catalog(export), path)
+        s = await connect(path, structured=structured)
+        async def reply() -> tuple[int, bytes]:
+            if structured:   # one OFFSET_DATA chunk: the export has no holes
+                _m, _flags, _type, cookie, length = struct.unpack(
+                    ">IHHQI", await read_exactly(s, 20))
+                return cookie, (await read_exactly(s, length))[8:]
+            _m, err, cookie = struct.unpack(">IIQ", await read_exactly(s, 16))
+            assert err == 0
+            return cookie, await read_exactly(s, 4096)
+
+        offsets = [8192, 0, 16384, 12288]
+        await s.send_all(b"".join(request(Cmd.READ, off, 4096, cookie=i + 1)
+                                  for i, off in enumerate(offsets)))
+        got = dict([await reply() for _ in offsets])
+        assert got == {i + 1: image[off:off + 4096] for i, off in enumerate(offsets)}
+        assert ("refused", 4) in export.calls                  # the burst, refused whole
+        assert export.calls.count("read") == 1                  # only offset 0 by a worker
+        export.calls.clear()
+        export.fail["read_now"] = errno.EIO                     # an error from the fast path
+        await s.send_all(request(Cmd.READ, 8192, 4096, cookie=9))
+        assert await reply() == (9, image[8192:12288])
+        assert [c for c in export.calls if "read" in c] == ["read_now", "read"]   # then a worker
         await s.aclose()
         nursery.cancel_scope.cancel()

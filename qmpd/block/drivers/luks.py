@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
@@ -199,6 +200,19 @@ class LuksNode(EncryptedNode):
             return self._access.pread(offset, length)
         data = self.file.pread(self._payload() + offset, length)
         return self._crypt(self.volume.cipher.decrypt, offset, data)
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Many reads, one decryption pass (a burst of NBD reads)."""
+        assert self.file is not None
+        if len(ranges) < 2 or any(self.unaligned(offset, length) for offset, length in ranges):
+            return [self.pread(offset, length) for offset, length in ranges]
+        payload = self._payload()
+        data = self.file.pread_many([(payload + offset, length) for offset, length in ranges])
+        try:
+            return self.volume.cipher.decrypt_many(
+                [(offset // 512, piece) for (offset, _), piece in zip(ranges, data, strict=True)])
+        except CryptoError:
+            raise OSError(errno.EIO, "sector crypto failed") from None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         assert self.file is not None

@@ -16,10 +16,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import qmpd.block.drivers.qcow2_metadata as qcow2
-from qmpd.block.datapath import Extent
+from qmpd.block.datapath import Extent, check_request, no_waiting
 from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.drivers.file import NodeRegionIO
 from qmpd.block.drivers.luks import (
@@ -29,7 +30,7 @@ from qmpd.block.drivers.luks import (
     luks_create_options,
 )
 from qmpd.block.drivers.qcow2_clusters import Qcow2Clusters
-from qmpd.block.node import Node, in_thread
+from qmpd.block.node import INLINE_READ_MAX, Node, in_thread
 from qmpd.block.permissions import Perm
 from qmpd.crypto.luks import create_volume, header_length
 from qmpd.crypto.secrets import wipe
@@ -145,6 +146,29 @@ class Qcow2Node(EncryptedNode):
         if self.unaligned(offset, length):          # from a parent node (LUKS inside)
             return self._access.pread(offset, length)
         return self._engine().pread(offset, length)
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if any(self.unaligned(offset, length) for offset, length in ranges):
+            return [self.pread(offset, length) for offset, length in ranges]
+        return self._engine().pread_many(ranges)
+
+    @property
+    def inline_reads(self) -> bool:
+        """The engine takes its metadata lock only if free and reads L2 tables
+        without waiting when asked to (no_waiting), so reads may be tried on
+        the event loop."""
+        return self.file is not None and self.file.inline_reads
+
+    def block_status_now(self, offset: int, length: int) -> list[Extent] | None:
+        """Short ranges from the cached L2 tables, if the lock is free."""
+        if length > INLINE_READ_MAX or not self.inline_reads:
+            return None
+        check_request(offset, length, self.length())
+        try:
+            with no_waiting():
+                return self.block_status(offset, length) if length else []
+        except BlockingIOError:
+            return None
 
     def pwrite(self, offset: int, data, *, fua: bool = False) -> None:
         if self.unaligned(offset, len(data)):

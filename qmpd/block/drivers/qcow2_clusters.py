@@ -80,10 +80,12 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
 
-from qmpd.block.datapath import Extent, check_request
+from qmpd.block.datapath import Extent, check_request, waiting_forbidden
 from qmpd.block.drivers.qcow2_metadata import (
     COMPAT_LAZY_REFCOUNTS,
     CRYPT_LUKS,
@@ -148,6 +150,16 @@ class Child(Protocol):
 class Cipher(Protocol):
     def encrypt(self, sector: int, data: bytes) -> bytes: ...
     def decrypt(self, sector: int, data: bytes) -> bytes: ...
+    def decrypt_many(self, pieces: list[tuple[int, bytes]]) -> list[bytes]: ...
+
+
+@contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Release a lock taken by _take_lock."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Qcow2Corruption(OSError, QMPError):
@@ -686,32 +698,65 @@ class Qcow2Clusters:
             data = self.crypto.encrypt(host // SECTOR, bytes(data))
         self.child.pwrite(host, data)
 
+    def _take_lock(self) -> None:
+        """The metadata lock; on the event loop (no waiting) only if it is free:
+        a thread may hold it across I/O."""
+        if not waiting_forbidden():
+            self._lock.acquire()
+        elif not self._lock.acquire(blocking=False):
+            raise BlockingIOError(errno.EAGAIN, "qcow2 metadata busy")
+
     def pread(self, offset: int, length: int) -> bytes:
-        check_request(offset, length, self.header.size)
-        if (offset | length) % self.request_alignment:
-            raise OSError(errno.EINVAL, "request not aligned to the encryption sector size")
-        out = bytearray(length)
-        with self._lock:
-            self._check_usable()
-            pieces = list(self._pieces(offset, length))
-            self._begin_io()
+        return self.pread_many(((offset, length),))[0]
+
+    def pread_many(self, ranges) -> list[bytes]:
+        """Reads of guest ranges: the mapping of all under one lock, then the
+        data outside it, decrypted in one pass."""
+        for offset, length in ranges:
+            check_request(offset, length, self.header.size)
+            if (offset | length) % self.request_alignment:
+                raise OSError(errno.EINVAL, "request not aligned to the encryption sector size")
+        self._take_lock()
         try:
-            runs: list[list[int]] = []         # [host, position, bytes] of normal clusters
+            self._check_usable()
+            plans = [list(self._pieces(offset, length)) for offset, length in ranges]
+            self._begin_io()
+        finally:
+            self._lock.release()
+        try:
+            return self._read_mapped(ranges, plans)
+        finally:
+            self._end_io()
+
+    def _read_mapped(self, ranges, plans) -> list[bytes]:
+        outs: list[bytes | bytearray] = []
+        runs: list[list[int]] = []         # [request, host, position, bytes] of normal clusters
+        for i, ((_, length), pieces) in enumerate(zip(ranges, plans, strict=True)):
+            out = bytearray(length)
+            outs.append(out)
             for _, inside, pos, n, entry in pieces:
                 kind = cluster_type(entry)
                 if kind == NORMAL:
                     host = (entry & OFFSET_MASK) + inside
-                    if runs and runs[-1][0] + runs[-1][2] == host and runs[-1][1] + runs[-1][2] == pos:
-                        runs[-1][2] += n
+                    last = runs[-1] if runs else None
+                    if last and last[0] == i and last[1] + last[3] == host and last[2] + last[3] == pos:
+                        last[3] += n
                     else:
-                        runs.append([host, pos, n])
+                        runs.append([i, host, pos, n])
                 elif kind == COMPRESSED_CLUSTER:
+                    if waiting_forbidden():   # inflating is CPU work for a thread
+                        raise BlockingIOError(errno.EAGAIN, "compressed cluster")
                     out[pos:pos + n] = self._decompress(entry)[inside:inside + n]
-            for host, pos, n in runs:
-                out[pos:pos + n] = self._read_host(host, n)
-        finally:
-            self._end_io()
-        return bytes(out)
+        data = [self._read(host, n) for _, host, _, n in runs]
+        if self.crypto:
+            data = self.crypto.decrypt_many([(run[1] // SECTOR, piece)
+                                             for run, piece in zip(runs, data, strict=True)])
+        for (i, _, pos, n), piece in zip(runs, data, strict=True):
+            if pos == 0 and n == len(outs[i]):
+                outs[i] = piece              # one run covers the request
+            else:
+                outs[i][pos:pos + n] = piece
+        return [bytes(out) for out in outs]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         data = memoryview(data).cast("B")
@@ -874,7 +919,8 @@ class Qcow2Clusters:
         extents: list[Extent] = []
         cs, span_bits = self.cluster_size, self.l2_bits + self.cluster_bits
         pos, end = offset, offset + length
-        with self._lock:
+        self._take_lock()
+        with _held(self._lock):
             self._check_usable()
             while pos < end:
                 if not self._l2_offset(pos >> span_bits):      # no L2 table: a whole span

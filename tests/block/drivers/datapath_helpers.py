@@ -231,6 +231,7 @@ def operations(size: int, *, boundaries: tuple[int, ...] = (512, 4096, 65536),
         st.tuples(st.just("zero"), ranges, st.booleans()),
         st.tuples(st.just("discard"), ranges),
         st.tuples(st.just("read"), ranges),
+        st.tuples(st.just("reads"), st.lists(ranges, min_size=1, max_size=6)),
         st.tuples(st.just("status"), ranges),
         st.tuples(st.just("flush")),
         st.tuples(st.just("reopen")),
@@ -257,8 +258,19 @@ async def apply(node: Node, model: Model, op: tuple, discard_effect) -> None:
     elif kind == "read":
         offset, length = op[1]
         model.check(offset, await node.read(offset, length))
+    elif kind == "reads":   # a burst, as the NBD server hands it over
+        ranges = op[1]
+        done = node.read_now(ranges)
+        if done is None:        # something had to wait: one by one
+            done = [await node.read(offset, length) for offset, length in ranges]
+        assert len(done) == len(ranges)
+        for (offset, _), data in zip(ranges, done, strict=True):
+            model.check(offset, data)
     elif kind == "status":
         offset, length = op[1]
+        now = node.block_status_now(offset, length)
+        if now is not None:
+            check_status(model, offset, length, now)
         check_status(model, offset, length, await node.get_block_status(offset, length))
     elif kind == "flush":
         await node.flush_all()

@@ -197,3 +197,52 @@ def test_many_mixed_requests_match_qemu(tmp_path):
     node.close()
     qemu_check(path)
     assert qemu_raw(path) == model
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_reads_without_waiting(tmp_path, encrypted):
+    """pread_many on the event loop (no_waiting): a burst of normal, zero and
+    unallocated ranges in one call equals the reads one by one; it gives up
+    (BlockingIOError, nothing read) rather than wait for the metadata lock a
+    thread holds, or inflate a compressed cluster on the loop."""
+    import threading
+
+    from qmpd.block.datapath import no_waiting
+
+    path = make_image(tmp_path / "a.qcow2", MiB, K64, "v3", encrypted=encrypted)
+    qemu_io(path, encrypted, "write -P 0x11 0 192k", "write -z 192k 64k", "write -c -P 0x22 512k 64k")
+    disk, node = open_image(path, crypto=volume_cipher(path) if encrypted else None)
+    try:
+        ranges = [(0, 4096), (60 * 1024, 8192), (190 * 1024, 8192), (300 * 1024, 4096),
+                  (4096, 65536)]
+        expected = [disk.pread(offset, length) for offset, length in ranges]
+        with no_waiting():
+            assert disk.pread_many(ranges) == expected
+            with pytest.raises(BlockingIOError):
+                disk.pread_many([(0, 4096), (512 * 1024, 4096)])     # compressed
+        assert disk.pread(512 * 1024, 4096) == b"\x22" * 4096           # fine in a thread
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with disk._lock:
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        try:
+            with no_waiting():
+                with pytest.raises(BlockingIOError):
+                    disk.pread_many(ranges[:1])
+                with pytest.raises(BlockingIOError):
+                    disk.block_status(0, 4096)
+        finally:
+            release.set()
+            holder.join()
+        with no_waiting():
+            assert disk.pread_many(ranges[:1]) == expected[:1]
+            assert disk.block_status(0, 4096)[0].data
+    finally:
+        disk.close()
+        node.close()
