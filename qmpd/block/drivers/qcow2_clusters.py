@@ -150,6 +150,7 @@ class Child(Protocol):
 class Cipher(Protocol):
     def encrypt(self, sector: int, data: bytes) -> bytes: ...
     def decrypt(self, sector: int, data: bytes) -> bytes: ...
+    def encrypt_many(self, pieces: list[tuple[int, bytes]]) -> list[bytes]: ...
     def decrypt_many(self, pieces: list[tuple[int, bytes]]) -> list[bytes]: ...
 
 
@@ -233,9 +234,10 @@ _SUB_BYTE_HAS_ZERO = {bits: _has_zero_table(bits) for bits in (1, 2, 4)}
 
 
 class _LRU(OrderedDict):
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, before_evict=None) -> None:
         super().__init__()
         self.capacity = capacity
+        self.before_evict = before_evict   # called with the key about to go
 
     def get_fresh(self, key):
         value = self.get(key)
@@ -247,6 +249,8 @@ class _LRU(OrderedDict):
         self[key] = value
         self.move_to_end(key)
         while len(self) > self.capacity:
+            if self.before_evict is not None:
+                self.before_evict(next(iter(self)))
             self.popitem(last=False)
 
 
@@ -284,7 +288,10 @@ class Qcow2Clusters:
                                                    h.refcount_table_clusters * cs))
         if l2_cache_bytes is None:   # QEMU 7.2 on Linux: 32 MiB, or what covers the disk
             l2_cache_bytes = min(32 << 20, -(-h.size // (cs // 8)))
-        self._l2_cache = _LRU(max(2, l2_cache_bytes // cs))
+        self._l2_cache = _LRU(max(2, l2_cache_bytes // cs), self._before_l2_eviction)
+        #: L2 table offset -> indexes changed in memory and not yet written
+        #: (written by _sync_l2, after a flush: see the module text)
+        self._dirty_l2: dict[int, list[int]] = {}
         self._rb_cache = _LRU(max(4, (256 << 10) // cs))
         self._lock = threading.Lock()            # all metadata, every allocating request
         self._idle = threading.Condition()       # lockless data I/O in flight
@@ -392,7 +399,8 @@ class Qcow2Clusters:
                               _be_bytes(self._l1[first:end]))
 
     def _set_l2(self, updates: dict[int, int]) -> list[int]:
-        """Write guest cluster -> new L2 entry (tables COPIED); return the old entries."""
+        """Guest cluster -> new L2 entry (tables COPIED), in memory: written by
+        the next _sync_l2. Returns the old entries."""
         old = []
         by_table: dict[int, list[int]] = {}
         for cluster in sorted(updates):
@@ -404,9 +412,32 @@ class Qcow2Clusters:
             for c, i in zip(clusters, indexes, strict=False):
                 old.append(table[i])
                 table[i] = updates[c]
-            for first, end in _spans(indexes):
-                self.child.pwrite(l2 + first * 8, _be_bytes(table[first:end]))
+            self._dirty_l2.setdefault(l2, []).extend(indexes)
         return old
+
+    def _sync_l2(self) -> None:
+        """Write the L2 entries changed in memory, after a flush: what they
+        point at (refcounts, data, COW bytes, the file's length) is durable
+        before any of them is on disk."""
+        if not self._dirty_l2:
+            return
+        self.child.flush()
+        for l2, indexes in list(self._dirty_l2.items()):
+            table = self._l2_cache[l2]
+            for first, end in _spans(sorted(set(indexes))):
+                self.child.pwrite(l2 + first * 8, _be_bytes(table[first:end]))
+            del self._dirty_l2[l2]
+
+    def _before_l2_eviction(self, l2: int) -> None:
+        if l2 in self._dirty_l2:
+            self._sync_l2()
+
+    def _sync_before_free(self) -> None:
+        """Before refcounts drop: the L2 changes that removed the references are
+        durable, and no lockless I/O still targets the clusters."""
+        self._sync_l2()
+        self.child.flush()
+        self._wait_idle()
 
     def _prepare_l2(self, l1_indexes, hosts: list[int] | None = None, *,
                     existing_only: bool = False) -> None:
@@ -430,6 +461,7 @@ class Qcow2Clusters:
             if old:
                 replaced.append(old)
                 self._l2_cache.pop(old, None)
+                self._dirty_l2.pop(old, None)
         self.child.flush()
         for l1i, host in zip(need, hosts, strict=False):
             self._l1[l1i] = host | COPIED
@@ -492,11 +524,14 @@ class Qcow2Clusters:
                 return start
             start = self._find_free(busy + 1)
 
-    def _allocate(self, count: int, *, contiguous: bool = False, cover: bool = True) -> list[int]:
+    def _allocate(self, count: int, *, contiguous: bool = False, cover: bool = True,
+                  flush: bool = True) -> list[int]:
         """Host offsets of ``count`` new clusters, their refcounts 1 and flushed.
 
         ``cover``: the file is extended over them (else the caller's write
-        does, as QEMU's L1 table growth writes just the table)."""
+        does, as QEMU's L1 table growth writes just the table). ``flush``
+        False: the caller flushes before anything on disk points at them
+        (data clusters: _sync_l2)."""
         if not count:
             return []
         found: list[int] = []
@@ -527,7 +562,8 @@ class Qcow2Clusters:
         if cover and end > self.child.size():
             # the file covers every cluster before anything can reference it
             self.child.truncate(end)
-        self.child.flush()
+        if flush:
+            self.child.flush()
         return [c << self.cluster_bits for c in found]
 
     def _set_refcounts(self, start: int, count: int, value: int) -> None:
@@ -693,10 +729,25 @@ class Qcow2Clusters:
         data = self._read(host, length)
         return self.crypto.decrypt(host // SECTOR, data) if self.crypto else data
 
-    def _write_host(self, host: int, data: bytes | bytearray | memoryview) -> None:
+    def _write_hosts(self, writes: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Guest data to host offsets: pieces that follow each other on the
+        host go in one write, and everything is encrypted in one pass (a
+        1 MiB write over 64 KiB clusters: one pwrite, one cipher call)."""
+        runs: list[tuple[int, list]] = []
+        end = -1
+        for host, data in writes:
+            if host == end:
+                runs[-1][1].append(data)
+            else:
+                runs.append((host, [data]))
+            end = host + len(data)
+        joined = [(host, parts[0] if len(parts) == 1 else b"".join(parts)) for host, parts in runs]
         if self.crypto:
-            data = self.crypto.encrypt(host // SECTOR, bytes(data))
-        self.child.pwrite(host, data)
+            encrypted = self.crypto.encrypt_many([(host // SECTOR, bytes(data))
+                                                  for host, data in joined])
+            joined = [(host, data) for (host, _), data in zip(joined, encrypted, strict=True)]
+        for host, data in joined:
+            self.child.pwrite(host, data)
 
     def _take_lock(self) -> None:
         """The metadata lock; on the event loop (no waiting) only if it is free:
@@ -776,12 +827,12 @@ class Qcow2Clusters:
                 self._write_allocating(data, pieces)
         if in_place:
             try:
-                for _, inside, pos, n, entry in pieces:
-                    self._write_host((entry & OFFSET_MASK) + inside, data[pos:pos + n])
+                self._write_hosts([((entry & OFFSET_MASK) + inside, data[pos:pos + n])
+                                   for _, inside, pos, n, entry in pieces])
             finally:
                 self._end_io()
         if fua:
-            self.child.flush()
+            self.flush()
 
     def _write_allocating(self, data: memoryview, pieces: list) -> None:
         """A write needing new clusters (or L2 tables): the order in the module text."""
@@ -789,23 +840,27 @@ class Qcow2Clusters:
         moving = [p for p in pieces if not (cluster_type(p[4]) == NORMAL and p[4] & COPIED)]
         tables = self._tables_needed(p[0] >> self.l2_bits for p in moving)
         fresh = [p for p in moving if not (cluster_type(p[4]) == ZERO_ALLOC and p[4] & COPIED)]
-        hosts = self._allocate(len(tables) + len(fresh))
-        self._prepare_l2([p[0] >> self.l2_bits for p in moving], hosts[:len(tables)])
-        host_of = dict(zip((p[0] for p in fresh), hosts[len(tables):], strict=False))
-        cow = False
+        self._prepare_l2([p[0] >> self.l2_bits for p in moving], self._allocate(len(tables)))
+        # Data clusters: no flush and no file extension here; the data write
+        # extends the file, and _sync_l2 flushes before their L2 entries go out.
+        host_of = dict(zip((p[0] for p in fresh),
+                           self._allocate(len(fresh), cover=False, flush=False), strict=False))
         updates: dict[int, int] = {}
+        writes: list[tuple[int, bytes | bytearray | memoryview]] = []
         for cluster, inside, pos, n, entry in pieces:
             kind = cluster_type(entry)
             if kind == NORMAL and entry & COPIED:
                 self._check_overlap((entry & OFFSET_MASK) + inside, n)
-                self._write_host((entry & OFFSET_MASK) + inside, data[pos:pos + n])
+                writes.append(((entry & OFFSET_MASK) + inside, data[pos:pos + n]))
                 continue
             host = host_of.get(cluster, entry & OFFSET_MASK)
             in_disk = min(cs, self.header.size - cluster * cs)
-            if inside == 0 and n >= in_disk:
+            buffer: bytes | bytearray | memoryview
+            if inside == 0 and n == cs:
+                buffer = data[pos:pos + n]
+            elif inside == 0 and n >= in_disk:
                 buffer = bytearray(data[pos:pos + n]) + bytes(cs - n)
             else:
-                cow = True
                 if kind == COMPRESSED_CLUSTER:
                     buffer = bytearray(self._decompress(entry))
                 elif kind == NORMAL:                  # shared: copy the old contents
@@ -814,16 +869,14 @@ class Qcow2Clusters:
                     buffer = bytearray(cs)
                 buffer[inside:inside + n] = data[pos:pos + n]
             self._check_overlap(host, cs)
-            self._write_host(host, buffer)
+            writes.append((host, buffer))
             updates[cluster] = host | COPIED
-        if cow:
-            self.child.flush()
+        self._write_hosts(writes)
         old = self._set_l2(updates)
         replaced = [e for e in old if cluster_type(e) in (NORMAL, COMPRESSED_CLUSTER)
                     or (cluster_type(e) == ZERO_ALLOC and not e & COPIED)]
         if replaced:
-            self.child.flush()
-            self._wait_idle()
+            self._sync_before_free()
             for entry in replaced:
                 self._free_entry(entry)
 
@@ -853,8 +906,7 @@ class Qcow2Clusters:
         self._prepare_l2([c >> self.l2_bits for c in updates], existing_only=True)
         self._set_l2(updates)
         if frees:
-            self.child.flush()
-            self._wait_idle()
+            self._sync_before_free()
             for entry in frees:
                 self._free_entry(entry)
 
@@ -894,7 +946,7 @@ class Qcow2Clusters:
         for p_off, p_len in partial:
             self.pwrite(p_off, bytes(p_len))
         if fua:
-            self.child.flush()
+            self.flush()
 
     def pdiscard(self, offset: int, length: int) -> None:
         """QEMU's discard_in_l2_slice without a backing file; partial clusters ignored."""
@@ -912,6 +964,10 @@ class Qcow2Clusters:
             self._update_entries(first, last, discard)
 
     def flush(self) -> None:
+        """Every write before is durable: the L2 entries held in memory go out
+        (after a flush, _sync_l2), then one more flush."""
+        with self._lock:
+            self._sync_l2()
         self.child.flush()
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
@@ -998,6 +1054,7 @@ class Qcow2Clusters:
         drop = [i for i in range(keep, len(self._l1)) if self._l1[i] & OFFSET_MASK]
         if drop:
             self._mark_dirty()
+            self._sync_l2()
             tables = [self._l1[i] & OFFSET_MASK for i in drop]
             for i in drop:
                 self._l1[i] = 0
@@ -1006,6 +1063,7 @@ class Qcow2Clusters:
             self._wait_idle()
             for table in tables:
                 self._l2_cache.pop(table, None)
+                self._dirty_l2.pop(table, None)
                 self._decref(table >> self.cluster_bits, 1)
         self.child.flush()
         end = self.child.size()
@@ -1024,6 +1082,7 @@ class Qcow2Clusters:
         if self.read_only:
             return
         with self._lock:
+            self._sync_l2()
             self.child.flush()
             h = self.header
             if self._dirty and self._broken is None:

@@ -603,7 +603,8 @@ def test_lazy_refcounts_dirty_bit(tmp_path):
     disk.pwrite(0, b"x" * 512)
     with open(path, "rb") as f:
         assert struct.unpack(">Q", f.read(80)[72:80])[0] & qcow2.INCOMPAT_DIRTY
-    disk.pwrite(0, b"y" * 512)                        # left dirty: "crash"
+    disk.pwrite(0, b"y" * 512)
+    disk.flush()                                      # durable, but left dirty: "crash"
     node.close()
     with pytest.raises(QMPError, match="dirty bit"):
         open_image(path)
