@@ -3,23 +3,29 @@
 Theory of operation
 ===================
 
-Metadata is write-through: every L1/L2/refcount change is written to the
-child at once, and the in-memory copies (the whole L1 table, the whole
-refcount table, LRU caches of L2 tables and refcount blocks) always equal
-the file. So ``flush()`` is just the child's flush, and a crash loses at
-most what the child had not made durable.
+Metadata is written through, except L2 entries: every L1 and refcount
+change (and every new or copied L2 table) is written to the child at once,
+while changed L2 entries stay in the cached table, marked dirty, until
+``_sync_l2`` writes them: at ``flush()`` (and FUA), before refcounts drop,
+when a dirty table would leave the cache, and at close. The in-memory
+tables are the truth for reads; the file lags by the entries of writes
+not flushed yet, which a crash may lose (as in QEMU's write-back metadata
+cache), and nothing else.
 
 Crash safety comes from ordering alone. The child may lose or reorder any
 write issued since its last flush (a write-back cache), so each step that
 must be durable before the next one is followed by a flush ("|" below).
 A crash between steps can only leak clusters (refcount > 0, unreferenced),
-which ``qemu-img check`` reports as leaks, never as errors.
+which ``qemu-img check`` reports as leaks, never as errors. ``_sync_l2``
+flushes before it writes any entry: the refcounts, the data and COW bytes
+and the file length an entry points at are durable before the entry is.
 
 Allocating a cluster (``_allocate``)::
 
     refcount entries := 1 in existing refcount blocks,
     file extended over the new clusters (a lost data write must not leave
     an L2 entry pointing past the end of the file)     | flush
+    (data clusters skip both: see pwrite)
 
   with a missing refcount block first made (``_new_refblock``)::
 
@@ -39,19 +45,21 @@ Writing guest data (``pwrite``)::
     COPIED cluster: written in place (no metadata change, may run outside
     the lock in parallel with reads and other in-place writes)
     otherwise: [L2 table, if missing or shared: allocate | zeroed or copied
-                table | flush | L1 entry := table|COPIED  (old table -1)]
-               allocate data clusters                       (| flush above)
+               table | flush | L1 entry := table|COPIED  (old table -1)]
+               allocate data clusters: refcounts := 1, no flush (the data
+               write extends the file; _sync_l2 flushes before the entry)
                write data: guest bytes + COW of the rest of the cluster
-               (zeroes, or the old contents of a compressed/shared cluster)
-               | flush, only if COW bytes were written (they must be on
-               disk before the L2 entry makes them visible)
-               L2 entries := host|COPIED
-               if old clusters were replaced: | flush, then their refcounts -1
+               (zeroes, or the old contents of a compressed/shared cluster),
+               all of one request encrypted in one pass
+               L2 entries := host|COPIED, in memory (dirty)
+               if old clusters were replaced: _sync_l2 | flush, then their
+               refcounts -1
 
 Zeroing and discard (``pwrite_zeroes``, ``pdiscard``)::
 
     [shared L2 tables copied first, as above]
-    L2 entries := ZERO flag (v3) / 0   | flush   refcounts of freed clusters -1
+    L2 entries := ZERO flag (v3) / 0, in memory
+    if clusters are freed: _sync_l2 | flush, then their refcounts -1
 
 Freeing waits until no lockless read or in-place write is in flight, so a
 cluster is never reused under a reader. Encryption (LUKS inside qcow2)
@@ -367,6 +375,11 @@ class Qcow2Clusters:
     def _l2_table(self, offset: int) -> array:
         table = self._l2_cache.get_fresh(offset)
         if table is None:
+            cache = self._l2_cache
+            if (waiting_forbidden() and len(cache) >= cache.capacity
+                    and next(iter(cache)) in self._dirty_l2):
+                # loading it would write back the oldest table: flushes, not for the loop
+                raise BlockingIOError(errno.EAGAIN, "L2 cache full of unwritten entries")
             table = _be_array("Q", self._read(offset, self.cluster_size))
             self._l2_cache.put(offset, table)
         return table

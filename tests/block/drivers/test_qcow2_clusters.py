@@ -700,3 +700,36 @@ def test_read_only_and_range_checks(tmp_path):
     assert info.value.errno == errno.EINVAL
     assert disk.block_status(MiB - 10, 10)[0].length == 10
     node.close()
+
+
+def test_unwritten_l2_entries_go_out_before_their_table_leaves_the_cache(tmp_path):
+    """L2 entries are written back at flush; a table evicted from a small
+    cache is written first (after a flush), so its entries survive a crash
+    that loses the ones still in memory; on the event loop (no_waiting) a
+    load that would evict such a table gives up instead of flushing."""
+    from qmpd.block.datapath import no_waiting
+
+    cs = 512                                   # an L2 table maps 64 clusters: 32 KiB
+    path = make_image(tmp_path / "a.qcow2", MiB, cs, "v3")
+    disk, node = open_image(path, l2_cache_bytes=2 * cs)        # two tables cached
+    span = (cs // 8) * cs
+    for t in range(4):
+        disk.pwrite(t * span, bytes([t + 1]) * cs)
+    assert len(disk._dirty_l2) == 2            # the last two, still in memory
+    with no_waiting(), pytest.raises(BlockingIOError):
+        disk.pread(0, cs)                      # table 0 back: would evict a dirty one
+    node.close()                               # "crash": no flush, no close
+    disk, node = open_image(path, read_only=True)
+    assert [disk.pread(t * span, 1) for t in range(4)] == [b"\x01", b"\x02", b"\0", b"\0"]
+    node.close()
+    qemu_check(path)
+    # a flush writes them all
+    disk, node = open_image(path)
+    for t in range(4):
+        disk.pwrite(t * span, bytes([t + 5]) * cs)
+    disk.flush()
+    node.close()
+    disk, node = open_image(path, read_only=True)
+    assert [disk.pread(t * span, 1) for t in range(4)] == [bytes([t + 5]) for t in range(4)]
+    node.close()
+    qemu_check(path)
