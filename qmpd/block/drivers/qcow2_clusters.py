@@ -304,6 +304,8 @@ class Qcow2Clusters:
         self._lock = threading.Lock()            # all metadata, every allocating request
         self._idle = threading.Condition()       # lockless data I/O in flight
         self._in_flight = 0
+        self._allocating: set[int] = set()       # guest clusters a write is giving new clusters
+        self._allocated = threading.Condition(self._lock)
         self._free_index = 0                     # no free cluster below (QEMU's hint)
         self._broken: str | None = None
         self._dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
@@ -793,10 +795,18 @@ class Qcow2Clusters:
             self._end_io()
 
     def _read_mapped(self, ranges, plans) -> list[bytes]:
+        # A request that one run of clusters covers gets the decrypted run
+        # itself; the others a zeroed buffer the runs are copied into (made
+        # only for them: zeroing a megabyte costs as much as reading it).
         outs: list[bytes | bytearray] = []
         runs: list[list[int]] = []         # [request, host, position, bytes] of normal clusters
         for i, ((_, length), pieces) in enumerate(zip(ranges, plans, strict=True)):
-            out = bytearray(length)
+            whole = (len(pieces) > 0 and cluster_type(pieces[0][4]) == NORMAL
+                     and all(cluster_type(p[4]) == NORMAL
+                             and (p[4] & OFFSET_MASK) + p[1]
+                             == (pieces[0][4] & OFFSET_MASK) + pieces[0][1] + p[2]
+                             for p in pieces))
+            out = b"" if whole else bytearray(length)
             outs.append(out)
             for _, inside, pos, n, entry in pieces:
                 kind = cluster_type(entry)
@@ -816,10 +826,11 @@ class Qcow2Clusters:
             data = self.crypto.decrypt_many([(run[1] // SECTOR, piece)
                                              for run, piece in zip(runs, data, strict=True)])
         for (i, _, pos, n), piece in zip(runs, data, strict=True):
-            if pos == 0 and n == len(outs[i]):
-                outs[i] = piece              # one run covers the request
+            out = outs[i]
+            if isinstance(out, bytearray):
+                out[pos:pos + n] = piece
             else:
-                outs[i][pos:pos + n] = piece
+                outs[i] = piece              # one run covers the request
         return [bytes(out) for out in outs]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
@@ -829,26 +840,54 @@ class Qcow2Clusters:
             return
         with self._lock:
             self._check_usable()
-            pieces = list(self._pieces(offset, len(data)))
-            in_place = all(cluster_type(e) == NORMAL and e & COPIED for *_, e in pieces)
-            if in_place:
+            while True:
+                pieces = list(self._pieces(offset, len(data)))
+                if not self._allocating or not any(p[0] in self._allocating for p in pieces):
+                    break
+                self._allocated.wait()      # an earlier write is giving them clusters
+            if all(cluster_type(e) == NORMAL and e & COPIED for *_, e in pieces):
                 for _, inside, _, n, entry in pieces:
                     self._check_overlap((entry & OFFSET_MASK) + inside, n)
-                self._begin_io()
+                writes = [((entry & OFFSET_MASK) + inside, data[pos:pos + n])
+                          for _, inside, pos, n, entry in pieces]
+                updates: dict[int, int] = {}
             else:
                 self._mark_dirty()
-                self._write_allocating(data, pieces)
-        if in_place:
-            try:
-                self._write_hosts([((entry & OFFSET_MASK) + inside, data[pos:pos + n])
-                                   for _, inside, pos, n, entry in pieces])
-            finally:
-                self._end_io()
+                writes, updates = self._plan_allocating(data, pieces)
+                self._allocating.update(updates)
+            self._begin_io()
+        try:
+            self._write_hosts(writes)       # encrypted and written outside the lock
+        except BaseException:
+            self._end_io()
+            if updates:                     # the new clusters leak, as after a crash
+                with self._lock:
+                    self._allocating.difference_update(updates)
+                    self._allocated.notify_all()
+            raise
+        self._end_io()
+        if updates:
+            with self._lock:
+                self._allocating.difference_update(updates)
+                self._allocated.notify_all()
+                self._map_allocated(updates)
         if fua:
             self.flush()
 
-    def _write_allocating(self, data: memoryview, pieces: list) -> None:
-        """A write needing new clusters (or L2 tables): the order in the module text."""
+    def _wait_allocations(self, clusters=None) -> None:
+        """(The lock held) until no write is giving any of these guest clusters
+        (None: any cluster) new host clusters."""
+        while self._allocating and (clusters is None
+                                    or not self._allocating.isdisjoint(clusters)):
+            self._allocated.wait()
+
+    def _plan_allocating(self, data: memoryview, pieces: list
+                         ) -> tuple[list[tuple[int, bytes | bytearray | memoryview]],
+                                    dict[int, int]]:
+        """A write needing new clusters (or L2 tables), the order in the module
+        text: tables and clusters allocated here, under the lock; the caller
+        writes the data outside it (the guest clusters marked as allocating,
+        so no other request changes them meanwhile), then _map_allocated."""
         cs = self.cluster_size
         moving = [p for p in pieces if not (cluster_type(p[4]) == NORMAL and p[4] & COPIED)]
         tables = self._tables_needed(p[0] >> self.l2_bits for p in moving)
@@ -884,7 +923,11 @@ class Qcow2Clusters:
             self._check_overlap(host, cs)
             writes.append((host, buffer))
             updates[cluster] = host | COPIED
-        self._write_hosts(writes)
+        return writes, updates
+
+    def _map_allocated(self, updates: dict[int, int]) -> None:
+        """(The lock held) the written clusters into the L2 tables; the clusters
+        they replaced freed once that is durable."""
         old = self._set_l2(updates)
         replaced = [e for e in old if cluster_type(e) in (NORMAL, COMPRESSED_CLUSTER)
                     or (cluster_type(e) == ZERO_ALLOC and not e & COPIED)]
@@ -933,6 +976,7 @@ class Qcow2Clusters:
                  [(offset, first * cs - offset), (last * cs, end - last * cs)])
         with self._lock:
             self._check_usable()
+            self._wait_allocations(range(offset // cs, -(-end // cs)))
             # bytes outside whole clusters, in clusters that do not read as zeroes
             partial = [(cluster * cs + inside, n)
                        for p_off, p_len in parts if p_len > 0
@@ -974,6 +1018,7 @@ class Qcow2Clusters:
 
         with self._lock:
             self._check_usable()
+            self._wait_allocations(range(first, last))
             self._update_entries(first, last, discard)
 
     def flush(self) -> None:
@@ -1016,6 +1061,7 @@ class Qcow2Clusters:
             raise OSError(errno.EINVAL, "Image size must be a multiple of 512 bytes")
         with self._lock:
             self._check_usable()
+            self._wait_allocations()
             h = self.header
             span = self.cluster_size << self.l2_bits
             l1_size = -(-new_size // span)

@@ -733,3 +733,48 @@ def test_unwritten_l2_entries_go_out_before_their_table_leaves_the_cache(tmp_pat
     assert [disk.pread(t * span, 1) for t in range(4)] == [bytes([t + 5]) for t in range(4)]
     node.close()
     qemu_check(path)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_concurrent_writes_into_one_new_cluster_keep_every_byte(tmp_path, encrypted):
+    """Allocating writes encrypt and write outside the metadata lock; writes
+    into the same guest clusters wait for each other, so sub-cluster writes
+    from many threads into unallocated clusters (each one a COW of the
+    rest) all survive, and zeroes/discards in between never free a cluster
+    a write is still filling."""
+    import threading
+
+    cs = 65536
+    path = make_image(tmp_path / "a.qcow2", 4 * MiB, cs, "v3", encrypted=encrypted)
+    disk, node = open_image(path, crypto=volume_cipher(path) if encrypted else None)
+    start = threading.Barrier(8)
+    errors = []
+
+    def worker(n):
+        try:
+            start.wait(10)
+            for rnd in range(6):
+                base = rnd * 2 * cs                      # two clusters per round, all threads
+                disk.pwrite(base + n * 4096, bytes([n + 1]) * 4096)
+                disk.pwrite(base + cs + n * 4096 + 512, bytes([n + 17]) * 1024)
+                if n == 7:
+                    disk.pwrite_zeroes(base + cs + 60 * 1024, 1024)
+        except BaseException as err:   # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for rnd in range(6):
+        base = rnd * 2 * cs
+        for n in range(8):
+            assert disk.pread(base + n * 4096, 4096) == bytes([n + 1]) * 4096
+            got = disk.pread(base + cs + n * 4096, 4096)
+            assert got == bytes(512) + bytes([n + 17]) * 1024 + bytes(2560)
+    disk.flush()
+    disk.close()
+    node.close()
+    qemu_check(path, encrypted)
