@@ -5,9 +5,16 @@ operation), replayed against qmpd by tests/integration/test_qsd_reference.py.
 
 - ``cipher-<alg>``: one case per cipher-alg; blockdev-create luks on an empty
   file node for every cipher-mode x ivgen-alg (and, with essiv, several
-  ivgen-hash-alg), each a job of its own, then query-jobs shows every job's
-  error text (QEMU's crypto/cipher.c and crypto/block-luks.c order of checks).
-- ``amend-driver-*``: x-blockdev-amend and blockdev-amend whose
+  ivgen-hash-alg) that qsd refuses, each a job of its own, then query-jobs
+  shows every job's error text (QEMU's crypto/cipher.c and
+  crypto/block-luks.c order of checks). The combinations qsd accepts are
+  left out: qsd then runs its PBKDF2 calibration, which on this kernel's
+  coarse thread clock fails at random ("Unable to get accurate CPU
+  usage"), so no recording of them is stable; and the 192-bit ciphers are
+  left out because qsd 7.2 dies creating any of them (README, Known
+  differences). :func:`qsd_refuses` is the rule found by recording the
+  whole matrix once (tests/data/qsd/ciphers.json's note).
+- ``amend-driver-*``: x-blockdev-amend whose
   ``options.driver`` does not match the node, and members of another
   driver's branch.
 
@@ -34,6 +41,21 @@ def cmd(name: str, args: Any = None) -> str:
     return json.dumps(msg)
 
 
+def qsd_refuses(alg: str, mode: str, ivgen: str, essiv_hash: str | None) -> bool:
+    """Whether qsd 7.2 fails this blockdev-create luks before any key derivation."""
+    if alg in ("des", "3des"):
+        return True                               # "Algorithm 'des' not supported"
+    if ivgen == "essiv" and essiv_hash in ("sha1", "sha512"):
+        return True                               # no cipher with a 20 / 64-byte key
+    if alg == "cast5-128":
+        return mode == "xts" or (ivgen == "essiv" and essiv_hash != "md5")
+    return False
+
+
+#: The ciphers qsd 7.2 cannot create at all: it dies (EOF on the monitor).
+QSD_DIES = ("aes-192", "serpent-192", "twofish-192")
+
+
 def cipher_cases() -> list:
     from tests.tools.record_qsd import C, LUKS_IMG, QCOW_IMG, SECRETS, S, job_event, luks_node
 
@@ -48,19 +70,18 @@ def cipher_cases() -> list:
     common = {"files": [{"path": "{tmp}/c.img", "text": ""}], "daemon_args": SECRETS}
     cases = []
     for alg in CIPHER_ALGS:
+        if alg in QSD_DIES:
+            continue
+        combos = [(mode, ivgen, None) for mode in CIPHER_MODES for ivgen in IVGENS]
+        combos += [("cbc", "essiv", h) for h in ESSIV_HASHES]
         steps = []
-        n = 0
-        for mode in CIPHER_MODES:
-            for ivgen in IVGENS:
-                steps.append(create(f"j{n}", **{"cipher-alg": alg, "cipher-mode": mode,
-                                                "ivgen-alg": ivgen}))
-                n += 1
-        for h in ESSIV_HASHES:
-            steps.append(create(f"j{n}", **{"cipher-alg": alg, "cipher-mode": "cbc",
-                                            "ivgen-alg": "essiv", "ivgen-hash-alg": h}))
-            n += 1
-        steps.append(create(f"j{n}", **{"cipher-alg": alg, "cipher-mode": "cbc",
-                                        "ivgen-alg": "plain64", "ivgen-hash-alg": "sha1"}))
+        for mode, ivgen, essiv_hash in combos:
+            if not qsd_refuses(alg, mode, ivgen, essiv_hash):
+                continue
+            opts = {"cipher-alg": alg, "cipher-mode": mode, "ivgen-alg": ivgen}
+            if essiv_hash:
+                opts["ivgen-hash-alg"] = essiv_hash
+            steps.append(create(f"j{len(steps)}", **opts))
         cases.append(C(f"cipher-{alg}", file_node, *steps, cmd("query-jobs"), **common))
 
     def amend_steps(command: str, node: str, options: dict) -> list:
@@ -72,7 +93,9 @@ def cipher_cases() -> list:
                                       "encrypt": {"format": "luks", "key-secret": "s0"},
                                       "file": {"driver": "file",
                                                "filename": "{tmp}/q.qcow2"}})
-    for command in ("x-blockdev-amend", "blockdev-amend"):
+    # qsd 7.2 has only x-blockdev-amend; qmpd's blockdev-amend alias (QEMU 8.0's
+    # name) answers the same with its own name in the text (tests/qmp).
+    for command in ("x-blockdev-amend",):
         short = "x" if command.startswith("x-") else "plain"
         luks = {"images": [LUKS_IMG], "daemon_args": SECRETS}
         qcow = {"images": [QCOW_IMG], "daemon_args": SECRETS}

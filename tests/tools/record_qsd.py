@@ -1204,6 +1204,7 @@ def create_qcow2_steps() -> list[Step | str]:
 
 from tests.tools import qsd_cases_exports  # noqa: E402  (its cases use the helpers above)
 from tests.tools.qsd_cases_block_io import block_io_cases  # noqa: E402
+from tests.tools.qsd_cases_ciphers import cipher_cases  # noqa: E402
 
 GROUPS: dict[str, Callable[[], list[Case]]] = {
     "greeting": greeting_cases,
@@ -1214,6 +1215,7 @@ GROUPS: dict[str, Callable[[], list[Case]]] = {
     "block": block_cases,
     "exports": lambda: qsd_cases_exports.exports_cases(),
     "block-io": block_io_cases,
+    "ciphers": cipher_cases,
 }
 
 

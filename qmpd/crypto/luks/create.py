@@ -67,6 +67,10 @@ class LuksCreateOptions:
         if ivgen == "essiv" and ivhash is None:
             ivhash = "sha256"
         spec = CipherSpec(self.cipher_alg, self.cipher_mode, ivgen, ivhash)
+        # QEMU's qcrypto_block_luks_create order: the name the header can
+        # carry, then ESSIV's cipher, then the payload cipher itself.
+        ciphers.format_luks_cipher(spec)
+        spec.ivgen_cipher_alg()
         ciphers.check_cipher_supported(spec)
         return spec
 

@@ -109,7 +109,13 @@ def test_same_randomness_same_image():
                        ivgen_hash_alg="sha1"), "No AES cipher with key size 20 available"),
     (LuksCreateOptions(hash_alg="sha3"), "Hash algorithm 'sha3' not supported"),
     (LuksCreateOptions(cipher_alg="cast5-128", cipher_mode="xts", ivgen_alg="plain64"),
-     "not supported"),
+     "Unsupported cipher mode xts"),                       # QEMU's text and order
+    (LuksCreateOptions(cipher_alg="cast5-128", cipher_mode="xts", ivgen_alg="essiv"),
+     "Cipher cast5-128 not supported with essiv"),         # ESSIV is checked first
+    (LuksCreateOptions(cipher_alg="des", cipher_mode="xts", ivgen_alg="essiv"),
+     "Algorithm 'des' not supported"),                     # the name before everything
+    (LuksCreateOptions(cipher_alg="serpent-128", cipher_mode="cbc", ivgen_alg="essiv",
+                       ivgen_hash_alg="sha512"), "No Serpent cipher with key size 64 available"),
 ])
 def test_create_refusals(options, text):
     io = MemoryImageIO()
