@@ -7,7 +7,6 @@ clients would.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -15,98 +14,21 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.oracles import IN_CI, qemu_img_create_luks, require, run, run_qemu_img
+from tests.qmp_client import QmpClient
 
 LIBNBD_PYTHON = "/usr/bin/python3"
 
 
-class Qmp:
-    """A synchronous QMP client: negotiated on connect, events kept in order."""
+class Qmp(QmpClient):
+    """tests/qmp_client.py's client, connected (retrying while the daemon
+    starts) and negotiated."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self.buf = b""
-        self.events: list[dict] = []
-        self.greeting = self._next(timeout)
-        assert self.cmd("qmp_capabilities") == {"return": {}}
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _next(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no QMP message")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def send(self, name: str, args: dict | None = None) -> None:
-        msg: dict[str, Any] = {"execute": name}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode())
-
-    def reply(self, timeout: float = 60.0) -> dict:
-        while True:
-            msg = self._next(timeout)
-            if "event" in msg:
-                self.events.append(msg)
-                continue
-            return msg
-
-    def cmd(self, name: str, args: dict | None = None, timeout: float = 60.0) -> dict:
-        self.send(name, args)
-        return self.reply(timeout)
-
-    def ok(self, name: str, args: dict | None = None, timeout: float = 60.0) -> Any:
-        reply = self.cmd(name, args, timeout)
-        assert "return" in reply, f"{name}: {reply}"
-        return reply["return"]
-
-    def wait_event(self, name: str, timeout: float = 60.0, **data: Any) -> dict:
-        def matches(m: dict) -> bool:
-            return m["event"] == name and all(m.get("data", {}).get(k) == v
-                                              for k, v in data.items())
-        for i, m in enumerate(self.events):
-            if matches(m):
-                return self.events.pop(i)
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._next(max(deadline - time.monotonic(), 0.001))
-            if "event" not in msg:
-                raise AssertionError(f"unexpected reply while waiting for {name}: {msg}")
-            if matches(msg):
-                return msg
-            self.events.append(msg)
-
-    def run_job(self, name: str, args: dict, job_id: str, timeout: float = 120.0) -> dict:
-        """Start a job, wait for it to conclude, dismiss it; its query-jobs entry."""
-        self.ok(name, args)
-        self.wait_event("JOB_STATUS_CHANGE", timeout, id=job_id, status="concluded")
-        info = [j for j in self.ok("query-jobs") if j["id"] == job_id][0]
-        self.ok("job-dismiss", {"id": job_id})
-        return info
+        super().__init__(path, timeout=60.0, connect_timeout=timeout, negotiate=True)
 
 
 def nbd_uri(sock: str, name: str = "disk") -> str:

@@ -41,13 +41,13 @@ class Player:
 
     def say(self, name: str, args: dict | None = None, settle: float = 0.2) -> list:
         """Send a command; every message until the line is quiet, in order."""
-        self.qmp.send(name, args)
+        self.qmp.send_command(name, args)
         got: list = []
         replied = False
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                msg = self.qmp._next(settle if replied else 20)
+                msg = self.qmp.recv(settle if replied else 20)
             except TimeoutError:
                 break
             msg.pop("timestamp", None)

@@ -78,7 +78,7 @@ def test_rotation_while_nbdcopy_writes(qmpd_daemon, fmt) -> None:
                 amend("erase", {"driver": "luks", "state": "inactive", "old-secret": "s0"})
                 continue
             try:
-                qmp.events.append(qmp._next(0.05))
+                qmp.events.append(qmp.recv(0.05))
             except TimeoutError:
                 pass
         assert writer.wait(120) == 0, writer.stderr.read().decode()

@@ -32,7 +32,7 @@ from qmpd.posixio import FileImageIO
 from qmpd.crypto.luks import LuksCreateOptions, create_volume, open_volume
 from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
-from tests.reliability.qmp_wire import RawQMP
+from tests.qmp_client import QmpClient
 
 P0, P1 = "hostile-zero", "hostile-one"
 
@@ -95,7 +95,7 @@ def corrupt_variants(image: bytes, fields, iteration_fields, rng: random.Random,
         yield f"truncated to {cut}", image[:cut]
 
 
-def _check_answers(q: RawQMP, path: str, variants, node: dict) -> tuple[int, int]:
+def _check_answers(q: QmpClient, path: str, variants, node: dict) -> tuple[int, int]:
     """blockdev-add each variant; (answered, opened)."""
     answered = opened = 0
     for label, data in variants:
@@ -143,7 +143,7 @@ def test_corrupt_luks_headers(workdir, scale, soak, figures):
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
     rng = random.Random(592)
     try:
-        with RawQMP(sock, timeout=60) as q:
+        with QmpClient(sock, timeout=60) as q:
             q.negotiate()
             target = os.path.join(workdir, "victim.luks")
             node = {"driver": "luks", "node-name": "v", "key-secret": "s0",
@@ -170,7 +170,7 @@ def test_corrupt_qcow2_headers_and_extensions(workdir, scale, soak, figures):
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
     rng = random.Random(0x514649FB)
     try:
-        with RawQMP(sock, timeout=60) as q:
+        with QmpClient(sock, timeout=60) as q:
             q.negotiate()
             target = os.path.join(workdir, "victim.qcow2")
             node = {"driver": "qcow2", "node-name": "v",
@@ -216,8 +216,8 @@ def test_billions_of_iterations_slow_only_their_own_session(workdir, figures):
     sock = os.path.join(workdir, "q.sock")
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
     try:
-        slow = RawQMP(sock).negotiate()
-        other = RawQMP(sock).negotiate()
+        slow = QmpClient(sock).negotiate()
+        other = QmpClient(sock).negotiate()
         slow.send(b'{"execute": "blockdev-add", "arguments": {"driver": "luks", '
                   b'"node-name": "slow", "key-secret": "s0", "file": {"driver": "file", '
                   b'"filename": "' + image.encode() + b'"}}}')
@@ -247,7 +247,7 @@ def test_amend_slowed_by_a_hostile_slot_can_be_cancelled(workdir, figures):
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}",
                       "--object", f"secret,id=s1,data={P1}")
     try:
-        with RawQMP(sock) as q:
+        with QmpClient(sock) as q:
             q.negotiate()
             q.ok("blockdev-add", {"driver": "luks", "node-name": "d0", "key-secret": "s0",
                                   "file": {"driver": "file", "filename": image}})
@@ -418,7 +418,7 @@ def test_unreadable_and_odd_files(workdir):
     sock = os.path.join(workdir, "q.sock")
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
     try:
-        with RawQMP(sock) as q:
+        with QmpClient(sock) as q:
             q.negotiate()
             for path in (fifo, workdir, "/dev/null", "/proc/self/mem", "/nonexistent/x"):
                 reply = q.cmd("blockdev-add", {"driver": "luks", "node-name": "x",
@@ -439,7 +439,7 @@ def _slow_open_started(workdir: str):
     _forge_iterations(slow_image, 0, HUGE_ITERATIONS)
     sock = os.path.join(workdir, "q.sock")
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
-    slow = RawQMP(sock).negotiate()
+    slow = QmpClient(sock).negotiate()
     slow.send(b'{"execute": "blockdev-add", "arguments": {"driver": "luks", '
               b'"node-name": "slow", "key-secret": "s0", "file": {"driver": "file", '
               b'"filename": "' + slow_image.encode() + b'"}}}')
@@ -450,7 +450,7 @@ def _slow_open_started(workdir: str):
 def test_slow_open_does_not_stall_other_block_commands(workdir):
     proc, sock, slow, ok_image = _slow_open_started(workdir)
     try:
-        with RawQMP(sock, timeout=1.5) as other:
+        with QmpClient(sock, timeout=1.5) as other:
             other.negotiate()
             reply = other.cmd("blockdev-add", {"driver": "luks", "node-name": "ok",
                                                "key-secret": "s0",

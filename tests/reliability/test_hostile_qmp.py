@@ -10,18 +10,15 @@ event; the reply to the sync proves the connection still serves.
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
-import subprocess
-import time
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qmpd.schema import Schema
 from tests.reliability import fuzz_inputs
-from tests.reliability.qmp_wire import ConnectionClosed, RawQMP, rss_kib
+from tests.qmp_client import ConnectionClosed, QmpClient
+from tests.reliability.qmp_wire import rss_kib
 
 RESYNC = b"\xff\n"
 
@@ -35,7 +32,7 @@ class FuzzSession:
         self.replies = 0
         self.reconnects = 0
         self._n = 0
-        self.q = RawQMP(path, timeout=20).negotiate()
+        self.q = QmpClient(path, timeout=20).negotiate()
 
     def feed(self, data: bytes) -> list[dict]:
         self._n += 1
@@ -62,7 +59,7 @@ class FuzzSession:
             # daemon must still accept a new connection.
             self.reconnects += 1
             self.q.close()
-            self.q = RawQMP(self.path, timeout=20).negotiate()
+            self.q = QmpClient(self.path, timeout=20).negotiate()
             seen = []
         self.sent += 1
         self.replies += len(seen)
@@ -85,7 +82,7 @@ def _daemon_pid(path: str) -> int:
 def test_seeded_mutator_fuzz_keeps_serving(qmpd_daemon, scale, figures):
     """Mutated, truncated, invalid UTF-8 and special messages on one connection."""
     path, proc = qmpd_daemon()
-    bystander = RawQMP(path).negotiate()
+    bystander = QmpClient(path).negotiate()
     rng = random.Random(20260601)
     count = scale(2000, 60000)
     session = FuzzSession(path)

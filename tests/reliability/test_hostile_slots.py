@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.reliability.launch import start_qmpd
-from tests.reliability.qmp_wire import RawQMP
+from tests.qmp_client import QmpClient
 from tests.reliability.test_hostile_images import HUGE_ITERATIONS, P0, _forge_iterations, _make_luks
 
 
@@ -41,7 +41,7 @@ def test_unneeded_hostile_slot_costs_nothing_after_the_open(workdir, figures):
     sock = os.path.join(workdir, "q.sock")
     proc = start_qmpd(sock, os.path.join(workdir, "q.log"), "--object", f"secret,id=s0,data={P0}")
     try:
-        with RawQMP(sock, timeout=30) as q:
+        with QmpClient(sock, timeout=30) as q:
             q.negotiate()
             start = time.monotonic()
             q.ok("blockdev-add", {"driver": "luks", "node-name": "d0", "key-secret": "s0",

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from tests.reliability.launch import start_limited, stop
-from tests.reliability.qmp_wire import ConnectionClosed, RawQMP, rss_kib
+from tests.qmp_client import ConnectionClosed, QmpClient
+from tests.reliability.qmp_wire import rss_kib
 
 #: How long a bystander's query-version may take while others misbehave
 #: (generous: two shared cores; an idle daemon answers in well under 1 ms).
@@ -39,13 +40,13 @@ def limited(tmp_path_factory):
         stop(proc)
 
 
-def _quick(q: RawQMP) -> float:
+def _quick(q: QmpClient) -> float:
     start = time.monotonic()
     assert q.ok("query-version")["qemu"]["major"] == 7
     return time.monotonic() - start
 
 
-def _error_then_alive(q: RawQMP, data: bytes, expected: str) -> None:
+def _error_then_alive(q: QmpClient, data: bytes, expected: str) -> None:
     q.send(data)
     reply = q.reply(timeout=60)
     assert reply == {"error": {"class": "GenericError", "desc": expected}}, reply
@@ -61,7 +62,7 @@ def _error_then_alive(q: RawQMP, data: bytes, expected: str) -> None:
 
 
 def test_nesting_limit(shared_qmpd_daemon):
-    with RawQMP(shared_qmpd_daemon()) as q:
+    with QmpClient(shared_qmpd_daemon()) as q:
         q.negotiate()
         _error_then_alive(q, b"[" * 1025 + b"]" * 1025, "JSON nesting depth limit exceeded")
         # 1000 deep is still accepted (an id may be any JSON value).
@@ -71,13 +72,13 @@ def test_nesting_limit(shared_qmpd_daemon):
 
 
 def test_token_count_limit(shared_qmpd_daemon):
-    with RawQMP(shared_qmpd_daemon()) as q:
+    with QmpClient(shared_qmpd_daemon()) as q:
         q.negotiate()
         _error_then_alive(q, b"[" + b"1," * (1 << 20) + b"1]", "JSON token count limit exceeded")
 
 
 def test_token_size_limit(shared_qmpd_daemon):
-    with RawQMP(shared_qmpd_daemon(), timeout=60) as q, RawQMP(shared_qmpd_daemon()) as other:
+    with QmpClient(shared_qmpd_daemon(), timeout=60) as q, QmpClient(shared_qmpd_daemon()) as other:
         q.negotiate()
         other.negotiate()
         q.send(b'{"execute": "query-version", "id": "' + b"x" * ((64 << 20) + 16))
@@ -90,7 +91,7 @@ def test_token_size_limit(shared_qmpd_daemon):
 def test_message_bytes_limit_closes_cleanly(limited):
     """An unfinished message past max_message_bytes: one clear error, then close."""
     path, proc = limited(max_message_bytes=1 << 20)
-    with RawQMP(path) as q, RawQMP(path) as other:
+    with QmpClient(path) as q, QmpClient(path) as other:
         q.negotiate()
         other.negotiate()
         try:
@@ -107,7 +108,7 @@ def test_message_bytes_limit_closes_cleanly(limited):
 
 def test_connection_limit(limited, figures):
     path, proc = limited(max_connections=4)
-    held = [RawQMP(path).negotiate() for _ in range(4)]
+    held = [QmpClient(path).negotiate() for _ in range(4)]
     extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     extra.settimeout(10)
     extra.connect(path)
@@ -125,7 +126,7 @@ def test_connection_limit(limited, figures):
         assert _quick(q) < BYSTANDER_BUDGET
     held.pop().close()
     time.sleep(0.2)
-    with RawQMP(path) as again:  # a freed place is usable again
+    with QmpClient(path) as again:  # a freed place is usable again
         again.negotiate()
     figures("connection limit: the 5th of max_connections=4 gets", data.decode().strip())
     for q in held:
@@ -135,8 +136,8 @@ def test_connection_limit(limited, figures):
 def test_non_reading_client_is_cut_loose(limited, figures):
     """Replies queue up to max_queued_bytes for a client that never reads; then it goes."""
     path, proc = limited(max_queued_bytes=1 << 20)
-    other = RawQMP(path).negotiate()
-    hog = RawQMP(path).negotiate()
+    other = QmpClient(path).negotiate()
+    hog = QmpClient(path).negotiate()
     hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     request = b'{"execute": "query-qmp-schema"}'
     rss_before = rss_kib(proc.pid)
@@ -171,7 +172,7 @@ def test_non_reading_client_is_cut_loose(limited, figures):
     hog.close()
 
 
-def _cut_loose(q: RawQMP) -> bool:
+def _cut_loose(q: QmpClient) -> bool:
     """True once the daemon has closed ``q``: writing to it fails (whitespace is harmless)."""
     try:
         q.sock.send(b" ")
@@ -186,9 +187,9 @@ def test_events_for_a_non_reading_session_are_bounded(limited, figures):
     """Events queue per session like replies: a session that never reads is cut loose."""
     path, proc = limited(max_queued_bytes=64 << 10)
     workdir = tempfile.mkdtemp(prefix="qmpd-ev-")
-    deaf = RawQMP(path).negotiate()
+    deaf = QmpClient(path).negotiate()
     deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    with RawQMP(path) as q:
+    with QmpClient(path) as q:
         q.negotiate()
         jobs = 0
         while not _cut_loose(deaf) and jobs < 2000:
@@ -209,7 +210,7 @@ def test_stuck_clients_never_delay_others(shared_qmpd_daemon, scale, figures):
     path = shared_qmpd_daemon()
     stuck = []
     for i in range(scale(20, 200)):
-        q = RawQMP(path)
+        q = QmpClient(path)
         if i % 3 == 0:
             q.send(b'{"execute": "qmp_capabilities", "argum')
         elif i % 3 == 1:
@@ -219,7 +220,7 @@ def test_stuck_clients_never_delay_others(shared_qmpd_daemon, scale, figures):
     raw = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(10)]
     for s in raw:
         s.connect(path)  # never read the greeting, never send
-    with RawQMP(path) as q:
+    with QmpClient(path) as q:
         q.negotiate()
         worst = max(_quick(q) for _ in range(200))
     figures("stuck clients held / worst bystander latency (ms)",

@@ -15,7 +15,8 @@ import tempfile
 import trio
 
 from tests.reliability.launch import start_qmpd, stop
-from tests.reliability.qmp_wire import decode_message, rss_kib
+from tests.qmp_client import decode_message
+from tests.reliability.qmp_wire import rss_kib
 
 SESSIONS = 256
 

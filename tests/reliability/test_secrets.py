@@ -22,12 +22,11 @@ import tempfile
 import threading
 
 import pytest
-import trio
 
 from tests.oracles import cryptsetup_volume_key
 from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
-from tests.reliability.qmp_wire import RawQMP
+from tests.qmp_client import QmpClient
 
 PLANTED = ["Xylophone-Secret-4711", "Qwerty-Hidden-0815", "Zebra-Passphrase-1234"]
 
@@ -51,7 +50,7 @@ def test_no_secret_in_replies_events_errors_or_logs(fmt, figures):
                       f"secret,id=s0,data={p0}")
     wire = bytearray()
     try:
-        q = RawQMP(sock)
+        q = QmpClient(sock)
         q.negotiate()
 
         def call(command, arguments=None):
@@ -215,7 +214,7 @@ def test_daemon_socket_mode_and_refusals(tmp_path):
         second = subprocess.run([sys.executable, "-m", "qmpd", "--socket", sock],
                                 capture_output=True, timeout=30)
         assert second.returncode != 0 and b"another process is listening" in second.stderr
-        with RawQMP(sock) as q:
+        with QmpClient(sock) as q:
             q.negotiate()
     finally:
         stop(proc)

@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,7 +33,7 @@ import pytest
 from tests.oracles import cryptsetup_unlocks, cryptsetup_volume_key, require, run
 from tests.oracles import qemu_img_create_luks as qemu_img_luks
 from tests.reliability.launch import start_qmpd, stop
-from tests.reliability.qmp_wire import RawQMP
+from tests.qmp_client import QmpClient
 
 pytestmark = pytest.mark.interop
 
@@ -119,7 +118,7 @@ def templates(workdir):
         assert proc.returncode == 0, proc.stderr
         daemon = workdir.daemon()
         try:
-            with RawQMP(workdir.sock) as q:
+            with QmpClient(workdir.sock) as q:
                 q.negotiate()
                 q.ok("blockdev-add", _blockdev(fmt, image))
                 q.ok("x-blockdev-amend", {"job-id": "add1", "node-name": "d0", "options": _amend(
@@ -149,7 +148,7 @@ OPERATIONS = {
 }
 
 
-def _messages_received(q: RawQMP) -> bytes:
+def _messages_received(q: QmpClient) -> bytes:
     """What the dead daemon had sent (still in our receive buffer)."""
     q.sock.setblocking(False)
     data = q._buf
@@ -169,7 +168,7 @@ def _kill_round(workdir, templates, fmt: str, op: str, rng: random.Random) -> bo
     make_options, must_survive = OPERATIONS[op]
     iter_time = rng.randint(100, 300)
     daemon = workdir.daemon()
-    q = RawQMP(workdir.sock)
+    q = QmpClient(workdir.sock)
     q.negotiate()
     q.ok("blockdev-add", _blockdev(fmt, image))
     args = {"job-id": "victim", "node-name": "d0", "options": _amend(fmt, make_options(iter_time))}
@@ -196,7 +195,7 @@ def _restart_reopens(workdir, fmt: str, image: str) -> None:
     assert os.path.exists(workdir.sock)  # SIGKILL left the socket file behind
     daemon = workdir.daemon()
     try:
-        with RawQMP(workdir.sock) as q:
+        with QmpClient(workdir.sock) as q:
             q.negotiate()
             q.ok("blockdev-add", _blockdev(fmt, image))  # read-write: no stale lock
             q.ok("blockdev-del", {"node-name": "d0"})
@@ -230,7 +229,7 @@ def test_sigkill_during_create(workdir, templates, fmt, scale, figures):
         open(target, "wb").close()
         iter_time = rng.randint(100, 300)
         daemon = workdir.daemon()
-        q = RawQMP(workdir.sock)
+        q = QmpClient(workdir.sock)
         q.negotiate()
         q.ok("blockdev-add", _blockdev(fmt, bystander, "b0"))
         q.ok("blockdev-add", {"driver": "file", "node-name": "f0", "filename": target})
@@ -249,7 +248,7 @@ def test_sigkill_during_create(workdir, templates, fmt, scale, figures):
         assert hashlib.sha256(open(bystander, "rb").read()).hexdigest() == digest
         daemon = workdir.daemon()
         try:
-            with RawQMP(workdir.sock) as q:
+            with QmpClient(workdir.sock) as q:
                 q.negotiate()
                 reply = q.cmd("blockdev-add", _blockdev(fmt, target, "n0"))
                 assert ("return" in reply) != ("error" in reply), reply
