@@ -1,7 +1,7 @@
 """Helpers for the NBD export tests: a QMP client, images, NBD clients, libnbd.
 
 The daemons run as subprocesses (the ``qmpd_daemon`` fixture, or qsd through
-tests.tools.record_qsd.start_qsd); these helpers talk to them as real
+tests.tools.qsd_transcript.start_qsd); these helpers talk to them as real
 clients would.
 """
 

@@ -22,7 +22,7 @@ from tests.integration.exports_helpers import (Qmp, hold_nbd_client, plain_image
                                                short_tmp, wait_for_socket)
 from tests.oracles import require
 from tests.processes import stop
-from tests.tools.record_qsd import start_qsd
+from tests.tools.qsd_transcript import start_qsd
 
 pytestmark = pytest.mark.interop
 

@@ -109,7 +109,7 @@ def refusals(port: int, certs: str) -> dict:
 def test_tls_required_server_refuses_plain_clients_as_qsd(qmpd_daemon, certs) -> None:
     require("qemu-storage-daemon")
     require("nbdinfo")
-    from tests.tools.record_qsd import start_qsd
+    from tests.tools.qsd_transcript import start_qsd
     results = []
     for daemon in ("qsd", "qmpd"):
         wd = short_tmp()

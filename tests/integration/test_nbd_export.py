@@ -282,7 +282,7 @@ def test_writable_qcow2_export_keeps_other_processes_out(qmpd_daemon, wd) -> Non
 def _qsd_lock_messages(wd: str, path: str, pw: str | None, fmt: str, node_args: list[str]
                        ) -> tuple[str, str]:
     require("qemu-storage-daemon")
-    from tests.tools.record_qsd import start_qsd
+    from tests.tools.qsd_transcript import start_qsd
     qsd_dir = os.path.join(wd, "qsd")
     os.mkdir(qsd_dir)
     args = node_args + export_args(os.path.join(qsd_dir, "nbd.sock"))

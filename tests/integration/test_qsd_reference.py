@@ -26,9 +26,9 @@ from typing import Iterator
 import pytest
 
 from tests.oracles import require
-from tests.tools import record_qsd
-from tests.tools.record_qsd import (Normaliser, compare, expand, needs_fresh_daemon, play,
-                                    prepare, split_replies)
+from tests.tools import qsd_transcript, record_qsd
+from tests.tools.qsd_transcript import (Normaliser, compare, expand, needs_fresh_daemon, play,
+                                        prepare, split_replies)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
 
@@ -124,9 +124,9 @@ def test_split_replies_keeps_each_stream_in_order() -> None:
 
 
 def test_non_utf8_chunks_round_trip() -> None:
-    step = record_qsd.S(b'{"id": "\xff"}').to_json()
+    step = qsd_transcript.S(b'{"id": "\xff"}').to_json()
     assert "send" not in step
-    assert record_qsd.step_send_bytes(step) == b'{"id": "\xff"}'
+    assert qsd_transcript.step_send_bytes(step) == b'{"id": "\xff"}'
 
 
 def test_compare_reports_differences_and_honours_skips() -> None:

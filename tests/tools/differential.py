@@ -10,10 +10,10 @@ luksFormat`` and a qcow2+LUKS image from qemu-img), opened as nodes ``l0``
 and ``q0`` at the start, once against a qemu-storage-daemon subprocess and
 once against a qmpd subprocess.
 
-Every step sends one command and reads with tests/tools/record_qsd.py's
+Every step sends one command and reads with tests/tools/qsd_transcript.py's
 :class:`Wire`: the reply, and for a command that starts a job every event up
 to that job's ``concluded`` (so jobs never overlap, as in the recorder). The
-transcripts are normalised with record_qsd's :class:`Normaliser` and compared
+transcripts are normalised with qsd_transcript's :class:`Normaliser` and compared
 step by step: replies, events and their interleaving. At the end both
 daemons are stopped and the images' unlock state (which passphrases open
 each image) is compared.
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.processes import accepts, stop
-from tests.tools.record_qsd import Normaliser, Wire, is_event, start_qsd
+from tests.tools.qsd_transcript import Normaliser, Wire, is_event, start_qsd
 
 PASSPHRASES = {"s0": "pass0", "s1": "pass1", "s2": "pass2", "s3": "pass3", "bad": "wrong"}
 SECRET_ARGS = [a for sid, p in PASSPHRASES.items()

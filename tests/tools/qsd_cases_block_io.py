@@ -18,13 +18,14 @@ recorder and against qmpd by tests/integration/test_qsd_reference.py.
 Every size here is refused (or accepted) whatever the file system: none
 depends on a file system's largest file, so the replay may run anywhere.
 
-The module imports the recorder lazily (record_qsd imports this module).
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from tests.tools.qsd_transcript import LUKS_IMG, QCOW_IMG, SECRETS, C, S, job_event
 
 INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
@@ -41,7 +42,6 @@ def cmd(name: str, args: Any = None) -> str:
 
 
 def block_io_cases() -> list:
-    from tests.tools.record_qsd import LUKS_IMG, QCOW_IMG, SECRETS, C, S, job_event
 
     def run_job(send: str, job: str):
         return S(send, 1, [job_event(job, "concluded")])

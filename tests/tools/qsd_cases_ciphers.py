@@ -18,13 +18,14 @@ operation), replayed against qmpd by tests/integration/test_qsd_reference.py.
   ``options.driver`` does not match the node, and members of another
   driver's branch.
 
-The module imports the recorder lazily (record_qsd imports this module).
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from tests.tools.qsd_transcript import C, LUKS_IMG, QCOW_IMG, SECRETS, S, job_event, luks_node
 
 CIPHER_ALGS = ["aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128",
                "serpent-128", "serpent-192", "serpent-256",
@@ -57,7 +58,6 @@ QSD_DIES = ("aes-192", "serpent-192", "twofish-192")
 
 
 def cipher_cases() -> list:
-    from tests.tools.record_qsd import C, LUKS_IMG, QCOW_IMG, SECRETS, S, job_event, luks_node
 
     def create(job: str, **opts: Any):
         options = {"driver": "luks", "file": "f0", "size": 0, "key-secret": "s0",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.tools.record_qsd import C, Case, S, Step, cmd, job_event
+from tests.tools.qsd_transcript import C, Case, S, Step, cmd, job_event
 
 RAW_IMG = {"path": "{tmp}/a.img", "format": "raw", "size": "16M"}
 QCOW_IMG = {"path": "{tmp}/q.qcow2", "format": "qcow2", "size": "16M"}
