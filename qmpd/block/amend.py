@@ -86,8 +86,11 @@ async def _run(graph: BlockGraph, node: EncryptedNode, options: dict, force: boo
         node.precheck_amend(amend_opts)
         # Reads and computes only: a cancelled job need not wait for PBKDF2
         # (a slot may claim billions of iterations).
-        plan = await abandonable(lambda: node.prepare_amend(amend_opts),
-                                 lambda _plan: [wipe(value) for value in secrets])
+        def wipe_secrets(_plan: object) -> None:
+            for value in secrets:
+                wipe(value)
+
+        plan = await abandonable(lambda: node.prepare_amend(amend_opts), wipe_secrets)
         refused = node.amend_read_only_error()
         if refused is not None:
             raise refused

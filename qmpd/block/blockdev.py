@@ -13,6 +13,7 @@ import trio
 
 from qmpd.block.drivers import DRIVERS
 from qmpd.block.drivers.base import OpenFlags
+from qmpd.block.drivers.file import FileBlockNode, FileNode
 from qmpd.block.graph import BlockGraph
 from qmpd.block.node import Node, in_thread
 from qmpd.errors import QMPError
@@ -172,6 +173,12 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool,
         _plan_reopen(child, {**child.options, "node-name": child.name}, read_only, plan)
 
 
+def _handle(node: Node) -> FileNode:
+    """The image file of a node that holds locks (only file nodes do)."""
+    assert isinstance(node, FileBlockNode)
+    return node.handle
+
+
 async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool, dict]]) -> None:
     old = {node: node.read_only for node, _, _ in plan}
     made_writable: list[Node] = []
@@ -179,22 +186,22 @@ async def _apply_reopen(graph: BlockGraph, plan: list[tuple[Node, bool, dict]]) 
     try:
         for node, ro, _ in plan:
             if node.holds_locks and not ro and node.read_only:
-                await in_thread(node.handle.reopen, False)
+                await in_thread(_handle(node).reopen, False)
                 made_writable.append(node)
         for node, ro, _ in plan:
             node.read_only = ro
         for node in _tops(plan):
             await graph.refresh(node)
         for node, ro, _ in plan:
-            if node.holds_locks and ro and not node.handle.read_only:
-                await in_thread(node.handle.reopen, True)
+            if node.holds_locks and ro and not _handle(node).read_only:
+                await in_thread(_handle(node).reopen, True)
         for node, _, opts in plan:
             node.reopen_commit(opts)
     except BaseException:
         for node, ro in old.items():
             node.read_only = ro
         for node in made_writable:
-            await in_thread(node.handle.reopen, True)
+            await in_thread(_handle(node).reopen, True)
         for node in _tops(plan) + files:
             await graph.release(node)
         raise

@@ -44,7 +44,7 @@ def node_name_error(name: str) -> QMPError | None:
     return None
 
 
-async def abandonable(fn: Callable[[], T], discard: Callable[[T | None], None]) -> T:
+async def abandonable(fn: Callable[[], T], discard: Callable[[T | None], object]) -> T:
     """Work that writes nothing, in a thread a cancel abandons at once.
 
     When the work ends after we stopped waiting, ``discard`` gets its result

@@ -139,6 +139,12 @@ class Node:
         """A format driver's checks of its own options, before its file child
         is opened (QEMU's drivers read their options first)."""
 
+    async def open_image(self, graph: Any) -> None:
+        """A format node: open the image through its ``file`` child, once the
+        generic open (qmpd.block.blockdev) has attached it; every format
+        driver's node class defines it. ``graph``: the BlockGraph (Any:
+        qmpd.block.graph imports this module)."""
+
     def close(self) -> None:
         """Release what the node holds (descriptors, keys); runs in a thread."""
 
@@ -158,6 +164,13 @@ class Node:
         """The size a format parent sees of its file: the file's real size
         for a file node (not rounded), the length for any other node."""
         return self.length()
+
+    def preallocate(self, start: int, end: int, mode: str) -> None:
+        """blockdev-create's ``preallocation`` (falloc, full) of [start, end)
+        under a new format header: QEMU passes it down the truncate to the
+        file; drivers that pass it on override this (in a thread)."""
+        raise QMPError.generic(f"qmpd does not preallocate through a '{self.driver}' node "
+                               f"(preallocation '{mode}')")
 
     def truncate(self, size: int) -> None:
         """A format parent sizing its file (qcow2 allocating, blockdev-create):

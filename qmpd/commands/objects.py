@@ -9,7 +9,7 @@ from qmpd.commands import CommandContext, handler
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.secrets import id_wellformed, read_secret_file, wipe
 from qmpd.errors import QMPError
-from qmpd.exports.tls import TLS_TYPES, make_creds
+from qmpd.exports.tls import TLS_TYPES, TlsCredsStore, make_creds
 
 
 def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None = None,
@@ -29,7 +29,9 @@ def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None 
             f"attempt to add duplicate property '{object_id}' to object (type 'container')")
     if qom_type in TLS_TYPES:
         # loaded at creation, as QEMU's complete(); object_add reads the files off the loop
-        ctx.exports.tls_lookup.add(tls_creds or make_creds(args))
+        store = ctx.exports.tls_lookup
+        assert isinstance(store, TlsCredsStore)  # the daemon's (qmpd.daemon)
+        store.add(tls_creds or make_creds(args))
         ctx.objects[object_id] = qom_type
         return
     if qom_type != "secret":
@@ -74,7 +76,9 @@ async def object_del(ctx: CommandContext, args: dict) -> dict:
         raise QMPError.generic(f"object '{object_id}' not found")
     qom_type = ctx.objects.pop(object_id)
     if qom_type in TLS_TYPES:
-        ctx.exports.tls_lookup.delete(object_id)   # a running server keeps its context
+        store = ctx.exports.tls_lookup
+        assert isinstance(store, TlsCredsStore)  # the daemon's (qmpd.daemon)
+        store.delete(object_id)   # a running server keeps its context
     else:
         ctx.secrets.delete(object_id)
     return {}

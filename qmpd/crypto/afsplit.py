@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Callable
+from typing import Callable, Protocol
 
 from cryptography.hazmat.primitives import hashes
 
@@ -29,7 +29,11 @@ from qmpd.crypto.hashes import hash_algorithm, hash_digest_size
 
 LUKS_STRIPES = 4000
 
-def _hash_constructor(hash_name: str) -> Callable[[bytes], object]:
+class _Digest(Protocol):
+    def digest(self) -> bytes: ...
+
+
+def _hash_constructor(hash_name: str) -> Callable[[bytes], _Digest]:
     """A one-shot hash constructor (object with .digest()), fastest available."""
     algorithm = hash_algorithm(hash_name)   # validates the name (QEMU text)
     constructor = getattr(hashlib, hash_name, None)

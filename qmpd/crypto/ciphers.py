@@ -58,6 +58,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.hashes import HASH_NAMES, hash_algorithm, hash_digest_size
 
+# Any: the class, or None where this cryptography has none. Their stubs
+# want bytes keys; _algorithm() passes the bytearray that wipe() zeroes
+# (cryptography takes any buffer).
+CAST5: Any
+TripleDES: Any
 try:  # cryptography >= 43 keeps the old ciphers apart
     from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5, TripleDES
 except ImportError:  # pragma: no cover - older cryptography
@@ -141,6 +146,7 @@ class CipherSpec:
         """The cipher ESSIV encrypts sector numbers with (dm-crypt quirk)."""
         if self.ivgen_alg != "essiv":
             return self.cipher_alg
+        assert self.ivgen_hash_alg is not None  # __post_init__ wants one for essiv
         return _essiv_cipher_alg(self.cipher_alg, self.ivgen_hash_alg)
 
 
@@ -166,6 +172,7 @@ def parse_luks_cipher(cipher_name: str, cipher_mode: str, key_bytes: int) -> Cip
     "ecb", which cryptsetup writes for aes-ecb and QEMU 7.2 rejects
     ("Unexpected cipher mode string format 'ecb'"), is accepted.
     """
+    ivgen_name: str | None
     mode, sep, ivgen_name = cipher_mode.partition("-")
     if not sep:
         if cipher_mode != "ecb":
@@ -280,14 +287,24 @@ def _probe(cipher_alg: str, cipher_mode: str) -> str | None:
         return _probed[(cipher_alg, cipher_mode)]
 
 
+#: The modes QEMU's nettle backend offers per cipher family (crypto/cipher-nettle.c.inc).
+_QEMU_MODES = {"aes": CIPHER_MODES, "serpent": CIPHER_MODES, "twofish": CIPHER_MODES,
+               "cast5": ("ecb", "cbc", "ctr"), "des": ("ecb", "cbc", "ctr"),
+               "3des": ("ecb", "cbc", "ctr")}
+
+
 def check_cipher_supported(spec: CipherSpec) -> None:
-    """CryptoError unless this installation can encrypt with `spec`."""
+    """CryptoError unless this installation can encrypt with `spec`: QEMU's
+    checks and texts first (qcrypto_cipher_new), then what `cryptography` runs."""
     if spec.cipher_mode == "xts" and spec.cipher_alg in ("des", "3des"):
         raise CryptoError("XTS mode not compatible with DES/3DES")
+    if spec.cipher_mode not in _QEMU_MODES[spec.cipher_alg.split("-")[0]]:
+        raise CryptoError(f"Unsupported cipher mode {spec.cipher_mode}")
     reason = _probe(spec.cipher_alg, spec.cipher_mode)
     if reason is not None and not _ecb_xts_covers(spec):
         raise CryptoError(reason)
     if spec.ivgen_alg == "essiv":
+        assert spec.ivgen_hash_alg is not None  # CipherSpec wants one for essiv
         hash_algorithm(spec.ivgen_hash_alg)
         reason = _probe(spec.ivgen_cipher_alg(), "ecb")
         if reason is not None:
@@ -396,7 +413,8 @@ def _ecb(algorithm, src: np.ndarray, encrypt: bool, slot: str) -> np.ndarray:
     out = _buffer(slot, len(src) + 16)
     ecb = Cipher(algorithm, modes.ECB())
     context = ecb.encryptor() if encrypt else ecb.decryptor()
-    context.update_into(src, out)
+    # ndarrays are buffers; cryptography's Buffer union leaves them out.
+    context.update_into(src, out)  # type: ignore[arg-type]
     return out[:len(src)]
 
 
@@ -493,7 +511,7 @@ class _EcbXts:
             masks = masks[:(stop - start) // 8]
             chunk = masked[:len(masks)]
             np.bitwise_xor(words[start // 8:stop // 8], masks, out=chunk)
-            context.update_into(chunk.view(np.uint8), out[start:stop + 15])
+            context.update_into(chunk.view(np.uint8), out[start:stop + 15])  # type: ignore[arg-type]  # ndarrays, see _ecb
             result = out[start:stop].view(_U64)
             np.bitwise_xor(result, masks, out=result)
         try:
@@ -555,6 +573,7 @@ class SectorCipher:
 
     def _essiv_salt(self, spec: CipherSpec) -> bytearray:
         """H(key), cut to the ESSIV cipher's key length (QEMU ivgen-essiv.c)."""
+        assert spec.ivgen_hash_alg is not None  # CipherSpec wants one for essiv
         digest = hashes.Hash(hash_algorithm(spec.ivgen_hash_alg))
         digest.update(bytes(self._key))
         salt = bytearray(digest.finalize())
@@ -600,22 +619,25 @@ class SectorCipher:
             return [n.to_bytes(8, "little").ljust(niv, b"\0") for n in numbers]
         essiv_block = CIPHER_BLOCK_SIZES[self.spec.ivgen_cipher_alg()]
         plain = b"".join(n.to_bytes(8, "little").ljust(essiv_block, b"\0") for n in numbers)
+        assert self._essiv_algorithm is not None  # set for essiv with an IV
         encrypted = Cipher(self._essiv_algorithm, modes.ECB()).encryptor().update(plain)
         return [encrypted[i:i + niv] for i in range(0, len(encrypted), essiv_block)]
 
-    def _per_sector(self, sector: int, count: int, data: bytes, encrypt: bool) -> bytes:
+    def _per_sector(self, sector: int, count: int, data: bytes | bytearray,
+                    encrypt: bool) -> bytes:
         """One `cryptography` context per sector: CTR, and short requests."""
         size = self.sector_size
         mode = self.spec.cipher_mode
         make = _make_encryptor if encrypt else _make_decryptor
         algorithm = self._algorithm
+        assert algorithm is not None  # _per_sector_is_faster() is False without it
         parts = []
         with memoryview(data) as view:
             for start, iv in zip(range(0, len(data), size), self._iv_list(sector, count), strict=False):
                 parts.append(make(algorithm, _mode(mode, iv)).update(view[start:start + size]))
         return b"".join(parts)
 
-    def _cbc_decrypt(self, ivs: np.ndarray, data: bytes) -> bytes:
+    def _cbc_decrypt(self, ivs: np.ndarray, data: bytes | bytearray) -> bytes:
         """P_i = D(C_i) xor C_(i-1), C_(-1) being the sector's IV: one ECB call."""
         words = self._block // 8
         per_sector = self.sector_size // self._block
@@ -633,7 +655,7 @@ class SectorCipher:
         finally:
             _clear(out)
 
-    def _cbc_encrypt(self, ivs: np.ndarray, data: bytes) -> bytes:
+    def _cbc_encrypt(self, ivs: np.ndarray, data: bytes | bytearray) -> bytes:
         """CBC chains are sequential, but the sectors' chains are independent.
 
         Block j of every sector in one ECB call: sector_size / block calls,
@@ -649,18 +671,19 @@ class SectorCipher:
         column = np.empty((count, words), _U64)
         encrypted = np.empty(count * self._block + 16, np.uint8)
         chained = encrypted[:count * self._block].view(_U64).reshape(count, words)
+        assert self._algorithm is not None  # CBC: see __init__
         ecb = Cipher(self._algorithm, modes.ECB()).encryptor()
         previous = ivs
         for j in range(per_sector):
             np.bitwise_xor(work[:, j], previous, out=column)
-            ecb.update_into(column.view(np.uint8).reshape(-1), encrypted)
+            ecb.update_into(column.view(np.uint8).reshape(-1), encrypted)  # type: ignore[arg-type]  # ndarrays, see _ecb
             work[:, j] = previous = chained
         try:
             return flat.view(np.uint8).reshape(-1)[:len(data)].tobytes()
         finally:
             _clear(flat, column)
 
-    def _crypt(self, sector: int, data: bytes, encrypt: bool) -> bytes:
+    def _crypt(self, sector: int, data: bytes | bytearray, encrypt: bool) -> bytes:
         if self._wiped:
             raise CryptoError("The cipher's key has been wiped")
         length = len(data)
@@ -686,7 +709,8 @@ class SectorCipher:
         path = "xts" if mode == "xts" else "cbc-encrypt" if encrypt else "cbc-decrypt"
         return count <= _PER_SECTOR_MAX[path][self.sector_size]
 
-    def _vectorised(self, sector: int, count: int, data: bytes, encrypt: bool) -> bytes:
+    def _vectorised(self, sector: int, count: int, data: bytes | bytearray,
+                    encrypt: bool) -> bytes:
         """ECB, XTS and CBC through numpy, with scratch buffers lent."""
         if not self._iv_length:   # ECB: the IV generator has nothing to do
             out = _ecb(self._algorithm, np.frombuffer(data, np.uint8), encrypt, "out")
@@ -696,6 +720,7 @@ class SectorCipher:
                 _clear(out)
         ivs = self._ivs(sector, count)
         if self.spec.cipher_mode == "xts":
+            assert self._ecb_xts is not None  # set for XTS in __init__
             return self._ecb_xts.crypt(ivs, data, encrypt, self.sector_size)
         return self._cbc_encrypt(ivs, data) if encrypt else self._cbc_decrypt(ivs, data)
 
@@ -726,16 +751,17 @@ class SectorCipher:
                 sectors += np.repeat(firsts - starts, counts)
                 ivs = self._ivs_of(sectors)
                 if self.spec.cipher_mode == "xts":
+                    assert self._ecb_xts is not None  # set for XTS in __init__
                     joined = self._ecb_xts.crypt(ivs, data, encrypt, size)
                 else:
                     joined = (self._cbc_encrypt(ivs, data) if encrypt
                               else self._cbc_decrypt(ivs, data))
-        out, at = [], 0
+        results, at = [], 0
         with memoryview(joined) as view:
             for count in counts:
-                out.append(bytes(view[at:at + count * size]))
+                results.append(bytes(view[at:at + count * size]))
                 at += count * size
-        return out
+        return results
 
     def encrypt_many(self, pieces: Sequence[tuple[int, Any]]) -> list[bytes]:
         """encrypt() of each (sector, data) piece; whole sectors each."""
@@ -745,7 +771,7 @@ class SectorCipher:
         """decrypt() of each (sector, data) piece; whole sectors each."""
         return self._crypt_many(pieces, False)
 
-    def encrypt(self, sector: int, data: bytes) -> bytes:
+    def encrypt(self, sector: int, data: bytes | bytearray) -> bytes:
         """Encrypt sectors starting at `sector`.
 
         `data` is whole sectors; a shorter final sector is allowed if it is
@@ -754,7 +780,7 @@ class SectorCipher:
         """
         return self._crypt(sector, data, True)
 
-    def decrypt(self, sector: int, data: bytes) -> bytes:
+    def decrypt(self, sector: int, data: bytes | bytearray) -> bytes:
         """Decrypt sectors starting at `sector` (same rules as encrypt)."""
         return self._crypt(sector, data, False)
 

@@ -9,6 +9,7 @@ when the installed OpenSSL cannot compute it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 
@@ -38,7 +39,7 @@ class _RIPEMD160(hashes.HashAlgorithm):
     block_size = 64
 
 
-_FACTORIES = {
+_FACTORIES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "md5": hashes.MD5,
     "sha1": hashes.SHA1,
     "sha224": hashes.SHA224,

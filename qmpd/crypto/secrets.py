@@ -178,6 +178,7 @@ def read_secret_file(path: str) -> bytearray:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
+        assert exc.errno is not None  # a failed system call sets it
         raise CryptoError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
                           f"{os.strerror(exc.errno)}") from None
     try:
@@ -188,6 +189,7 @@ def read_secret_file(path: str) -> bytearray:
                 return buf
             buf += chunk
     except OSError as exc:
+        assert exc.errno is not None  # a failed system call sets it
         raise CryptoError(f"Unable to read {path}: Error reading file \u201c{path}\u201d: "
                           f"{os.strerror(exc.errno)}") from None
     finally:

@@ -19,13 +19,21 @@ class ExtentLike(Protocol):
     ``data``: not a hole (base:allocation reports NBD_STATE_HOLE when false);
     ``zero``: reads as zeroes (NBD_STATE_ZERO; a structured READ sends such a
     run as a hole chunk); ``allocated``: the export's own node answers for
-    the run (qemu:allocation-depth reports depth 1, else 0).
+    the run (qemu:allocation-depth reports depth 1, else 0). Read-only
+    properties, so that frozen dataclasses fit.
     """
 
-    length: int
-    data: bool
-    zero: bool
-    allocated: bool
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def data(self) -> bool: ...
+
+    @property
+    def zero(self) -> bool: ...
+
+    @property
+    def allocated(self) -> bool: ...
 
 
 class NbdExport(Protocol):

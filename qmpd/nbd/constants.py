@@ -152,13 +152,13 @@ def nbd_errno(system_errno: int | None) -> NbdErrno:
     return _ERRNO_TO_NBD.get(system_errno or errno.EINVAL, NbdErrno.EINVAL)
 
 
-_OPT_NAMES = {
+_OPT_NAMES: dict[int, str] = {
     Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
     Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
     Opt.STRUCTURED_REPLY: "structured reply", Opt.LIST_META_CONTEXT: "list meta context",
     Opt.SET_META_CONTEXT: "set meta context",
 }
-_CMD_NAMES = {
+_CMD_NAMES: dict[int, str] = {
     Cmd.READ: "read", Cmd.WRITE: "write", Cmd.DISC: "disconnect", Cmd.FLUSH: "flush",
     Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "write zeroes",
     Cmd.BLOCK_STATUS: "block status",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import NoReturn, TypeAlias, TypeVar, cast
 
 from qmpd.nbd.backend import ExportList, ExportLookup, NbdExport
 from qmpd.nbd.constants import (
@@ -106,7 +107,17 @@ def _decode(name: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-Wire = Generator[object, object, object]
+_T = TypeVar("_T")
+
+#: What the negotiation asks of its driver: ``n`` bytes, a skip, a pause for TLS.
+Want: TypeAlias = int | Skip | StartTls
+#: A step of the negotiation: yields :data:`Want`, is sent the bytes an int
+#: asked for (None after a Skip or StartTls), returns ``_T``. A generator's
+#: send type cannot depend on what it yielded, so ``cast(bytes, (yield n))``
+#: records that an int is always answered with bytes.
+Wire: TypeAlias = Generator[Want, bytes | None, _T]
+#: What an option handler ends with: the final event, or None to go on.
+Outcome: TypeAlias = Negotiated | Disconnect | None
 
 
 @dataclass
@@ -135,18 +146,18 @@ class Negotiation:
     def _error(self, rep: int, text: str | bytes) -> None:
         self._reply(rep, text.encode() if isinstance(text, str) else text)
 
-    def _drop_and_error(self, rep: int, text: str | bytes) -> Wire:
+    def _drop_and_error(self, rep: int, text: str | bytes) -> Wire[None]:
         """QEMU's nbd_opt_drop(): discard the rest of the option, then reply."""
         if self.optlen:
             yield Skip(self.optlen)
             self.optlen = 0
         self._error(rep, text)
 
-    def _invalid(self, text: str | bytes) -> Wire:
+    def _invalid(self, text: str | bytes) -> Wire[NoReturn]:
         yield from self._drop_and_error(Rep.ERR_INVALID, text)
         raise _Rejected
 
-    def _reject_length(self, *, fatal: bool) -> Wire:
+    def _reject_length(self, *, fatal: bool) -> Wire[NoReturn]:
         """QEMU's nbd_reject_length(): a payload where none (or less) belongs."""
         text = f"option '{opt_name(self.opt)}' has unexpected length"
         yield from self._drop_and_error(Rep.ERR_INVALID, text)
@@ -155,20 +166,20 @@ class Negotiation:
         raise _Rejected
 
     # -- reading the option payload --------------------------------------
-    def _read(self, size: int, *, check_nul: bool = False) -> Wire:
+    def _read(self, size: int, *, check_nul: bool = False) -> Wire[bytes]:
         """QEMU's nbd_opt_read()."""
         if size > self.optlen:
             yield from self._invalid(f"Inconsistent lengths in option {opt_name(self.opt)}")
         self.optlen -= size
-        data = (yield size) if size else b""
+        data = cast(bytes, (yield size)) if size else b""
         if check_nul and b"\0" in data:
             yield from self._invalid(f"Unexpected embedded NUL in option {opt_name(self.opt)}")
         return data
 
-    def _read_u32(self) -> Wire:
+    def _read_u32(self) -> Wire[int]:
         return int.from_bytes((yield from self._read(4)), "big")
 
-    def _read_name(self) -> Wire:
+    def _read_name(self) -> Wire[bytes]:
         """QEMU's nbd_opt_read_name(): a u32 length, then that many bytes."""
         length = yield from self._read_u32()
         if length > MAX_STRING_SIZE:
@@ -176,16 +187,16 @@ class Negotiation:
         return (yield from self._read(length, check_nul=True))
 
     # -- the option loop -------------------------------------------------
-    def run(self) -> Wire:
+    def run(self) -> Wire[Negotiated | Disconnect]:
         """QEMU's nbd_negotiate_options(), after the greeting."""
-        flags = int.from_bytes((yield 4), "big")
+        flags = int.from_bytes(cast(bytes, (yield 4)), "big")
         self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
         self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
         unknown = flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         if unknown:
             raise NbdProtocolError(f"Unknown client flags 0x{unknown:x} received")
         while True:
-            magic, self.opt, self.optlen = _OPTION_HEADER.unpack((yield 16))
+            magic, self.opt, self.optlen = _OPTION_HEADER.unpack(cast(bytes, (yield 16)))
             if magic != IHAVEOPT:
                 raise NbdProtocolError("Bad magic received")
             if self.optlen > MAX_BUFFER_SIZE:
@@ -206,31 +217,32 @@ class Negotiation:
             if outcome is not None:
                 return outcome
 
-    def _before_tls(self) -> Wire:
+    def _before_tls(self) -> Wire[Outcome]:
         if not self.fixed_newstyle:
             raise NbdProtocolError(f"Unsupported option 0x{self.opt:x}")
         if self.opt == Opt.STARTTLS:
             if self.optlen:
                 yield from self._reject_length(fatal=True)
-            return (yield from self._start_tls())
+            yield from self._start_tls()
+            return None
         if self.opt == Opt.EXPORT_NAME:
             raise NbdProtocolError(f"Option 0x{self.opt:x} not permitted before TLS")
         yield from self._drop_and_error(Rep.ERR_TLS_REQD,
                                         f"Option 0x{self.opt:x} not permitted before TLS")
         return Disconnect() if self.opt == Opt.ABORT else None
 
-    def _start_tls(self) -> Wire:
+    def _start_tls(self) -> Wire[None]:
         self._reply(Rep.ACK)
         yield StartTls()
         self.tls_active = True
         return None
 
     # -- option handlers (QEMU's switch in nbd_negotiate_options) ----------
-    def _unsupported(self) -> Wire:
+    def _unsupported(self) -> Wire[None]:
         yield from self._drop_and_error(
             Rep.ERR_UNSUP, f"Unsupported option {self.opt} ({opt_name(self.opt)})")
 
-    def _list(self) -> Wire:
+    def _list(self) -> Wire[None]:
         if self.optlen:
             yield from self._reject_length(fatal=False)
         for export in self.list_exports():
@@ -239,13 +251,13 @@ class Negotiation:
             self._reply(Rep.SERVER, len(name).to_bytes(4, "big") + name + desc)
         self._reply(Rep.ACK)
 
-    def _abort(self) -> Wire:
+    def _abort(self) -> Wire[Disconnect]:
         # The spec wants a reply, but clients may hang up before reading it.
         self._reply(Rep.ACK)
         return Disconnect()
         yield  # pragma: no cover  (a generator, like the other handlers)
 
-    def _starttls(self) -> Wire:
+    def _starttls(self) -> Wire[None]:
         if self.optlen:
             yield from self._reject_length(fatal=False)
         if self.tls_active:
@@ -255,7 +267,7 @@ class Negotiation:
         else:
             self._error(Rep.ERR_POLICY, "TLS not configured")
 
-    def _structured_reply(self) -> Wire:
+    def _structured_reply(self) -> Wire[None]:
         if self.optlen:
             yield from self._reject_length(fatal=False)
         if self.structured:
@@ -264,11 +276,11 @@ class Negotiation:
             self._reply(Rep.ACK)
             self.structured = True
 
-    def _export_name(self) -> Wire:
+    def _export_name(self) -> Wire[Negotiated]:
         """QEMU's nbd_negotiate_handle_export_name(): errors can only hang up."""
         if self.optlen > MAX_STRING_SIZE:
             raise NbdProtocolError("Bad length received")
-        name = (yield self.optlen) if self.optlen else b""
+        name = cast(bytes, (yield self.optlen)) if self.optlen else b""
         self.optlen = 0
         export = self.lookup(_decode(name))
         if export is None:
@@ -287,7 +299,7 @@ class Negotiation:
     def _info(self, info: int, payload: bytes) -> None:
         self._reply(Rep.INFO, info.to_bytes(2, "big") + payload)
 
-    def _info_or_go(self) -> Wire:
+    def _info_or_go(self) -> Wire[Negotiated | None]:
         """QEMU's nbd_negotiate_handle_info()."""
         name = yield from self._read_name()
         count = int.from_bytes((yield from self._read(2)), "big")
@@ -316,7 +328,7 @@ class Negotiation:
         self._reply(Rep.ACK)
         return self._choose(export) if self.opt == Opt.GO else None
 
-    def _meta_context(self) -> Wire:
+    def _meta_context(self) -> Wire[None]:
         """QEMU's nbd_negotiate_meta_queries(), LIST and SET."""
         listing = self.opt == Opt.LIST_META_CONTEXT
         if not self.structured and not listing:
@@ -364,10 +376,11 @@ class Negotiation:
         elif query.startswith(b"qemu:"):
             rest = query[5:]
             if (listing and not rest) or rest == b"allocation-depth":
+                assert meta.export is not None  # _meta_context() found it first
                 meta.allocation_depth = meta.export.allocation_depth
 
 
-_HANDLERS: dict[int, Callable[[Negotiation], Wire]] = {
+_HANDLERS: dict[int, Callable[[Negotiation], Wire[Outcome]]] = {
     Opt.LIST: Negotiation._list,
     Opt.ABORT: Negotiation._abort,
     Opt.EXPORT_NAME: Negotiation._export_name,

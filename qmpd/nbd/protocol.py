@@ -95,8 +95,8 @@ _SIZE_CAPPED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.CACHE})
 _WRITING = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
 # Plain ints: ~ of an IntFlag would only cover the flags it knows.
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
-_VALID_FLAGS = {Cmd.WRITE_ZEROES: _FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-                Cmd.BLOCK_STATUS: _FUA | CmdFlag.REQ_ONE}
+_VALID_FLAGS: dict[int, int] = {Cmd.WRITE_ZEROES: _FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+                                Cmd.BLOCK_STATUS: _FUA | CmdFlag.REQ_ONE}
 _VALID_FLAGS = {cmd: int(flags) for cmd, flags in _VALID_FLAGS.items()}
 
 
@@ -131,7 +131,7 @@ class NbdConnection:
         self._out.clear()
         return data
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the client; returns what the edge must do, in order."""
         if self.phase is Phase.CLOSED:
             raise NbdProtocolError("connection is closed")
@@ -203,7 +203,7 @@ class NbdConnection:
             else:  # pragma: no cover - the generator yields nothing else
                 raise TypeError(f"negotiation yielded {want!r}")
 
-    def _advance(self, value: object, events: list[Event]) -> None:
+    def _advance(self, value: bytes | None, events: list[Event]) -> None:
         try:
             self._want = self._wire.send(value)
         except StopIteration as done:
@@ -234,7 +234,7 @@ class NbdConnection:
             self._parse_requests(leftover, events)
 
     # -- transmission -------------------------------------------------------
-    def _parse_requests(self, data: bytes, events: list[Event]) -> None:
+    def _parse_requests(self, data: bytes | bytearray, events: list[Event]) -> None:
         """Cut requests out of the stream: the hot path, kept flat on purpose."""
         buf = self._buf
         if buf:

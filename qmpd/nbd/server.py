@@ -68,7 +68,7 @@ _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 Reply = bytes | list
 
 
-async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply | None:
+async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply:
     """QEMU's nbd_do_cmd_read() and nbd_co_send_sparse_read()."""
     if req.flags & CmdFlag.FUA:  # QEMU flushes first; the spec only documents FUA for writes
         try:
@@ -238,7 +238,7 @@ async def _block_status(conn, export, req):
 
 
 #: What each command does (the protocol only lets known commands through).
-COMMANDS: dict[int, Callable[[NbdConnection, NbdExport, Request], Awaitable[Reply | None]]] = {
+COMMANDS: dict[int, Callable[[NbdConnection, NbdExport, Request], Awaitable[Reply]]] = {
     Cmd.READ: _read, Cmd.WRITE: _write, Cmd.WRITE_ZEROES: _write_zeroes, Cmd.FLUSH: _flush,
     Cmd.TRIM: _trim, Cmd.CACHE: _cache, Cmd.BLOCK_STATUS: _block_status,
 }
@@ -260,7 +260,9 @@ def unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
         pass
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        sock._sock.bind(path)  # synchronous: a local path, no DNS
+        # Synchronous: a local path, no DNS. _sock, the stdlib socket trio wraps,
+        # is private to trio and not in its types.
+        sock._sock.bind(path)  # type: ignore[attr-defined]
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -350,7 +352,8 @@ class NbdServer:
             try:
                 stream = await listener.accept()
             except OSError as e:  # EMFILE and friends: back off, keep serving
-                log.warning("NBD accept failed: %s", errno.errorcode.get(e.errno, e.errno))
+                log.warning("NBD accept failed: %s",
+                            None if e.errno is None else errno.errorcode.get(e.errno, e.errno))
                 await trio.sleep(0.1)
                 continue
             self._connections += 1
@@ -557,6 +560,7 @@ class _Client:
         room = MAX_REQUESTS_IN_FLIGHT - self._in_flight
         now = [req for req in burst
                if req.command == Cmd.READ and not req.flags & CmdFlag.FUA][:max(room, 0)]
+        assert self.export is not None  # requests only follow Negotiated
         answered = dict(zip(map(id, now), reads_now(self.conn, self.export, now), strict=True))
         for req in burst:
             reply = answered.get(id(req))
@@ -580,6 +584,7 @@ class _Client:
         if self.conn.trailing_data():
             log.info("NBD client sent data before the TLS handshake")
             return False
+        assert self.server.tls is not None  # StartTls needs tls_available
         tls_stream = trio.SSLStream(self.stream, self.server.tls, server_side=True)
         self.transport = StreamTransport(tls_stream)
         try:
@@ -602,6 +607,7 @@ class _Client:
                     await self._work.park()
                 req = pending.popleft()
                 self._in_flight += 1
+                assert self.export is not None  # requests only follow Negotiated
                 reply = await execute(conn, self.export, req)
                 self._queue(reply)
                 if isinstance(reply, _Partial):

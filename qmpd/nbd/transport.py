@@ -45,7 +45,7 @@ class StreamTransport:
         (the first one maybe cut). A TLS stream cannot: everything is left."""
         return buffers
 
-    async def receive_some(self, max_bytes: int) -> bytes:
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray:
         return await self.stream.receive_some(max_bytes)
 
     async def aclose(self) -> None:

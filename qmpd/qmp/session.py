@@ -85,7 +85,7 @@ class Session:
         self.oob_enabled = False
 
     # -- input ---------------------------------------------------------------
-    def receive(self, data: bytes) -> list[Incoming]:
+    def receive(self, data: bytes | bytearray) -> list[Incoming]:
         items: list[Incoming] = []
         for item in self._parser.feed(data):
             if isinstance(item, StreamError):
@@ -154,8 +154,7 @@ class Session:
 
     def _check_command(self, command: str, oob: bool) -> None:
         declared = self._commands.commands.get(command)
-        known = declared is not None and (self.negotiated or command == NEGOTIATION_COMMAND)
-        if not known:
+        if declared is None or not (self.negotiated or command == NEGOTIATION_COMMAND):
             if not self.negotiated:
                 raise QMPError(COMMAND_NOT_FOUND, _NOT_NEGOTIATED)
             raise QMPError(COMMAND_NOT_FOUND, f"The command {command} has not been found")

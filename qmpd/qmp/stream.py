@@ -63,7 +63,9 @@ import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import accumulate
-from json.decoder import scanstring as _scanstring
+
+# The C scanner (or its fallback) json.decoder uses; typeshed leaves it out.
+from json.decoder import scanstring as _scanstring  # type: ignore[attr-defined]
 
 __all__ = ["JSONStreamParser", "Parsed", "StreamError"]
 
@@ -662,7 +664,7 @@ class JSONStreamParser:
         """Bytes held for an unfinished message (lets the server bound memory)."""
         return len(self._message) + len(self._token)
 
-    def feed(self, data: bytes) -> list[Parsed | StreamError]:
+    def feed(self, data: bytes | bytearray) -> list[Parsed | StreamError]:
         """Consume `data`; return the values and errors it completed."""
         data = bytes(data)
         i, n = 0, len(data)
@@ -676,7 +678,9 @@ class JSONStreamParser:
             if state == START:
                 byte = data[i]
                 if byte in b" \t\r\n":
-                    i = whitespace(data, i).end()
+                    space = whitespace(data, i)
+                    assert space is not None  # data[i] is whitespace
+                    i = space.end()
                     continue
                 if (ascii_text is not None and (byte == 0x7B or byte == 0x5B)
                         and self._token_count == 0):
@@ -693,6 +697,7 @@ class JSONStreamParser:
                 m = quick(data, i)
                 if m is not None:
                     kind = m.lastindex
+                    assert kind is not None  # every alternative is a group
                     token = m.group(kind)
                     if kind == 1:
                         self._process_token(_STRUCTURAL[token[0]], token)
@@ -849,9 +854,9 @@ class JSONStreamParser:
             tokens = _BULK_TOKENS_ONLY.findall(data, start, end)
             run_size = sum(map(len, tokens))
             if count + len(tokens) <= max_count and size + run_size + 1 <= max_size:
-                message = self._message
-                message += data[start:end]
-                message.append(0x20)
+                buffered = self._message
+                buffered += data[start:end]
+                buffered.append(0x20)
                 self._token_size = size + run_size
                 self._token_count = count + len(tokens)
                 return end
@@ -896,9 +901,9 @@ class JSONStreamParser:
             if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
                 continue
             if begun:
-                message = self._message
-                message += data[first:pos]
-                message = bytes(message)
+                buffered = self._message
+                buffered += data[first:pos]
+                message = bytes(buffered)
             else:
                 message = data[first:pos]
             self._out.append(_parse_message(message))
@@ -906,9 +911,9 @@ class JSONStreamParser:
             braces = brackets = size = count = 0
             begun, first = False, -1
         if first >= 0:
-            message = self._message
-            message += data[first:end]
-            message.append(0x20)
+            buffered = self._message
+            buffered += data[first:end]
+            buffered.append(0x20)
         self._braces, self._brackets = braces, brackets
         self._token_size, self._token_count = size, count
         return end

@@ -64,8 +64,8 @@ class _Introspector:
         self.entries.append(entry)
 
     def command(self, command: CommandDef) -> None:
-        body = {"arg-type": self.use(command.arg_type or self.empty),
-                "ret-type": self.use(command.ret_type or self.empty)}
+        body: dict = {"arg-type": self.use(command.arg_type or self.empty),
+                      "ret-type": self.use(command.ret_type or self.empty)}
         if command.allow_oob:
             body["allow-oob"] = True
         self._emit(command.name, "command", body, command.features)
@@ -104,7 +104,7 @@ class _Introspector:
         else:
             body: dict = {"members": []}
             for m in typ.all_members():
-                member: dict = {"name": m.name, "type": self.use(m.type)}
+                member = {"name": m.name, "type": self.use(m.type)}
                 if m.optional:
                     member["default"] = None
                 if m.features:

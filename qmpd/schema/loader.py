@@ -163,7 +163,7 @@ class _Resolver:
             features = list(raw.get("features", []))
             doc = raw.get("doc", "")
             if entry.kind == "enum":
-                values = []
+                values: list[EnumValue] = []
                 for item in raw["data"]:
                     value = (EnumValue(item) if isinstance(item, str)
                              else EnumValue(item["name"], list(item.get("features", []))))
@@ -180,7 +180,7 @@ class _Resolver:
     def _type_ref(self, entry: _Entry, ref: object, member: str | None) -> Type:
         if isinstance(ref, list):
             return ArrayType(self._type_ref(entry, ref[0], member))
-        typ = self.types.get(ref)  # type: ignore[arg-type]
+        typ = self.types.get(ref)  # type: ignore[call-overload]  # any JSON: unknown, reported below
         if typ is None:
             raise SchemaError(f"{entry.where(member)}: unknown type '{ref}'")
         return typ

@@ -37,7 +37,9 @@ class OpenFlags:
 
 
 ProtocolOpen = Callable[["BlockGraph", dict, "str | None", bool, OpenFlags], Awaitable["Node"]]
-Create = Callable[["BlockGraph", dict], Awaitable[None]]
+#: blockdev-create: ``(graph, options)`` for a protocol driver, ``(graph,
+#: options, target)`` for a format driver (target: the node of its ``file``).
+Create = Callable[..., Awaitable[None]]
 
 
 @dataclass(frozen=True)

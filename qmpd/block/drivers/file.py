@@ -48,8 +48,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
+_libc: ctypes.CDLL | None
 try:  # ctypes calls release the GIL; os has no fallocate with flags
-    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 except (OSError, AttributeError):  # pragma: no cover - not Linux
     _libc = None
@@ -367,6 +368,10 @@ class FileBlockNode(Node):
     def truncate(self, size: int) -> None:
         self.handle.truncate(size)
 
+    def preallocate(self, start: int, end: int, mode: str) -> None:
+        with self.handle._io() as fd:
+            preallocate(fd, start, end, mode)
+
     # -- the data path ----------------------------------------------------------
     def length(self) -> int:
         return -(-self.handle.size() // 512) * 512
@@ -519,12 +524,6 @@ def create_file(options: dict) -> None:
             raise ResizeError(err.errno or errno.EIO, "Could not resize file") from None
     finally:
         os.close(fd)
-
-
-def preallocate_node(node: FileBlockNode, start: int, end: int, mode: str) -> None:
-    if mode in ("falloc", "full"):
-        with node.handle._io() as fd:
-            preallocate(fd, start, end, mode)
 
 
 async def create(graph: "BlockGraph", options: dict) -> None:

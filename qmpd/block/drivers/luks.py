@@ -24,7 +24,7 @@ import trio
 
 from qmpd.block.datapath import BDRV_MAX_LENGTH, Extent
 from qmpd.block.drivers.base import BlockDriver
-from qmpd.block.drivers.file import NodeRegionIO, ResizeError, preallocate_node
+from qmpd.block.drivers.file import NodeRegionIO, ResizeError
 from qmpd.block.node import Node, in_thread
 from qmpd.block.permissions import ALL, Perm, PermissionUse
 from qmpd.crypto.errors import CryptoError
@@ -336,7 +336,9 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
             node.truncate(0)
             size_for_payload(node, length, size)
             create_volume(NodeRegionIO(node), passphrase, luks_opts).close()
-            preallocate_node(node, length, length + size, options.get("preallocation", "off"))
+            prealloc = options.get("preallocation", "off")
+            if prealloc in ("falloc", "full"):      # passed down, as QEMU's truncate
+                node.preallocate(length, length + size, prealloc)
             node.flush()
         finally:
             wipe(passphrase)

@@ -219,6 +219,7 @@ class _Refblock:
             if self.get(i) == 0:
                 return i
             i += 1
+        assert isinstance(self.entries, bytearray)  # sub-byte entries: see __init__
         hit = self.entries.translate(_SUB_BYTE_HAS_ZERO[self.bits]).find(1, i // per_byte)
         if hit < 0:
             return -1
@@ -227,6 +228,7 @@ class _Refblock:
     def encode(self, first: int, end: int) -> tuple[int, bytes]:
         """(byte offset in the block, bytes) holding entries [first, end)."""
         if self.bits >= 8:
+            assert isinstance(self.entries, array)  # 8 bits or more: see __init__
             width = self.bits // 8
             return first * width, _be_bytes(self.entries[first:end])
         lo, hi = first * self.bits // 8, -(-end * self.bits // 8)
@@ -566,6 +568,7 @@ class Qcow2Clusters:
                 run = want
             else:
                 block = self._refblock(start >> self.rb_bits)
+                assert block is not None  # no refblock is missing (above)
                 run, i = 1, start & mask
                 while run < want and i + run <= mask and block.get(i + run) == 0:
                     run += 1
@@ -587,6 +590,7 @@ class Qcow2Clusters:
         while cluster < start + count:
             index = cluster >> self.rb_bits
             block = self._refblock(index)
+            assert block is not None  # _allocate() made the refblocks first
             first = cluster & mask
             end = min(mask + 1, first + start + count - cluster)
             for i in range(first, end):
@@ -606,6 +610,7 @@ class Qcow2Clusters:
                 log.error("qcow2_free_clusters failed: refcount underflow at cluster %#x",
                           cluster << self.cluster_bits)
                 continue
+            assert block is not None  # else value is 0
             block.set(cluster & mask, value - 1)
             self._write_refcounts(index, block, cluster & mask, (cluster & mask) + 1)
             if value == 1:
@@ -820,6 +825,7 @@ class Qcow2Clusters:
                 elif kind == COMPRESSED_CLUSTER:
                     if waiting_forbidden():   # inflating is CPU work for a thread
                         raise BlockingIOError(errno.EAGAIN, "compressed cluster")
+                    assert isinstance(out, bytearray)  # not whole: a piece is compressed
                     out[pos:pos + n] = self._decompress(entry)[inside:inside + n]
         data = [self._read(host, n) for _, host, _, n in runs]
         if self.crypto:
@@ -848,8 +854,9 @@ class Qcow2Clusters:
             if all(cluster_type(e) == NORMAL and e & COPIED for *_, e in pieces):
                 for _, inside, _, n, entry in pieces:
                     self._check_overlap((entry & OFFSET_MASK) + inside, n)
-                writes = [((entry & OFFSET_MASK) + inside, data[pos:pos + n])
-                          for _, inside, pos, n, entry in pieces]
+                writes: list[tuple[int, bytes | bytearray | memoryview]] = [
+                    ((entry & OFFSET_MASK) + inside, data[pos:pos + n])
+                    for _, inside, pos, n, entry in pieces]
                 updates: dict[int, int] = {}
             else:
                 self._mark_dirty()

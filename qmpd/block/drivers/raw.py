@@ -103,6 +103,10 @@ class RawNode(Node):
         assert self.file is not None
         self.file.pdiscard(self.offset + offset, length)
 
+    def preallocate(self, start: int, end: int, mode: str) -> None:
+        assert self.file is not None
+        self.file.preallocate(self.offset + start, self.offset + end, mode)
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         assert self.file is not None
         return self.file.block_status(self.offset + offset, length)

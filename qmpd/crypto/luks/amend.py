@@ -313,6 +313,7 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     keyslot, unlock_secret = _check_add(header, options)
     was_active = header.slots[keyslot].is_active
     session.unlock(_resolve(unlock_secret))
+    assert options.new_secret is not None  # _check_add() refused an add without it
     new_secret = _resolve(options.new_secret)
 
     iter_time = options.iter_time if options.iter_time is not None else DEFAULT_ITER_TIME

@@ -155,6 +155,8 @@ class LuksHeader:
     def unpack(cls, raw: bytes) -> "LuksHeader":
         if len(raw) != HEADER_SIZE:
             raise ValueError(f"a LUKS header is {HEADER_SIZE} bytes, not {len(raw)}")
+        # The fields before ``slots``, as _FIXED lays them out.
+        fixed: tuple[bytes, int, bytes, bytes, bytes, int, int, bytes, bytes, int, bytes]
         fixed = _FIXED.unpack_from(raw, 0)
         slots = tuple(KeySlot.unpack(raw[slot_entry_offset(i):slot_entry_offset(i + 1)])
                       for i in range(NUM_KEY_SLOTS))

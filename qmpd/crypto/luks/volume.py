@@ -303,6 +303,7 @@ class _SlotRace:
                 if self._finished or not self._todo:
                     return
                 index = self._todo.pop(0)
+            outcome: tuple[bytearray | None, BaseException | None]
             try:
                 with pbkdf.single_threaded():   # the race already fills the cores
                     outcome = (attempt(index), None)

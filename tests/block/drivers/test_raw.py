@@ -185,3 +185,29 @@ async def test_qemu_io_reads_what_qmpd_wrote_and_back(tmp_path, offset, size):
     assert after[lo:lo + length] == data
     assert after[:lo] == original[:lo] and after[lo + length:] == original[lo + length:]
 
+
+
+@pytest.mark.parametrize("prealloc", ["falloc", "full"])
+async def test_luks_create_over_a_raw_window_preallocates_in_the_file(tmp_path, prealloc):
+    """blockdev-create luks on a raw node with preallocation: passed down to
+    the file at the window's offset, as QEMU's truncate passes it (it used to
+    fail with an internal error)."""
+    from tests.block.drivers.datapath_helpers import NoProgress, SECRETS, Secrets
+    from qmpd.block import create as block_create
+    from qmpd.block.graph import BlockGraph
+
+    path = str(tmp_path / "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    graph = BlockGraph(Secrets(SECRETS))
+    try:
+        await blockdev.add(graph, {"driver": "raw", "node-name": "w", "offset": 65536,
+                                   "file": {"driver": "file", "filename": path}})
+        await block_create.run(graph, {"driver": "luks", "file": "w", "size": 4 << 20,
+                                       "key-secret": "s0", "iter-time": 10,
+                                       "preallocation": prealloc}, NoProgress())
+    finally:
+        await graph.close_all()
+    st = os.stat(path)
+    assert st.st_size >= 65536 + (4 << 20)
+    assert st.st_blocks * 512 >= 4 << 20            # allocated, not a hole
