@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,15 @@ import time
 import pytest
 import trio
 
-from qmpd.block import blockdev, query
 from qmpd.block import amend as block_amend
+from qmpd.block import blockdev, query
 from qmpd.block import create as block_create
 from qmpd.block.graph import BlockGraph
 from qmpd.errors import QMPError
 from tests.block.graph_peer import NoProgress, Secrets
 from tests.block.test_locks import held_bytes
-from tests.oracles import (cryptsetup_unlocks, qemu_img_create_luks, require, run,
-                           run_qemu_img)
+from tests.oracles import cryptsetup_unlocks, qemu_img_create_luks, require, run, run_qemu_img
+from tests.qsd import start_qsd
 
 SECRETS = {"s0": "pw", "s1": "pw2", "s2": "pw3"}
 AMEND_ADD = {"driver": "luks", "state": "active", "new-secret": "s1", "iter-time": 10}
@@ -300,23 +299,17 @@ class Qsd:
     def __init__(self, tmp_path, *blockdevs: str) -> None:
         require("qemu-storage-daemon")
         self.sock = str(tmp_path / "qsd.sock")
-        args = ["qemu-storage-daemon", "--object", "secret,id=s0,data=pw",
-                "--chardev", f"socket,id=c0,path={self.sock},server=on,wait=off",
-                "--monitor", "chardev=c0"]
+        args = ["--object", "secret,id=s0,data=pw"]
         for spec in blockdevs:
             args += ["--blockdev", spec]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
-            time.sleep(0.02)
+        self.log = str(tmp_path / "qsd.log")
+        self.proc = start_qsd(self.sock, args, log_path=self.log)
 
     def wait_for_locks(self, path: str) -> set[int]:
         """qsd opens its --blockdev nodes after creating the socket: wait for them."""
         deadline = time.monotonic() + 20
         while not held_bytes(path):
-            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert self.proc.poll() is None, open(self.log).read()
             assert time.monotonic() < deadline, "qemu-storage-daemon did not lock the image"
             time.sleep(0.02)
         time.sleep(0.1)

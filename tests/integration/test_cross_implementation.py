@@ -15,9 +15,17 @@ import time
 import pytest
 
 from tests.block.test_locks import held_bytes
-from tests.integration.test_iotest_295 import (PASSPHRASES, REFUSALS, SECRET_IDS, Monitor,
-                                               add_key, copy_image, templates)  # noqa: F401
+from tests.integration.test_iotest_295 import (  # noqa: F401  (templates: a fixture)
+    PASSPHRASES,
+    REFUSALS,
+    SECRET_IDS,
+    Monitor,
+    add_key,
+    copy_image,
+    templates,
+)
 from tests.oracles import require, run, run_qemu_img
+from tests.qsd import start_qsd
 
 pytestmark = pytest.mark.interop
 
@@ -31,20 +39,12 @@ class Qsd:
     def __init__(self, workdir, *blockdevs: str) -> None:
         require("qemu-storage-daemon")
         sock = os.path.join(str(workdir), "qsd.sock")
-        args = ["qemu-storage-daemon",
-                "--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
-                "--monitor", "chardev=c0"]
+        args = []
         for sid, data in zip(SECRET_IDS, PASSPHRASES):
             args += ["--object", f"secret,id={sid},data={data}"]
         for spec in blockdevs:
             args += ["--blockdev", spec]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
-            time.sleep(0.02)
+        self.proc = start_qsd(sock, args, log_path=os.path.join(str(workdir), "qsd.log"))
         # commands run only once the command line's block devices are open
         self.mon = Monitor(sock)
 

@@ -8,17 +8,16 @@ answers, query-jobs, JOB_STATUS_CHANGE order) must be equal.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 import pytest
 import trio
 import trio.testing
 
-from qmpd.jobs.manager import Job, JobManager
 from qmpd.errors import QMPError
+from qmpd.jobs.manager import Job, JobManager
 from tests.oracles import require
+from tests.qsd import start_qsd
 
 pytestmark = pytest.mark.interop
 
@@ -65,15 +64,8 @@ def _play_qsd(tmp_path, steps) -> tuple[list, list, dict]:
 
     require("qemu-storage-daemon")
     sock = str(tmp_path / "qsd.sock")
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=c0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_qsd(sock)
     try:
-        for _ in range(100):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.05)
         qmp = QEMUMonitorProtocol(sock)
         qmp.connect()
         try:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 
 from tests.qmp_client import QmpClient
+from tests.qsd import start_qsd
 
 
 class QemuStorageDaemon:
@@ -15,15 +15,8 @@ class QemuStorageDaemon:
     def __init__(self, binary: str) -> None:
         self.workdir = tempfile.TemporaryDirectory(prefix="qmpd-qsd-")
         path = os.path.join(self.workdir.name, "qmp.sock")
-        self.process = subprocess.Popen(
-            [binary, "--chardev", f"socket,id=c0,path={path},server=on,wait=off",
-             "--monitor", "chardev=c0"],
-            cwd=self.workdir.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            self.qmp = QmpClient(path, timeout=60.0, connect_timeout=10.0, negotiate=True)
-        except OSError:
-            self.close()
-            raise RuntimeError("qemu-storage-daemon did not open its QMP socket") from None
+        self.process = start_qsd(path, binary=binary)
+        self.qmp = QmpClient(path, timeout=60.0, connect_timeout=10.0, negotiate=True)
 
     def execute(self, command: str, arguments: dict | None = None) -> dict:
         return self.qmp.cmd(command, arguments)

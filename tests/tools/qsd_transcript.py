@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tests import qsd
 from tests.processes import stop
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
@@ -441,23 +442,9 @@ def compare(case: dict, got: dict) -> list[str]:
 
 
 def start_qsd(sock_path: str, daemon_args: list[str], tmp: str) -> subprocess.Popen:
-    args = ["qemu-storage-daemon",
-            "--chardev", f"socket,id=c0,path={sock_path},server=on,wait=off",
-            "--monitor", "chardev=c0"]
-    args += [expand(a, tmp) for a in daemon_args]
-    log_path = os.path.join(tmp, "qsd.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock_path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"qsd exited: {Path(log_path).read_text(errors='replace')}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("qsd did not create its socket")
-        time.sleep(0.01)
-    return proc
+    """tests/qsd.py's launcher with a case's arguments, its output in tmp/qsd.log."""
+    return qsd.start_qsd(sock_path, [expand(a, tmp) for a in daemon_args],
+                         log_path=os.path.join(tmp, "qsd.log"))
 
 
 def play_qsd(spec: dict) -> dict:
