@@ -284,6 +284,10 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
             raise CryptoError(f"Invalid keyslot {keyslot} specified, "
                               f"must be between 0 and {NUM_KEY_SLOTS - 1}")
         if options.old_secret is not None:
+            if not header.slots[keyslot].is_active:
+                # QEMU's load_key answers an inactive slot without reading it
+                raise CryptoError(f"Given keyslot {keyslot} doesn't contain the given "
+                                  "old password for erase operation")
             return    # the slot is read next
         if not options.force and not header.slots[keyslot].is_active:
             raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
