@@ -7,6 +7,13 @@ the LUKS engine. :class:`LuksNode` adds raw LUKS's data path: the payload
 starts at the header's payload offset, each 512-byte sector encrypted with
 the guest sector number as its IV (plain64 etc. as the header says).
 
+Raw LUKS also opens LUKS2 images (cryptsetup's default format; QEMU's luks
+driver does not): the data segment's offset and cipher, its sector size
+(512 to 4096) as the node's request alignment, so that unaligned requests
+are bounced through read-modify-write; a "dynamic" segment runs to the end
+of the file (whole sectors), a fixed one is that many bytes. Key management
+(blockdev-amend) of LUKS2 is refused before anything is read or computed.
+
 Permissions as QEMU's block/crypto.c: the luks node asks its file for
 consistent read plus whatever its own parents take, and shares what they
 share (write and resize included, for backward compatibility). While keys
@@ -47,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 INT64_MAX = (1 << 63) - 1
+LUKS2_AMEND_UNSUPPORTED = "Key management of LUKS2 images is not supported by qmpd yet"
 
 
 class EncryptedNode(Node):
@@ -79,7 +87,8 @@ class EncryptedNode(Node):
             shared &= ~(Perm.CONSISTENT_READ | Perm.WRITE)
         return perm, shared
 
-    async def unlock(self, graph: "BlockGraph", secret_id: str, *, payload_in_file: bool) -> None:
+    async def unlock(self, graph: "BlockGraph", secret_id: str, *, payload_in_file: bool,
+                     luks2: bool = False) -> None:
         """Open the volume with the secret's passphrase, without the graph lock.
 
         A header may ask for billions of iterations: that open is slow, but
@@ -95,15 +104,24 @@ class EncryptedNode(Node):
             io = self.luks_io(self.file)
             async with graph.unlocked(self.name):
                 self.volume = await abandonable(
-                    lambda: open_volume(io, passphrase, payload_in_file=payload_in_file),
+                    lambda: open_volume(io, passphrase, payload_in_file=payload_in_file,
+                                        luks2=luks2),
                     lambda volume: volume and volume.close())
         finally:
             wipe(passphrase)
         self.key_secret = secret_id
 
     # -- amend ---------------------------------------------------------------------
+    def is_luks2(self) -> bool:
+        return getattr(self.volume, "version", 1) == 2
+
+    def refuse_luks2_amend(self) -> None:
+        if self.is_luks2():
+            raise QMPError.generic(LUKS2_AMEND_UNSUPPORTED)
+
     def amend_crypto_options(self, options: dict) -> dict | None:
         """The LUKS amend options inside ``options``, None when there is nothing to do."""
+        self.refuse_luks2_amend()
         return options
 
     def amend_check_writable(self) -> None:
@@ -139,6 +157,7 @@ class EncryptedNode(Node):
 
     def precheck_amend(self, amend: LuksAmendOptions) -> None:
         """QEMU's checks before the amend's first read (on the job's own time)."""
+        self.refuse_luks2_amend()
         try:
             precheck_amend(self.volume.header, amend)
         except CryptoError as err:
@@ -146,6 +165,7 @@ class EncryptedNode(Node):
 
     def prepare_amend(self, amend: LuksAmendOptions) -> Any:
         assert self.file is not None
+        self.refuse_luks2_amend()
         return prepare_amend(self.volume, self.luks_io(self.file), amend)
 
     def apply_amend(self, plan: Any) -> None:
@@ -170,10 +190,12 @@ class LuksNode(EncryptedNode):
         secret_id = self.options.get("key-secret")
         if not secret_id:
             raise QMPError.generic("Parameter 'key-secret' is required for cipher")
-        await self.unlock(graph, secret_id, payload_in_file=True)
+        await self.unlock(graph, secret_id, payload_in_file=True, luks2=True)
+        # The cipher's sector (512 bytes for LUKS1; LUKS2's segment sector size).
+        self.request_alignment = self.volume.cipher.sector_size
         file = self.file
         assert file is not None
-        self._length = await in_thread(lambda: max(0, file.length() - self._payload()))
+        self._length = await in_thread(lambda: self._payload_length(file.length()))
 
     def amend_check_writable(self) -> None:
         if self.read_only or self.leaf().read_only:
@@ -186,6 +208,21 @@ class LuksNode(EncryptedNode):
 
     def _payload(self) -> int:
         return self.volume.payload_offset
+
+    def _payload_length(self, file_length: int) -> int:
+        """The guest-visible size over a file this long: LUKS1 (QEMU) the rest
+        of the file; LUKS2 a fixed segment's size, or a dynamic one's whole
+        sectors up to the end of the file (dm-crypt's view)."""
+        if not self.is_luks2():
+            return max(0, file_length - self._payload())
+        if self.volume.payload_size is not None:
+            return int(self.volume.payload_size)
+        sector = self.volume.sector_size
+        return max(0, file_length - self._payload()) // sector * sector
+
+    def _sector(self, offset: int) -> int:
+        """The cipher's sector number of a guest offset (aligned requests only)."""
+        return offset // self.volume.cipher.sector_size
 
     #: The guest-visible size, as QEMU's bs->total_sectors: set at open and
     #: by the node's own resize (a resize of the file under it changes nothing).
@@ -210,7 +247,8 @@ class LuksNode(EncryptedNode):
         data = self.file.pread_many([(payload + offset, length) for offset, length in ranges])
         try:
             return self.volume.cipher.decrypt_many(
-                [(offset // 512, piece) for (offset, _), piece in zip(ranges, data, strict=True)])
+                [(self._sector(offset), piece)
+                 for (offset, _), piece in zip(ranges, data, strict=True)])
         except CryptoError:
             raise OSError(errno.EIO, "sector crypto failed") from None
 
@@ -222,10 +260,9 @@ class LuksNode(EncryptedNode):
         self.file.pwrite(self._payload() + offset,
                          self._crypt(self.volume.cipher.encrypt, offset, data), fua=fua)
 
-    @staticmethod
-    def _crypt(fn: Callable[[int, Any], bytes], offset: int, data: Any) -> bytes:
+    def _crypt(self, fn: Callable[[int, Any], bytes], offset: int, data: Any) -> bytes:
         try:
-            return fn(offset // 512, data)
+            return fn(self._sector(offset), data)
         except CryptoError:
             raise OSError(errno.EIO, "sector crypto failed") from None
 
@@ -236,11 +273,22 @@ class LuksNode(EncryptedNode):
         """block/crypto.c: the file is truncated to the payload offset plus
         the size (shrinking too), with the file's own checks and texts."""
         payload = self._payload()
+        if self.is_luks2():
+            self._check_luks2_resize(size)
         if payload > INT64_MAX - size:
             raise QMPError.generic("The requested file size is too large")
         assert self.file is not None
         self.file.truncate_to(payload + size)
-        self._length = max(0, self.file.length() - payload)
+        self._length = self._payload_length(self.file.length())
+
+    def _check_luks2_resize(self, size: int) -> None:
+        if self.volume.payload_size is not None:
+            raise QMPError.generic("Resizing a LUKS2 image with a fixed segment size "
+                                   "is not supported by qmpd yet")
+        sector = self.volume.sector_size
+        if size % sector:
+            raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
+                                   f"its sector size ({sector} bytes)")
 
     # -- queries --------------------------------------------------------------------
     def filename(self) -> str:

@@ -35,6 +35,12 @@ from qmpd.crypto.luks.header import (
 )
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.keyslot import read_material, try_slot, wipe
+from qmpd.crypto.luks.luks2_volume import (
+    PROBE_LENGTH,
+    Luks2Volume,
+    open_luks2_volume,
+    probe_version,
+)
 
 
 def parse_header_bytes(raw: bytes) -> tuple[LuksHeader, CipherSpec]:
@@ -330,8 +336,16 @@ class _SlotRace:
 
 
 def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
-                payload_in_file: bool = True) -> LuksVolume:
-    """Check the header and unlock the volume key with ``passphrase``."""
+                payload_in_file: bool = True,
+                luks2: bool = False) -> "LuksVolume | Luks2Volume":
+    """Check the header and unlock the volume key with ``passphrase``.
+
+    ``luks2=True`` (raw LUKS only) also opens a LUKS2 image, as a
+    :class:`~.luks2_volume.Luks2Volume`; otherwise, as in QEMU, version 2
+    fails the header check ("LUKS version 2 is not supported").
+    """
+    if luks2 and payload_in_file and probe_version(io.read(0, PROBE_LENGTH)) == 2:
+        return open_luks2_volume(io, passphrase)
     header, spec = _read_checked(io, payload_in_file)
     key, index, digest = find_key(io, header, spec, passphrase)
     return LuksVolume(header, spec, key, PassphraseWitness(passphrase, index, digest),

@@ -1,0 +1,180 @@
+"""An open LUKS2 volume: the header, the data segment's cipher, the volume key.
+
+:func:`open_luks2_volume` puts :func:`~.luks2_header.read_luks2`,
+:func:`~.luks2_unlock.unlock_luks2` and :func:`~.luks2_unlock.segment_cipher`
+together behind the interface the block layer already uses for LUKS1
+(:class:`~.volume.LuksVolume`): ``cipher``, ``payload_offset``, ``info()``,
+``close()``, ``volume_key``. What differs is said by attributes LUKS1 does
+not need: ``version`` (2), ``sector_size`` (the segment's, 512 to 4096:
+the unit ``cipher`` counts and the node's request alignment) and
+``payload_size`` (bytes, or None for a "dynamic" segment that runs to the
+end of the image).
+
+Key management (adding or erasing keyslots) is not implemented for LUKS2:
+``witness`` is None and the block layer refuses an amend before it starts.
+
+Refused at open, each with its own text: an image whose config names
+mandatory requirements (cryptsetup's "Unmet LUKS2 requirements detected."),
+a data segment that starts past the end of the image, a fixed-size segment
+longer than the image. Reencryption metadata and authenticated segments
+are refused by the header reader and :func:`segment_cipher` themselves.
+
+:func:`probe_version` tells the two formats apart from the first bytes:
+both start with the magic ``LUKS\\xba\\xbe``, then a big-endian version.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from qmpd.crypto.ciphers import CipherSpec
+from qmpd.crypto.errors import CryptoError
+from qmpd.crypto.luks.io import ImageIO
+from qmpd.crypto.luks.luks2_header import (
+    MAGIC_PRIMARY,
+    Luks2Header,
+    Pbkdf2,
+    read_luks2,
+)
+from qmpd.crypto.luks.luks2_unlock import data_segment, segment_cipher, unlock_luks2
+from qmpd.crypto.secrets import wipe
+
+UNMET_REQUIREMENTS = "Unmet LUKS2 requirements detected."
+PROBE_LENGTH = 8
+
+
+def probe_version(first_bytes: bytes) -> int | None:
+    """The LUKS version the image's first bytes claim, None if not LUKS at all."""
+    if len(first_bytes) < PROBE_LENGTH or first_bytes[:len(MAGIC_PRIMARY)] != MAGIC_PRIMARY:
+        return None
+    return int(struct.unpack_from(">H", first_bytes, len(MAGIC_PRIMARY))[0])
+
+
+def _show(names: tuple[str, ...]) -> str:
+    shown = []
+    for name in names[:8]:
+        text = name.encode("ascii", "backslashreplace").decode("ascii")
+        shown.append(text[:40] + ("..." if len(text) > 40 else ""))
+    return ", ".join(shown) + (", ..." if len(names) > 8 else "")
+
+
+def check_requirements(header: Luks2Header) -> None:
+    mandatory = header.config.requirements_mandatory
+    if mandatory:
+        raise CryptoError(f"{UNMET_REQUIREMENTS[:-1]} ({_show(mandatory)}); "
+                          f"qmpd cannot open this image")
+
+
+class Luks2Volume:
+    """An unlocked LUKS2 volume (see the module docstring for the interface)."""
+
+    version = 2
+    witness = None      # no key management for LUKS2 yet
+
+    def __init__(self, header: Luks2Header, volume_key: bytearray, keyslot: int) -> None:
+        self.header = header
+        self.keyslot = keyslot
+        self.segment_id = data_segment(header)
+        segment = header.segments[self.segment_id]
+        self.payload_offset = segment.offset
+        self.payload_size = segment.size
+        self.sector_size = segment.sector_size
+        self._volume_key = volume_key
+        self.cipher = segment_cipher(header, volume_key, self.segment_id)
+        self.spec: CipherSpec = self.cipher.spec
+        digest = next(d for d in header.digests.values() if self.segment_id in d.segments)
+        self._digest = digest
+        self.hash_name = digest.hash
+
+    @property
+    def volume_key(self) -> bytearray:
+        """The volume key itself (for the engine; never log or return it)."""
+        if not self._volume_key:
+            raise CryptoError("The LUKS volume is closed")
+        return self._volume_key
+
+    def info(self) -> dict:
+        """QCryptoBlockInfoLUKS filled from LUKS2 metadata.
+
+        The schema is QEMU's and has no place for a version, so LUKS2 shows
+        through QEMU's members only: cipher-alg, cipher-mode, ivgen-alg
+        (ivgen-hash-alg) of the data segment; hash-alg and master-key-iters
+        of the segment's digest (PBKDF2 over the volume key, as LUKS1's
+        mk-digest); payload-offset the segment's offset in bytes. ``slots``
+        lists the keyslots that exist, in id order (a LUKS2 header has up to
+        32, with gaps, so a position is not an id): active when it opens the
+        data segment; ``key-offset`` its area's offset in bytes; ``iters``
+        for PBKDF2 keyslots only (Argon2 has no iteration count of that
+        meaning) and ``stripes`` for active ones.
+        """
+        spec = self.spec
+        out: dict = {
+            "cipher-alg": spec.cipher_alg,
+            "cipher-mode": spec.cipher_mode,
+            "ivgen-alg": spec.ivgen_alg,
+        }
+        if spec.ivgen_alg == "essiv" and spec.ivgen_hash_alg:
+            out["ivgen-hash-alg"] = spec.ivgen_hash_alg
+        out.update({
+            "hash-alg": self.hash_name,
+            "payload-offset": self.payload_offset,
+            "master-key-iters": self._digest.iterations,
+            "uuid": self.header.uuid,
+        })
+        slots = []
+        for index in sorted(self.header.keyslots):
+            slot = self.header.keyslots[index]
+            active = index in self._digest.keyslots
+            entry: dict = {"active": active}
+            if active:
+                if isinstance(slot.kdf, Pbkdf2):
+                    entry["iters"] = slot.kdf.iterations
+                entry["stripes"] = slot.af_stripes
+            entry["key-offset"] = slot.area.offset
+            slots.append(entry)
+        out["slots"] = slots
+        return out
+
+    def close(self) -> None:
+        """Wipe the volume key and the cipher's copy of it."""
+        self.cipher.wipe()
+        wipe(self._volume_key)
+        self._volume_key = bytearray()
+
+    def __enter__(self) -> "Luks2Volume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if not self._volume_key else "open"
+        return f"Luks2Volume({state}, keyslot={self.keyslot}, uuid={self.header.uuid!r})"
+
+
+def read_checked(io: ImageIO, *, payload_in_file: bool = True) -> Luks2Header:
+    """The validated header, with the checks that need no passphrase."""
+    header = read_luks2(io.read)
+    check_requirements(header)
+    if payload_in_file:
+        segment = header.segments[data_segment(header)]
+        size = io.size()
+        if segment.offset > size:
+            raise CryptoError(f"LUKS payload offset {segment.offset} is beyond the end "
+                              f"of the image ({size} bytes)")
+        if segment.size is not None and segment.offset + segment.size > size:
+            raise CryptoError(f"Device is too small. (LUKS2 requires at least "
+                              f"{segment.offset + segment.size} bytes.)")
+    return header
+
+
+def open_luks2_volume(io: ImageIO, passphrase: bytes | bytearray) -> Luks2Volume:
+    """Check the header and unlock the volume key. CPU-heavy: a worker thread."""
+    header = read_checked(io)
+    key, keyslot = unlock_luks2(io.read, header, passphrase)
+    try:
+        return Luks2Volume(header, key, keyslot)
+    except BaseException:
+        wipe(key)
+        raise
+
