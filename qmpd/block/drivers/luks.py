@@ -371,7 +371,9 @@ def size_for_payload(node: Node, length: int, size: int) -> None:
 
 async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     luks_opts = luks_create_options(options)
-    size = options["size"]
+    # QAPI 'size' is uint64: QEMU's input visitor takes a negative number as
+    # its two's complement (-1 is 2**64 - 1, "too large"), and so do we.
+    size = options["size"] & 0xFFFFFFFFFFFFFFFF
 
     def write(node: Node) -> None:
         """As QEMU: the secret and the cipher first, then the size, then the

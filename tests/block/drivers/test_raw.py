@@ -211,3 +211,23 @@ async def test_luks_create_over_a_raw_window_preallocates_in_the_file(tmp_path, 
     st = os.stat(path)
     assert st.st_size >= 65536 + (4 << 20)
     assert st.st_blocks * 512 >= 4 << 20            # allocated, not a hole
+
+
+async def test_luks_create_with_size_minus_one_is_too_large(tmp_path):
+    """QAPI 'size' is uint64: -1 arrives as 2**64 - 1, which QEMU refuses as
+    too large (found by the differential run against qsd)."""
+    from tests.block.drivers.datapath_helpers import NoProgress, SECRETS, Secrets
+    from qmpd.block import create as block_create
+    from qmpd.block.graph import BlockGraph
+
+    path = str(tmp_path / "disk.img")
+    open(path, "wb").close()
+    graph = BlockGraph(Secrets(SECRETS))
+    try:
+        await blockdev.add(graph, {"driver": "file", "node-name": "f", "filename": path})
+        with pytest.raises(QMPError, match="The requested file size is too large"):
+            await block_create.run(graph, {"driver": "luks", "file": "f", "size": -1,
+                                           "key-secret": "s0", "iter-time": 10}, NoProgress())
+    finally:
+        await graph.close_all()
+    assert os.path.getsize(path) == 0
