@@ -83,3 +83,22 @@ async def test_a_file_option_given_at_open_cannot_be_dropped(graph, raw_img):
     assert await reopen_error(graph, {"driver": "file", "node-name": "f0",
                                       "filename": raw_img, "locking": "off"}) == \
         "Cannot change the option 'locking'"
+
+
+async def test_add_key_after_a_reopen_with_another_key_secret_unlocks_with_the_first(
+        graph, qcow2_img):
+    """An add-key amend without 'secret' unlocks with the secret the volume was
+    opened with, as QEMU keeps it, not the key-secret a later reopen named
+    (found by the differential run: qmpd answered 'Invalid password')."""
+    from qmpd.block import amend as block_amend
+    from tests.block.graph_peer import NoProgress
+
+    await blockdev.add(graph, qcow2(qcow2_img))
+    options = qcow2(qcow2_img)
+    options["encrypt"]["key-secret"] = "s1"          # not the image's passphrase
+    await blockdev.reopen(graph, [options])
+    await block_amend.run(graph, "q0", {"driver": "qcow2", "encrypt": {
+        "format": "luks", "state": "active", "new-secret": "s1", "iter-time": 10}},
+        False, NoProgress(), "x-blockdev-amend")
+    node = graph.find("q0")
+    assert sum(s.is_active for s in node.volume.header.slots) == 2

@@ -66,6 +66,10 @@ class EncryptedNode(Node):
         super().__init__(*args, **kwargs)
         self.volume: Any = None           # LuksVolume while open; close() wipes its key
         self.key_secret: str | None = None
+        #: The secret the volume was unlocked with: what an add-key amend
+        #: without 'secret' unlocks with (QEMU keeps it in its LUKS state),
+        #: even after a qcow2 reopen named another key-secret.
+        self.opened_secret: str | None = None
         self.updating_keys = False
         self.key_update_lock = trio.Lock()
 
@@ -109,7 +113,7 @@ class EncryptedNode(Node):
                     lambda volume: volume and volume.close())
         finally:
             wipe(passphrase)
-        self.key_secret = secret_id
+        self.key_secret = self.opened_secret = secret_id
 
     # -- amend ---------------------------------------------------------------------
     def is_luks2(self) -> bool:
@@ -151,8 +155,8 @@ class EncryptedNode(Node):
                                  old_secret=lazy(opts.get("old-secret")),
                                  keyslot=opts.get("keyslot"), iter_time=opts.get("iter-time"),
                                  secret=lazy(opts.get("secret")), force=force)
-        if amend.state == "active" and amend.secret is None and self.key_secret:
-            amend.opened_secret = lazy(self.key_secret)
+        if amend.state == "active" and amend.secret is None and self.opened_secret:
+            amend.opened_secret = lazy(self.opened_secret)
         return amend, secrets
 
     def precheck_amend(self, amend: LuksAmendOptions) -> None:
