@@ -11,8 +11,13 @@ a client does can end the server: protocol violations end that connection
 (logged with QEMU's reason), unexpected exceptions are logged by type only
 (a message might carry data) and end that connection too.
 
-A client's reader task feeds the sans-IO :class:`NbdConnection` and queues
-valid requests for a pool of at most 16 worker tasks (QEMU's
+A client's reader task feeds the sans-IO :class:`NbdConnection`. The READs
+one receive brings are first offered to the export at once
+(:func:`reads_now`: one ``read_now()`` call for the burst, which a LUKS
+node decrypts in one pass); those it can answer without waiting (page
+cache, free locks) are answered by the reader itself, which also sends the
+queued replies before it reads again. Everything else is queued
+for a pool of at most 16 worker tasks (QEMU's
 MAX_NBD_REQUESTS), spawned on demand; each worker runs one backend call at
 a time, so up to 16 run concurrently and replies leave in completion order,
 not request order. Replies are queued for the connection's writer task,
