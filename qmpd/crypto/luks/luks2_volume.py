@@ -37,6 +37,7 @@ from qmpd.crypto.luks.luks2_header import (
     read_luks2,
 )
 from qmpd.crypto.luks.luks2_unlock import data_segment, segment_cipher, unlock_luks2
+from qmpd.crypto.luks.unlocked import UnlockedVolume
 from qmpd.crypto.secrets import wipe
 
 UNMET_REQUIREMENTS = "Unmet LUKS2 requirements detected."
@@ -65,7 +66,7 @@ def check_requirements(header: Luks2Header) -> None:
                           f"qmpd cannot open this image")
 
 
-class Luks2Volume:
+class Luks2Volume(UnlockedVolume):
     """An unlocked LUKS2 volume (see the module docstring for the interface)."""
 
     version = 2
@@ -86,13 +87,6 @@ class Luks2Volume:
         self._digest = digest
         self.hash_name = digest.hash
 
-    @property
-    def volume_key(self) -> bytearray:
-        """The volume key itself (for the engine; never log or return it)."""
-        if not self._volume_key:
-            raise CryptoError("The LUKS volume is closed")
-        return self._volume_key
-
     def info(self) -> dict:
         """QCryptoBlockInfoLUKS filled from LUKS2 metadata.
 
@@ -107,20 +101,7 @@ class Luks2Volume:
         for PBKDF2 keyslots only (Argon2 has no iteration count of that
         meaning) and ``stripes`` for active ones.
         """
-        spec = self.spec
-        out: dict = {
-            "cipher-alg": spec.cipher_alg,
-            "cipher-mode": spec.cipher_mode,
-            "ivgen-alg": spec.ivgen_alg,
-        }
-        if spec.ivgen_alg == "essiv" and spec.ivgen_hash_alg:
-            out["ivgen-hash-alg"] = spec.ivgen_hash_alg
-        out.update({
-            "hash-alg": self.hash_name,
-            "payload-offset": self.payload_offset,
-            "master-key-iters": self._digest.iterations,
-            "uuid": self.header.uuid,
-        })
+        out = self._info_head(self._digest.iterations, self.header.uuid)
         slots = []
         for index in sorted(self.header.keyslots):
             slot = self.header.keyslots[index]
@@ -134,18 +115,6 @@ class Luks2Volume:
             slots.append(entry)
         out["slots"] = slots
         return out
-
-    def close(self) -> None:
-        """Wipe the volume key and the cipher's copy of it."""
-        self.cipher.wipe()
-        wipe(self._volume_key)
-        self._volume_key = bytearray()
-
-    def __enter__(self) -> "Luks2Volume":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if not self._volume_key else "open"

@@ -41,6 +41,7 @@ from qmpd.crypto.luks.luks2_volume import (
     open_luks2_volume,
     probe_version,
 )
+from qmpd.crypto.luks.unlocked import UnlockedVolume
 
 
 def parse_header_bytes(raw: bytes) -> tuple[LuksHeader, CipherSpec]:
@@ -128,7 +129,7 @@ def slot_state_digest(header: LuksHeader, index: int, material: bytes) -> bytes:
     return digest.digest()
 
 
-class LuksVolume:
+class LuksVolume(UnlockedVolume):
     """An unlocked LUKS1 volume: header view, payload cipher, volume key.
 
     ``header`` is the header as last read or written by this engine
@@ -146,29 +147,9 @@ class LuksVolume:
         self.cipher = SectorCipher(spec, volume_key)
         self.witness = witness
 
-    @property
-    def volume_key(self) -> bytearray:
-        """The volume key itself (for the engine; never log or return it)."""
-        if not self._volume_key:
-            raise CryptoError("The LUKS volume is closed")
-        return self._volume_key
-
     def info(self) -> dict:
         """QCryptoBlockInfoLUKS, as query-named-block-nodes shows it (QEMU 7.2)."""
-        spec = self.spec
-        out: dict = {
-            "cipher-alg": spec.cipher_alg,
-            "cipher-mode": spec.cipher_mode,
-            "ivgen-alg": spec.ivgen_alg,
-        }
-        if spec.ivgen_alg == "essiv" and spec.ivgen_hash_alg:
-            out["ivgen-hash-alg"] = spec.ivgen_hash_alg
-        out.update({
-            "hash-alg": self.hash_name,
-            "payload-offset": self.payload_offset,
-            "master-key-iters": self.header.mk_digest_iterations,
-            "uuid": self.header.uuid_str,
-        })
+        out = self._info_head(self.header.mk_digest_iterations, self.header.uuid_str)
         slots = []
         for slot in self.header.slots:
             entry: dict = {"active": slot.is_active}
@@ -182,17 +163,9 @@ class LuksVolume:
 
     def close(self) -> None:
         """Wipe the volume key and everything derived from a passphrase."""
-        self.cipher.wipe()
-        wipe(self._volume_key)
-        self._volume_key = bytearray()
+        super().close()
         if self.witness is not None:
             self.witness.wipe()
-
-    def __enter__(self) -> "LuksVolume":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if not self._volume_key else "open"
