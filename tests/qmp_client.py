@@ -16,6 +16,22 @@ import time
 from typing import Any
 
 
+def connect_unix(path: str, timeout: float = 0.0) -> socket.socket:
+    """A connected unix stream socket, retrying for ``timeout`` seconds while
+    the daemon is still starting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class ConnectionClosed(EOFError):
     """The peer closed the connection; the exception holds what was left unread."""
 
@@ -31,17 +47,7 @@ class QmpClient:
     def __init__(self, path: str, *, timeout: float = 10.0, connect_timeout: float = 0.0,
                  negotiate: bool = False) -> None:
         self.timeout = timeout
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.02)
+        self.sock = connect_unix(path, connect_timeout)
         self._buf = b""
         self.events: list[dict] = []
         self.greeting = self.recv()

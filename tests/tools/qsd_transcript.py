@@ -41,6 +41,7 @@ from typing import Any, Iterable
 
 from tests import qsd
 from tests.processes import stop
+from tests.qmp_client import connect_unix
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "qsd"
 
@@ -175,18 +176,7 @@ class Wire:
     """A raw QMP connection: send bytes, collect newline-framed JSON messages."""
 
     def __init__(self, path: str, connect_timeout: float = 10.0):
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                break
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self.sock = sock
+        self.sock = connect_unix(path, connect_timeout)
         self.buf = b""
         self.eof = False
 
