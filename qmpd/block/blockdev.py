@@ -104,7 +104,8 @@ async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
             node = graph.find(name)
             if node is None:
                 raise QMPError.generic(f"Failed to find node with node-name='{name}'")
-            _plan_reopen(node, opts, bool(opts.get("read-only", False)), plan)
+            _plan_reopen(node, opts, bool(opts.get("read-only", False)), plan,
+                         opts.get("read-only"))
         with trio.CancelScope(shield=True):
             await _apply_reopen(graph, plan)
 
@@ -146,13 +147,17 @@ def check_reopen_options(node: Node, opts: dict) -> None:
 
 
 def _plan_reopen(node: Node, opts: dict, read_only: bool,
-                 plan: list[tuple[Node, bool, dict]]) -> None:
+                 plan: list[tuple[Node, bool, dict]], given_read_only: bool | None) -> None:
     """Check one node's reopen options and queue it, with its implicit child.
 
     As QEMU's reopen queue: a child the parent created from inline options
-    (given again inline or by its name) is reopened too and inherits the
-    parent's read-only unless its own options say otherwise; a child added
-    on its own is left alone.
+    (given again inline or by its name) is reopened too; a child added on
+    its own is left alone. A child given inline takes its own read-only, or
+    the one the parent's options give, or the default (read-write). A child
+    given by its name keeps its old options: it takes the read-only that
+    the options name explicitly (``given_read_only``) and otherwise keeps
+    its own, so that reopening a parent read-write without saying so over
+    a child made read-only fails as in QEMU ("Block node is read-only").
     """
     if opts.get("driver") != node.driver:
         raise QMPError.generic("Cannot change the option 'driver'")
@@ -166,11 +171,14 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool,
     if child is None or ref is None:
         return
     if isinstance(ref, dict) and child.implicit:
-        _plan_reopen(child, ref, bool(ref.get("read-only", read_only)), plan)
+        given = ref.get("read-only", given_read_only)
+        _plan_reopen(child, ref, bool(given), plan, given)
     elif ref != child.name:
         raise QMPError.generic("Cannot change the option 'file'")
     elif child.implicit:
-        _plan_reopen(child, {**child.options, "node-name": child.name}, read_only, plan)
+        child_read_only = child.read_only if given_read_only is None else given_read_only
+        _plan_reopen(child, {**child.options, "node-name": child.name}, child_read_only,
+                     plan, given_read_only)
 
 
 def _handle(node: Node) -> FileNode:

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 import trio
 
 from qmpd.block.node import Node, Parent, SecretLookup, in_thread
-from qmpd.block.permissions import PermissionUse, check_conflicts, cumulative
+from qmpd.block.permissions import Perm, PermissionUse, check_conflicts, cumulative
 from qmpd.errors import QMPError
 
 T = TypeVar("T")
@@ -160,6 +160,7 @@ class BlockGraph:
         check_conflicts(node.name, uses)
         perm, shared = cumulative(uses)
         old = node.parent_perms
+        check_writable(node, perm, old[0])
         node.parent_perms = (perm, shared)
         try:
             if node.holds_locks:
@@ -224,3 +225,15 @@ class BlockGraph:
                 for node in self.newest_first():
                     await in_thread(node.close)
                     self.unregister(node)
+
+
+def check_writable(node: Node, perm: Perm, held: Perm) -> None:
+    """QEMU's bdrv_node_refresh_perm: a read-only node (or one a reopen
+    makes read-only) refuses write users, in the words that say whether it
+    had some until now."""
+    writes = Perm.WRITE | Perm.WRITE_UNCHANGED
+    if node.read_only and perm & writes:
+        if held & writes:
+            raise QMPError.generic(
+                f"Read-only block node '{node.name}' cannot support read-write users")
+        raise QMPError.generic("Block node is read-only")

@@ -14,6 +14,11 @@ recorder and against qmpd by tests/integration/test_qsd_reference.py.
 - ``raw-*``: opening the raw format driver with ``offset`` and ``size``.
 - ``create-*``: blockdev-create with an inline ``file`` definition for luks
   and qcow2, and sizes that QEMU refuses with its own texts.
+- ``reopen-child-*``: blockdev-reopen of a qcow2 node whose file child it
+  created, the child given again by its name or inline, with and without
+  an explicit read-only: a child given by name inherits only a read-only
+  the options state, else keeps its own (QEMU's keep_old_opts), so going
+  back to read-write without saying so fails "Block node is read-only".
 
 Every size here is refused (or accepted) whatever the file system: none
 depends on a file system's largest file, so the replay may run anywhere.
@@ -211,5 +216,40 @@ def block_io_cases() -> list:
           *create("c2", {"driver": "file", "filename": "{tmp}/n.img", "size": 1 << 63}),
           cmd("blockdev-add", {"driver": "file", "node-name": "f0",
                                "filename": "{tmp}/n.img"}), qnodes),
+        # -- blockdev-reopen: a child given by its name keeps its own read-only -------
+        *reopen_child_cases(add_qcow2, qnodes, qcow2),
     ]
     return cases
+
+
+def reopen_child_cases(add_qcow2: Any, qnodes: str, images: dict) -> list:
+    """Reopen a qcow2 node over the file child it created (see the module doc)."""
+    inline = {"driver": "file", "node-name": "fq0", "filename": "{tmp}/p.qcow2"}
+
+    def reopen(node: dict) -> str:
+        return cmd("blockdev-reopen", {"options": [node]})
+
+    def qcow2(read_only: bool | None = None, file: Any = "fq0") -> str:
+        node: dict[str, Any] = {"driver": "qcow2", "node-name": "q0", "file": file}
+        if read_only is not None:
+            node["read-only"] = read_only
+        return reopen(node)
+
+    def file(read_only: bool) -> str:
+        return reopen({**inline, "read-only": read_only})
+
+    add = add_qcow2(file=inline)
+    return [
+        C("reopen-child-by-name-back-to-rw-implicit", add, qcow2(True), qnodes, qcow2(),
+          qnodes, **images),
+        C("reopen-child-by-name-back-to-rw-explicit", add, qcow2(True), qcow2(True),
+          qcow2(False), qnodes, **images),
+        C("reopen-child-inline-then-by-name", add, qcow2(True, inline), qcow2(), qnodes,
+          **images),
+        C("reopen-child-by-name-then-inline", add, qcow2(True), qcow2(file=inline), qnodes,
+          **images),
+        C("reopen-child-made-rw-on-its-own", add, qcow2(True), file(False), qnodes, qcow2(),
+          qnodes, **images),
+        C("reopen-child-ro-under-rw-parent", add, file(True), qcow2(), qcow2(True), qcow2(),
+          qnodes, **images),
+    ]
