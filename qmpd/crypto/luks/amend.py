@@ -126,12 +126,33 @@ class LuksAmendOptions:
     secret: "SecretValue | None" = None
     force: bool = False
     opened_secret: "SecretValue | None" = field(default=None, repr=False)
+    # The new keyslot's KDF (LUKS2; LUKS1 takes pbkdf2 only): "pbkdf2",
+    # "argon2i" or "argon2id"; Argon2's memory in KiB and its lanes.
+    pbkdf: str | None = None
+    pbkdf_memory: int | None = None
+    pbkdf_parallel: int | None = None
 
     def __repr__(self) -> str:
         given = [name for name in ("new_secret", "old_secret", "secret", "opened_secret")
                  if getattr(self, name) is not None]
+        kdf = "".join(f", {name}={getattr(self, name)!r}"
+                      for name in ("pbkdf", "pbkdf_memory", "pbkdf_parallel")
+                      if getattr(self, name) is not None)
         return (f"LuksAmendOptions(state={self.state!r}, keyslot={self.keyslot}, "
-                f"iter_time={self.iter_time}, force={self.force}, given={given})")
+                f"iter_time={self.iter_time}, force={self.force}{kdf}, given={given})")
+
+
+PBKDF_TYPES = ("pbkdf2", "argon2i", "argon2id")
+
+
+def check_luks1_pbkdf(options: LuksAmendOptions) -> None:
+    """LUKS1 keyslots are PBKDF2 only, with no Argon2 costs (cryptsetup's texts)."""
+    if options.pbkdf is not None and options.pbkdf not in PBKDF_TYPES:
+        raise CryptoError(f"Unknown PBKDF type {options.pbkdf}.")
+    if options.pbkdf not in (None, "pbkdf2"):
+        raise CryptoError("Requested PBKDF type is not supported for LUKS1.")
+    if options.pbkdf_memory is not None or options.pbkdf_parallel is not None:
+        raise CryptoError("PBKDF max memory or parallel threads must not be set with pbkdf2.")
 
 
 @dataclass
@@ -265,6 +286,7 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     up before its first read; :func:`prepare_amend` repeats every check on
     the header fresh from disk, so this only decides *when* an error comes.
     """
+    check_luks1_pbkdf(options)
     if options.state == "active":
         _resolve(_check_add(header, options)[1])
         return
@@ -303,6 +325,7 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
 def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,
                   random_bytes: Callable[[int], bytes] = os.urandom) -> AmendPlan:
     """Check ``options`` against the image and compute the writes; writes nothing."""
+    check_luks1_pbkdf(options)
     session = _Session(volume, io)
     if options.state == "active":
         return _prepare_add(session, options, random_bytes)

@@ -10,8 +10,9 @@ the unit ``cipher`` counts and the node's request alignment) and
 ``payload_size`` (bytes, or None for a "dynamic" segment that runs to the
 end of the image).
 
-Key management (adding or erasing keyslots) is not implemented for LUKS2:
-``witness`` is None and the block layer refuses an amend before it starts.
+Key management lives in :mod:`.luks2_amend` (its plan's apply hands back
+the new header, which :meth:`Luks2Volume.adopt_header` takes). ``witness``
+stays None: the LUKS1 shortcut it stands for is not used for LUKS2.
 
 Refused at open, each with its own text: an image whose config names
 mandatory requirements (cryptsetup's "Unmet LUKS2 requirements detected."),
@@ -59,11 +60,12 @@ def _show(names: tuple[str, ...]) -> str:
     return ", ".join(shown) + (", ..." if len(names) > 8 else "")
 
 
-def check_requirements(header: Luks2Header) -> None:
+def check_requirements(header: Luks2Header, action: str = "open this image") -> None:
+    """Refuse metadata whose mandatory requirements qmpd does not implement."""
     mandatory = header.config.requirements_mandatory
     if mandatory:
         raise CryptoError(f"{UNMET_REQUIREMENTS[:-1]} ({_show(mandatory)}); "
-                          f"qmpd cannot open this image")
+                          f"qmpd cannot {action}")
 
 
 class Luks2Volume(UnlockedVolume):
@@ -72,9 +74,11 @@ class Luks2Volume(UnlockedVolume):
     version = 2
     witness = None      # no key management for LUKS2 yet
 
-    def __init__(self, header: Luks2Header, volume_key: bytearray, keyslot: int) -> None:
+    def __init__(self, header: Luks2Header, volume_key: bytearray, keyslot: int, *,
+                 detached_header: bool = False) -> None:
         self.header = header
         self.keyslot = keyslot
+        self.detached_header = detached_header
         self.segment_id = data_segment(header)
         segment = header.segments[self.segment_id]
         self.payload_offset = segment.offset
@@ -86,6 +90,23 @@ class Luks2Volume(UnlockedVolume):
         digest = next(d for d in header.digests.values() if self.segment_id in d.segments)
         self._digest = digest
         self.hash_name = digest.hash
+
+    def adopt_header(self, header: Luks2Header) -> None:
+        """Take the metadata a key update wrote (same data segment and digest).
+
+        Refused if the new header describes another volume: a different
+        UUID, data segment or volume-key digest would make the cipher and
+        key this object holds wrong for it.
+        """
+        segment_id = data_segment(header)
+        digest = next((d for d in header.digests.values() if segment_id in d.segments), None)
+        if (header.uuid != self.header.uuid or segment_id != self.segment_id
+                or header.segments[segment_id] != self.header.segments[self.segment_id]
+                or digest is None or digest.digest != self._digest.digest
+                or digest.salt != self._digest.salt):
+            raise CryptoError("The new LUKS2 header does not describe this volume")
+        self.header = header
+        self._digest = digest
 
     def info(self) -> dict:
         """QCryptoBlockInfoLUKS filled from LUKS2 metadata.
@@ -121,10 +142,12 @@ class Luks2Volume(UnlockedVolume):
         return f"Luks2Volume({state}, keyslot={self.keyslot}, uuid={self.header.uuid!r})"
 
 
-def read_checked(io: ImageIO, *, payload_in_file: bool = True) -> Luks2Header:
+def read_checked(io: ImageIO, *, payload_in_file: bool = True,
+                 detached_header: bool = False,
+                 action: str = "open this image") -> Luks2Header:
     """The validated header, with the checks that need no passphrase."""
-    header = read_luks2(io.read)
-    check_requirements(header)
+    header = read_luks2(io.read, detached_header=detached_header)
+    check_requirements(header, action)
     if payload_in_file:
         segment = header.segments[data_segment(header)]
         size = io.size()
@@ -137,12 +160,19 @@ def read_checked(io: ImageIO, *, payload_in_file: bool = True) -> Luks2Header:
     return header
 
 
-def open_luks2_volume(io: ImageIO, passphrase: bytes | bytearray) -> Luks2Volume:
-    """Check the header and unlock the volume key. CPU-heavy: a worker thread."""
-    header = read_checked(io)
+def open_luks2_volume(io: ImageIO, passphrase: bytes | bytearray, *,
+                      detached_header: bool = False) -> Luks2Volume:
+    """Check the header and unlock the volume key. CPU-heavy: a worker thread.
+
+    ``detached_header``: ``io`` holds only the metadata and keyslots (the
+    data segment may start at 0 of another device), as cryptsetup's
+    ``--header``.
+    """
+    header = read_checked(io, payload_in_file=not detached_header,
+                          detached_header=detached_header)
     key, keyslot = unlock_luks2(io.read, header, passphrase)
     try:
-        return Luks2Volume(header, key, keyslot)
+        return Luks2Volume(header, key, keyslot, detached_header=detached_header)
     except BaseException:
         wipe(key)
         raise
