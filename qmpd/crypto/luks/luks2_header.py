@@ -33,7 +33,9 @@ back (the module never does I/O itself and never looks at a clock):
 1. *Find the copies.* The primary is read at 0. If it is sound, the
    secondary is read at the primary's ``hdr_size``; if not, the secondary
    is probed at every offset cryptsetup probes (0x4000 ... 0x400000) and
-   the first sound one wins.
+   the first sound one wins. A primary of version 1 is a LUKS1 image: it
+   is refused outright, as cryptsetup does, not passed over for a
+   secondary (any other wrong version only makes the primary bad).
 2. *Judge each copy.* A copy is sound when its magic, version, size,
    location, checksum and JSON metadata are all valid (cryptsetup, too,
    validates each copy's JSON before choosing). Of two sound copies the one
@@ -42,14 +44,31 @@ back (the module never does I/O itself and never looks at a clock):
    older), BAD (recognisable but invalid) or MISSING (no magic, or beyond
    the end of the image), so that a writer can repair it.
 
+The JSON area is judged as cryptsetup judges it: it starts with ``{``, the
+text runs to the first NUL (JSON whitespace may follow the closing brace)
+and everything after that NUL, to the end of the area, is zero.
+
 Validation follows lib/luks2/luks2_json_metadata.c: uint64 values are JSON
 strings of decimal digits, ids are decimal strings, every area lies inside
 the keyslots area and no two overlap, segments are numbered without gaps
-and do not overlap, every keyslot and segment is bound to a digest.
-Numbers that would steer later work (KDF costs, sizes) are bounded here
-rather than trusted. Only ``luks2`` keyslots and ``crypt`` segments are
-understood; reencryption metadata is refused, tokens are checked for shape
-and kept raw.
+and do not overlap (a segment may end past 2^64: the open, which knows the
+image's size, refuses one longer than the image), every keyslot is bound to
+exactly one digest and every segment to at least one.
+
+qmpd is stricter than cryptsetup's loader on purpose, where cryptsetup
+would only fail (or misbehave) later when the field is used, or never
+writes such a header; tests/tools/luks2_validation_cases.py lists each
+difference as a documented exception, checked against cryptsetup 2.6 by
+tests/crypto/luks/test_luks2_validation_suite.py. In short: the JSON must
+be strict RFC 8259 JSON (json-c also takes comments, single quotes,
+trailing commas, NaN, duplicate keys and non-UTF-8 bytes); ids are
+canonical and keyslot and token ids below 32, the ids cryptsetup's
+commands address; numbers that would steer later work (KDF costs, key and
+area sizes, the AF stripe count) are bounded here rather than trusted;
+only ``luks2`` keyslots, ``pbkdf2`` digests and ``crypt`` segments are
+understood; a segment at offset 0 is taken only for a detached header.
+Reencryption metadata is refused; tokens are checked for shape and kept
+raw.
 
 Every failure is a :class:`CryptoError` whose text names the field and the
 id, never a value of a salt, digest or other key material.
@@ -229,6 +248,8 @@ def read_luks2(read: Callable[[int, int], bytes], *,
     at offset 0, as cryptsetup does for a header kept apart from its data.
     """
     primary = _read_copy(read, 0, Copy.PRIMARY, detached_header)
+    if isinstance(primary, _Luks1):
+        raise CryptoError(str(primary))
     if isinstance(primary, Luks2Header):
         secondary = _read_copy(read, primary.hdr_size, Copy.SECONDARY, detached_header)
     else:
@@ -286,6 +307,10 @@ class _NotThere(Exception):
     pass
 
 
+class _Luks1(CryptoError):
+    """A primary header of version 1: a LUKS1 image, whose secondary is not looked for."""
+
+
 def _parse_copy(read: Callable[[int, int], bytes], offset: int, copy: Copy,
                 detached: bool) -> Luks2Header:
     where = f"LUKS2 {copy.value} header"
@@ -298,7 +323,8 @@ def _parse_copy(read: Callable[[int, int], bytes], offset: int, copy: Copy,
     (_magic, version, hdr_size, seqid, label, checksum_alg, salt, uuid, subsystem,
      hdr_offset) = _BINARY.unpack_from(binary, 0)
     if version != VERSION:
-        raise CryptoError(f"{where}: LUKS version {version} is not supported")
+        error = _Luks1 if copy is Copy.PRIMARY and version == 1 else CryptoError
+        raise error(f"{where}: LUKS version {version} is not supported")
     if hdr_size not in HDR_SIZES:
         raise CryptoError(f"{where}: unsupported header size {hdr_size}")
     if hdr_offset != offset:
@@ -336,9 +362,12 @@ def _c_string(raw: bytes) -> str:
 
 
 def _show(value: object) -> str:
-    """A short, printable rendering of a name from the header, for errors."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    """A short, printable rendering of a value from the header, for errors: a
+    string quoted, anything else as JSON (null, 42, {...}), never a Python repr."""
+    if not isinstance(value, str):
+        text = json.dumps(value, default=str)
+        return text[:32] + ("..." if len(text) > 32 else "")
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
     return repr(text[:32] + ("..." if len(text) > 32 else ""))
 
 
@@ -358,9 +387,15 @@ def _no_constant(name: str) -> NoReturn:
 
 
 def _load_json(area: bytes, where: str) -> dict[str, Any]:
+    """The JSON area's object: ``{`` first, the text up to the first NUL, and
+    nothing but NULs from there to the end of the area (as cryptsetup)."""
     end = area.find(b"\0")
     if end < 0:
         raise CryptoError(f"{where}: JSON area is not NUL terminated")
+    if area[:1] != b"{":
+        raise CryptoError(f"{where}: JSON area does not start with '{{'")
+    if area.count(0, end) != len(area) - end:
+        raise CryptoError(f"{where}: JSON area has data after the terminating NUL")
     try:
         text = area[:end].decode("utf-8")
         value = json.loads(text, object_pairs_hook=_no_duplicates,
@@ -501,8 +536,11 @@ def _validate(metadata: dict[str, Any], hdr_size: int, detached: bool,
         _id_list(token, "keyslots", keyslots, "keyslot")
 
     for i in keyslots:
-        if not any(i in d.keyslots for d in digests.values()):
+        bound = sum(i in d.keyslots for d in digests.values())
+        if not bound:
             raise CryptoError(f"LUKS2 keyslot {i} is not assigned to any digest")
+        if bound > 1:
+            raise CryptoError(f"LUKS2 keyslot {i} is assigned to more than one digest")
     for i in segments:
         if not any(i in d.segments for d in digests.values()):
             raise CryptoError(f"LUKS2 segment {i} is not assigned to any digest")
@@ -641,8 +679,6 @@ def _check_segments(segments: dict[int, Segment], hdr_size: int, keyslots_size: 
     for i, seg in segments.items():
         if seg.size is None and i != last:
             raise CryptoError(f"LUKS2 segment {i} is 'dynamic' but not the last segment")
-        if seg.size is not None and seg.offset + seg.size > UINT64_MAX:
-            raise CryptoError(f"LUKS2 segment {i} extends beyond 64 bits")
         if seg.offset < keyslots_end and not (detached and seg.offset == 0):
             raise CryptoError(f"LUKS2 segment {i} offset {seg.offset} overlaps the "
                               f"metadata and keyslots area (which ends at {keyslots_end})")
