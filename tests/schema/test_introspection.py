@@ -112,9 +112,18 @@ def test_introspect_returns_a_copy(schema):
     assert schema.introspect()[0]["name"] != "changed"
 
 
+#: Features that mark qmpd's own extensions (members qsd 7.2 has not).
+QMPD_EXTENSIONS = {"luks2", "detached-header"}
+
+
+def _qsd_members(members: list[dict]) -> list[dict]:
+    return [m for m in members if not QMPD_EXTENSIONS & set(m.get("features", ()))]
+
+
 def _same_shape(ours: dict, theirs: dict, o_name: str, t_name: str, seen: set, where: str) -> None:
     """Our type graph from o_name matches QEMU's from t_name; our enums and
-    union branches may be subsets (qmpd offers fewer drivers and objects)."""
+    union branches may be subsets (qmpd offers fewer drivers and objects),
+    and members marked with one of QMPD_EXTENSIONS are ours alone."""
     if (o_name, t_name) in seen:
         return
     seen.add((o_name, t_name))
@@ -137,9 +146,10 @@ def _same_shape(ours: dict, theirs: dict, o_name: str, t_name: str, seen: set, w
         for om, tm in zip(o["members"], t["members"]):
             _same_shape(ours, theirs, om["type"], tm["type"], seen, where + "|")
     elif meta == "object":
-        assert [(m["name"], "default" in m, m.get("features")) for m in o["members"]] == \
+        o_members = _qsd_members(o["members"])
+        assert [(m["name"], "default" in m, m.get("features")) for m in o_members] == \
                [(m["name"], "default" in m, m.get("features")) for m in t["members"]], where
-        for om, tm in zip(o["members"], t["members"]):
+        for om, tm in zip(o_members, t["members"], strict=True):
             _same_shape(ours, theirs, om["type"], tm["type"], seen, f"{where}.{om['name']}")
         assert o.get("tag") == t.get("tag"), where
         t_variants = {v["case"]: v["type"] for v in t.get("variants", [])}
@@ -169,3 +179,29 @@ def test_same_shapes_as_qemu_storage_daemon(entries):
             compared += 1
     # qsd has neither SHUTDOWN nor the later blockdev-amend name
     assert compared == len([e for e in entries if e["meta-type"] in ("command", "event")]) - 2
+
+
+def test_luks2_extension_is_marked(entries):
+    """Every member qmpd adds for LUKS2 carries the luks2 feature, so that a
+    client can tell qmpd's extension from QEMU's schema by introspection."""
+    names = by_name(entries)
+    wanted = {
+        "QCryptoBlockAmendOptionsLUKS": ["pbkdf", "pbkdf-memory", "pbkdf-parallel"],
+        "QCryptoBlockCreateOptionsLUKS": ["luks-version", "pbkdf", "pbkdf-memory",
+                                          "pbkdf-parallel", "sector-size", "label"],
+        "QCryptoBlockInfoLUKS": ["luks-version", "label", "sector-size"],
+    }
+    found = {}
+    for entry in entries:
+        if entry["meta-type"] != "object":
+            continue
+        for name, members in wanted.items():
+            have = {m["name"]: m for m in entry["members"]}
+            if set(members) <= set(have) and name not in found:
+                found[name] = [have[m].get("features") for m in members]
+    assert set(found) == set(wanted)
+    for name, features in found.items():
+        assert features == [["luks2"]] * len(wanted[name]), name
+    pbkdf = [e for e in names.values() if e["meta-type"] == "enum"
+             and e.get("values") == ["pbkdf2", "argon2i", "argon2id"]]
+    assert pbkdf and pbkdf[0]["features"] == ["luks2"]

@@ -12,7 +12,8 @@ driver does not): the data segment's offset and cipher, its sector size
 (512 to 4096) as the node's request alignment, so that unaligned requests
 are bounced through read-modify-write; a "dynamic" segment runs to the end
 of the file (whole sectors), a fixed one is that many bytes. Key management
-(blockdev-amend) of LUKS2 is refused before anything is read or computed.
+(blockdev-amend) of LUKS2 goes to the LUKS2 engine (keyslots 0..31, the
+pbkdf members), with the same two phases as LUKS1.
 
 Permissions as QEMU's block/crypto.c: the luks node asks its file for
 consistent read plus whatever its own parents take, and shares what they
@@ -37,14 +38,20 @@ from qmpd.block.permissions import ALL, Perm, PermissionUse
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks import (
     DEFAULT_ITER_TIME,
+    Luks2CreateOptions,
     LuksAmendOptions,
     LuksCreateOptions,
     apply_amend,
+    apply_luks2_amend,
+    create_luks2_volume,
     create_volume,
     header_length,
+    luks2_header_length,
     open_volume,
     precheck_amend,
+    precheck_luks2_amend,
     prepare_amend,
+    prepare_luks2_amend,
 )
 from qmpd.crypto.secrets import wipe
 from qmpd.errors import QMPError
@@ -54,7 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 INT64_MAX = (1 << 63) - 1
-LUKS2_AMEND_UNSUPPORTED = "Key management of LUKS2 images is not supported by qmpd yet"
 
 
 class EncryptedNode(Node):
@@ -119,13 +125,8 @@ class EncryptedNode(Node):
     def is_luks2(self) -> bool:
         return getattr(self.volume, "version", 1) == 2
 
-    def refuse_luks2_amend(self) -> None:
-        if self.is_luks2():
-            raise QMPError.generic(LUKS2_AMEND_UNSUPPORTED)
-
     def amend_crypto_options(self, options: dict) -> dict | None:
         """The LUKS amend options inside ``options``, None when there is nothing to do."""
-        self.refuse_luks2_amend()
         return options
 
     def amend_check_writable(self) -> None:
@@ -154,27 +155,32 @@ class EncryptedNode(Node):
         amend = LuksAmendOptions(state=opts["state"], new_secret=lazy(opts.get("new-secret")),
                                  old_secret=lazy(opts.get("old-secret")),
                                  keyslot=opts.get("keyslot"), iter_time=opts.get("iter-time"),
-                                 secret=lazy(opts.get("secret")), force=force)
+                                 secret=lazy(opts.get("secret")), force=force,
+                                 pbkdf=opts.get("pbkdf"), pbkdf_memory=opts.get("pbkdf-memory"),
+                                 pbkdf_parallel=opts.get("pbkdf-parallel"))
         if amend.state == "active" and amend.secret is None and self.opened_secret:
             amend.opened_secret = lazy(self.opened_secret)
         return amend, secrets
 
     def precheck_amend(self, amend: LuksAmendOptions) -> None:
         """QEMU's checks before the amend's first read (on the job's own time)."""
-        self.refuse_luks2_amend()
+        check = precheck_luks2_amend if self.is_luks2() else precheck_amend
         try:
-            precheck_amend(self.volume.header, amend)
+            check(self.volume.header, amend)
         except CryptoError as err:
             raise QMPError.generic(str(err)) from None
 
     def prepare_amend(self, amend: LuksAmendOptions) -> Any:
         assert self.file is not None
-        self.refuse_luks2_amend()
-        return prepare_amend(self.volume, self.luks_io(self.file), amend)
+        prepare = prepare_luks2_amend if self.is_luks2() else prepare_amend
+        return prepare(self.volume, self.luks_io(self.file), amend)
 
     def apply_amend(self, plan: Any) -> None:
         assert self.file is not None
-        apply_amend(plan, self.luks_io(self.file))
+        if self.is_luks2():
+            apply_luks2_amend(plan, self.luks_io(self.file))
+        else:
+            apply_amend(plan, self.luks_io(self.file))
 
     # -- queries ---------------------------------------------------------------------
     def luks_info(self) -> dict | None:
@@ -317,15 +323,61 @@ class LuksNode(EncryptedNode):
 
 # -- blockdev-create driver=luks ----------------------------------------------------------
 
-def luks_create_options(opts: dict) -> LuksCreateOptions:
-    """QCryptoBlockCreateOptionsLUKS (dashed keys) to the engine's options."""
-    return LuksCreateOptions(
-        cipher_alg=opts.get("cipher-alg", "aes-256"),
-        cipher_mode=opts.get("cipher-mode", "xts"),
-        ivgen_alg=opts.get("ivgen-alg"),
-        ivgen_hash_alg=opts.get("ivgen-hash-alg"),
-        hash_alg=opts.get("hash-alg", "sha256"),
-        iter_time=opts.get("iter-time", DEFAULT_ITER_TIME))
+#: Members of QCryptoBlockCreateOptionsLUKS that only LUKS2 has (qmpd's
+#: extension, feature luks2), in schema order.
+LUKS2_ONLY = ("pbkdf-memory", "pbkdf-parallel", "sector-size", "label")
+
+CreateOptions = LuksCreateOptions | Luks2CreateOptions
+
+
+def luks_create_options(opts: dict, *, detached_header: bool = False,
+                        keyslots_size: int | None = None) -> CreateOptions:
+    """QCryptoBlockCreateOptionsLUKS (dashed keys) to the engine's options:
+    LUKS1 (QEMU's, the default) or with ``luks-version`` 2 cryptsetup's LUKS2."""
+    version = opts.get("luks-version", 1)
+    common = {"cipher_alg": opts.get("cipher-alg", "aes-256"),
+              "cipher_mode": opts.get("cipher-mode", "xts"),
+              "ivgen_alg": opts.get("ivgen-alg"),
+              "ivgen_hash_alg": opts.get("ivgen-hash-alg"),
+              "hash_alg": opts.get("hash-alg", "sha256"),
+              "iter_time": opts.get("iter-time", DEFAULT_ITER_TIME)}
+    if version == 1:
+        given = [member for member in LUKS2_ONLY if member in opts]
+        if given:
+            raise QMPError.generic(f"Parameter '{given[0]}' needs luks-version 2 "
+                                   f"(LUKS1 has no such field)")
+        if opts.get("pbkdf", "pbkdf2") != "pbkdf2":
+            raise QMPError.generic("Requested PBKDF type is not supported for LUKS1.")
+        return LuksCreateOptions(**common)
+    if version != 2:
+        raise QMPError.generic(f"Unsupported LUKS version {version} (1 or 2)")
+    return Luks2CreateOptions(**common, pbkdf=opts.get("pbkdf"),
+                              pbkdf_memory=opts.get("pbkdf-memory"),
+                              pbkdf_parallel=opts.get("pbkdf-parallel"),
+                              sector_size=opts.get("sector-size", 512),
+                              label=opts.get("label", ""), detached_header=detached_header,
+                              keyslots_size=keyslots_size)
+
+
+def created_header_length(options: CreateOptions) -> int:
+    """Bytes the new volume's header takes before the payload (or, detached,
+    the header image's size)."""
+    if isinstance(options, Luks2CreateOptions):
+        return luks2_header_length(options)
+    return header_length(options)
+
+
+def format_volume(io: NodeRegionIO, passphrase: bytearray, options: CreateOptions, *,
+                  payload_in_file: bool = True) -> None:
+    """Write a new LUKS1 or LUKS2 volume's header (CPU-heavy: a worker thread)."""
+    try:
+        if isinstance(options, Luks2CreateOptions):
+            volume: Any = create_luks2_volume(io, passphrase, options)
+        else:
+            volume = create_volume(io, passphrase, options, payload_in_file=payload_in_file)
+    except CryptoError as err:
+        raise QMPError.generic(str(err)) from None
+    volume.close()
 
 
 CREATE_USE = PermissionUse("a blockdev-create job", "file", Perm.WRITE | Perm.RESIZE,
@@ -385,11 +437,14 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
         leaves the file as it was."""
         passphrase = lookup_passphrase(graph, options)
         try:
-            length = header_length(luks_opts)
+            length = created_header_length(luks_opts)
             check_payload_size(length, size)
+            if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
+                raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
+                                       f"its sector size ({luks_opts.sector_size} bytes)")
             node.truncate(0)
             size_for_payload(node, length, size)
-            create_volume(NodeRegionIO(node), passphrase, luks_opts).close()
+            format_volume(NodeRegionIO(node), passphrase, luks_opts)
             prealloc = options.get("preallocation", "off")
             if prealloc in ("falloc", "full"):      # passed down, as QEMU's truncate
                 node.preallocate(length, length + size, prealloc)

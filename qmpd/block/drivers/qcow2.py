@@ -17,7 +17,7 @@ import errno
 import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import qmpd.block.drivers.qcow2_metadata as qcow2
 from qmpd.block.datapath import Extent, check_request, no_waiting
@@ -26,13 +26,15 @@ from qmpd.block.drivers.file import NodeRegionIO
 from qmpd.block.drivers.luks import (
     EncryptedNode,
     create_on_node,
+    created_header_length,
+    format_volume,
     lookup_passphrase,
     luks_create_options,
 )
 from qmpd.block.drivers.qcow2_clusters import Qcow2Clusters
 from qmpd.block.node import INLINE_READ_MAX, Node, in_thread
 from qmpd.block.permissions import Perm
-from qmpd.crypto.luks import create_volume, header_length
+from qmpd.crypto.luks import LUKS2_SECTOR_SIZE, Luks2CreateOptions, luks2_area_size
 from qmpd.crypto.secrets import wipe
 from qmpd.errors import QMPError
 
@@ -90,7 +92,11 @@ class Qcow2Node(EncryptedNode):
             secret_id = encrypt.get("key-secret")
             if not secret_id:
                 raise QMPError.generic("Parameter 'encrypt.key-secret' is required for cipher")
-            await self.unlock(graph, secret_id, payload_in_file=False)
+            await self.unlock(graph, secret_id, payload_in_file=False, luks2=True)
+            if self.is_luks2() and self.volume.sector_size != LUKS2_SECTOR_SIZE:
+                self.close()
+                raise QMPError.generic(f"LUKS2 inside qcow2 uses 512-byte sectors only, "
+                                       f"this image's are {self.volume.sector_size} bytes")
         crypto = self.volume.cipher if self.volume is not None else None
         self.clusters = await in_thread(
             lambda: Qcow2Clusters(file, meta, read_only=not read_write, crypto=crypto))
@@ -258,6 +264,24 @@ def check_create(options: dict) -> None:
                                "supported in system emulators")
 
 
+#: LUKS2 inside qcow2 (qmpd's extension): the header region holds the two
+#: metadata copies and a keyslots area for all 32 keyslots of the volume
+#: key's size; the data is in the qcow2 clusters, 512-byte sectors with the
+#: host offset as IV (as QEMU's LUKS1 in qcow2).
+QCOW2_LUKS2_KEYSLOTS = 32
+
+
+def qcow2_luks_options(crypto: dict) -> Any:
+    luks_opts = luks_create_options(crypto, detached_header=True)
+    if not isinstance(luks_opts, Luks2CreateOptions):
+        return luks_opts
+    if luks_opts.sector_size != LUKS2_SECTOR_SIZE:
+        raise QMPError.generic("LUKS2 inside qcow2 uses 512-byte sectors only")
+    key_size = luks_opts.cipher_spec().key_length()
+    luks_opts.keyslots_size = QCOW2_LUKS2_KEYSLOTS * luks2_area_size(key_size)
+    return luks_opts
+
+
 async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     """Metadata, then the LUKS header, then the header cluster.
 
@@ -266,7 +290,7 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     """
     check_create(options)
     crypto = options.get("encrypt")
-    luks_opts = luks_create_options(crypto) if crypto is not None else None
+    luks_opts = qcow2_luks_options(crypto) if crypto is not None else None
     size = options["size"]
     version = options.get("version", "v3")
     cluster_size = options.get("cluster-size", 65536)
@@ -290,7 +314,7 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
             wipe(passphrase)
 
     def write_image(node: Node, passphrase: bytearray | None) -> None:
-        crypto_length = header_length(luks_opts) if luks_opts is not None else 0
+        crypto_length = created_header_length(luks_opts) if luks_opts is not None else 0
         layout = qcow2.plan_layout(size, cluster_size, refcount_bits, crypto_length)
         writes = qcow2.metadata_writes(layout, size, version, lazy_refcounts=lazy,
                                        crypto_length=crypto_length)
@@ -300,7 +324,7 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
         if luks_opts is not None:
             assert passphrase is not None
             region = NodeRegionIO(node, layout.crypto_cluster * cluster_size, crypto_length)
-            create_volume(region, passphrase, luks_opts, payload_in_file=False).close()
+            format_volume(region, passphrase, luks_opts, payload_in_file=False)
         node.truncate(layout.file_length)
         node.flush()
         node.pwrite(*writes[-1])

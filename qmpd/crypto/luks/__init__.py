@@ -35,16 +35,19 @@ from qmpd.crypto.luks.luks2_amend import (
     precheck_luks2_amend,
     prepare_luks2_amend,
 )
+from qmpd.crypto.luks.luks2_amend import area_size as luks2_area_size
 from qmpd.crypto.luks.luks2_create import (
     Luks2CreateOptions,
     create_luks2_volume,
     luks2_header_length,
 )
+from qmpd.crypto.luks.luks2_header import SECTOR_SIZE as LUKS2_SECTOR_SIZE
 from qmpd.crypto.luks.luks2_volume import Luks2Volume, open_luks2_volume
 from qmpd.crypto.luks.volume import LuksVolume, open_volume, read_header
 
 __all__ = [
-    "AmendPlan", "DEFAULT_ITER_TIME", "ImageIO", "KeySlot", "Luks2AmendPlan",
+    "AmendPlan", "DEFAULT_ITER_TIME", "ImageIO", "KeySlot", "LUKS2_SECTOR_SIZE",
+    "Luks2AmendPlan", "luks2_area_size",
     "Luks2CreateOptions", "Luks2Volume", "LuksAmendOptions", "LuksCreateOptions", "LuksHeader",
     "LuksVolume", "MemoryImageIO", "apply_amend", "apply_luks2_amend", "create_luks2_volume",
     "create_volume", "header_length", "luks2_header_length", "open_luks2_volume",

@@ -33,6 +33,7 @@ from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.luks2_header import (
     MAGIC_PRIMARY,
+    Argon2,
     Luks2Header,
     Pbkdf2,
     read_luks2,
@@ -109,18 +110,20 @@ class Luks2Volume(UnlockedVolume):
         self._digest = digest
 
     def info(self) -> dict:
-        """QCryptoBlockInfoLUKS filled from LUKS2 metadata.
+        """QCryptoBlockInfoLUKS filled from LUKS2 metadata, plus qmpd's
+        documented extension (schema feature ``luks2``).
 
-        The schema is QEMU's and has no place for a version, so LUKS2 shows
-        through QEMU's members only: cipher-alg, cipher-mode, ivgen-alg
-        (ivgen-hash-alg) of the data segment; hash-alg and master-key-iters
-        of the segment's digest (PBKDF2 over the volume key, as LUKS1's
-        mk-digest); payload-offset the segment's offset in bytes. ``slots``
-        lists the keyslots that exist, in id order (a LUKS2 header has up to
-        32, with gaps, so a position is not an id): active when it opens the
-        data segment; ``key-offset`` its area's offset in bytes; ``iters``
-        for PBKDF2 keyslots only (Argon2 has no iteration count of that
-        meaning) and ``stripes`` for active ones.
+        QEMU's members: cipher-alg, cipher-mode, ivgen-alg (ivgen-hash-alg)
+        of the data segment; hash-alg and master-key-iters of the segment's
+        digest (PBKDF2 over the volume key, as LUKS1's mk-digest);
+        payload-offset the segment's offset in bytes. ``slots`` lists the
+        keyslots that exist, in id order (up to 32, with gaps, so a position
+        is not an id): active when it opens the data segment; ``key-offset``
+        its area's offset in bytes; ``iters`` for PBKDF2 keyslots only and
+        ``stripes`` for active ones. The extension: each slot's ``keyslot``
+        id and KDF (``pbkdf``; Argon2's ``pbkdf-time``, ``pbkdf-memory``,
+        ``pbkdf-parallel``), and ``luks-version``, ``label`` and the data
+        segment's ``sector-size`` after the slots.
         """
         out = self._info_head(self._digest.iterations, self.header.uuid)
         slots = []
@@ -133,8 +136,15 @@ class Luks2Volume(UnlockedVolume):
                     entry["iters"] = slot.kdf.iterations
                 entry["stripes"] = slot.af_stripes
             entry["key-offset"] = slot.area.offset
+            entry["keyslot"] = index
+            entry["pbkdf"] = slot.kdf.type
+            if isinstance(slot.kdf, Argon2):
+                entry.update({"pbkdf-time": slot.kdf.time, "pbkdf-memory": slot.kdf.memory,
+                              "pbkdf-parallel": slot.kdf.cpus})
             slots.append(entry)
         out["slots"] = slots
+        out.update({"luks-version": 2, "label": self.header.label,
+                    "sector-size": self.sector_size})
         return out
 
     def __repr__(self) -> str:

@@ -313,12 +313,14 @@ def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
                 luks2: bool = False) -> "LuksVolume | Luks2Volume":
     """Check the header and unlock the volume key with ``passphrase``.
 
-    ``luks2=True`` (raw LUKS only) also opens a LUKS2 image, as a
-    :class:`~.luks2_volume.Luks2Volume`; otherwise, as in QEMU, version 2
-    fails the header check ("LUKS version 2 is not supported").
+    ``luks2=True`` also opens a LUKS2 image, as a
+    :class:`~.luks2_volume.Luks2Volume` (its payload elsewhere, as a detached
+    header's, when not ``payload_in_file``: qcow2's clusters); otherwise, as
+    in QEMU, version 2 fails the header check ("LUKS version 2 is not
+    supported").
     """
-    if luks2 and payload_in_file and probe_version(io.read(0, PROBE_LENGTH)) == 2:
-        return open_luks2_volume(io, passphrase)
+    if luks2 and probe_version(io.read(0, PROBE_LENGTH)) == 2:
+        return open_luks2_volume(io, passphrase, detached_header=not payload_in_file)
     header, spec = _read_checked(io, payload_in_file)
     key, index, digest = find_key(io, header, spec, passphrase)
     return LuksVolume(header, spec, key, PassphraseWitness(passphrase, index, digest),

@@ -28,7 +28,6 @@ import pytest
 import trio
 
 from qmpd.block import amend, query
-from qmpd.block.drivers.luks import LUKS2_AMEND_UNSUPPORTED
 from qmpd.errors import QMPError
 from tests.block.drivers.datapath_helpers import PASSPHRASE, MiB, luks_node, opened
 from tests.oracles import cryptsetup_volume_key, require, run
@@ -203,12 +202,19 @@ def test_luksformat_image_opens_writes_and_queries(tmp_path, kdf, sector_size):
         assert info["cipher-alg"] == "aes-256" and info["cipher-mode"] == "xts"
         assert info["ivgen-alg"] == "plain64" and "ivgen-hash-alg" not in info
         assert info["hash-alg"] == "sha256" and info["uuid"] == uuid
-        assert set(info) == {"cipher-alg", "cipher-mode", "ivgen-alg", "hash-alg",
-                             "payload-offset", "master-key-iters", "uuid", "slots"}
+        assert list(info) == ["cipher-alg", "cipher-mode", "ivgen-alg", "hash-alg",
+                              "payload-offset", "master-key-iters", "uuid", "slots",
+                              "luks-version", "label", "sector-size"]
+        assert (info["luks-version"], info["label"], info["sector-size"]) == (2, "", sector_size)
         [slot] = info["slots"]
         assert slot["active"] is True and slot["stripes"] == 4000
-        assert slot["key-offset"] == 32768
+        assert slot["key-offset"] == 32768 and slot["keyslot"] == 0
         assert ("iters" in slot) == (kdf is PBKDF2)
+        if kdf is PBKDF2:
+            assert slot["pbkdf"] == "pbkdf2" and "pbkdf-memory" not in slot
+        else:
+            assert (slot["pbkdf"], slot["pbkdf-time"], slot["pbkdf-memory"],
+                    slot["pbkdf-parallel"]) == ("argon2id", 4, 32, 1)
 
         async with opened(luks_node("l", str(image), **{"read-only": True})) as (_g, [node]):
             assert await node.read(sector_size, len(data)) == data
@@ -241,24 +247,41 @@ def test_wrong_passphrase(tmp_path):
     trio.run(main)
 
 
-def test_amend_is_refused_before_anything(tmp_path):
+def test_amend_adds_and_erases_keys_cryptsetup_sees(tmp_path):
+    """blockdev-amend on a LUKS2 node: the LUKS2 engine behind the same job
+    body as LUKS1 (slot 31 is a valid id here, 8 is not an error)."""
     image = formatted(tmp_path)
-    before = image.read_bytes()
+    key = cryptsetup_volume_key(image, PASSPHRASE.encode())
 
     async def main() -> None:
         async with opened(luks_node("l", str(image))) as (graph, [node]):
-            options = {"driver": "luks", "state": "active", "new-secret": "s1"}
-            for command in ("blockdev-amend", "x-blockdev-amend"):
-                with pytest.raises(QMPError) as err:
-                    await amend.check_permissions(graph, "l", options, command)
-                assert (err.value.error_class, err.value.desc) == (
-                    "GenericError", LUKS2_AMEND_UNSUPPORTED)
-                with pytest.raises(QMPError) as err:
-                    await amend.run(graph, "l", options, False, _NoProgress(), command)
-                assert err.value.desc == LUKS2_AMEND_UNSUPPORTED
+            add = {"driver": "luks", "state": "active", "new-secret": "s1", "keyslot": 31,
+                   "iter-time": 10, "pbkdf": "argon2id", "pbkdf-memory": 64,
+                   "pbkdf-parallel": 1}
+            await amend.check_permissions(graph, "l", add, "blockdev-amend")
+            await amend.run(graph, "l", add, False, _NoProgress(), "blockdev-amend")
             assert node.busy is None and not node.updating_keys
+            slots = node.volume.info()["slots"]
+            assert [s.get("keyslot") for s in slots] == [0, 31]
+            with pytest.raises(QMPError) as err:
+                await amend.run(graph, "l", {**add, "keyslot": 3, "pbkdf-parallel": 0}, False,
+                                _NoProgress(), "blockdev-amend")
+            assert err.value.desc == "Requested PBKDF parallel threads cannot be zero."
     trio.run(main)
-    assert image.read_bytes() == before
+    cryptsetup("open", "--test-passphrase", "--key-slot", 31, "--key-file",
+               key_file(tmp_path, "other"), image)
+    dump = cryptsetup("luksDump", image)
+    assert "31: luks2" in dump and "argon2id" in dump
+    assert cryptsetup_volume_key(image, b"other") == key
+
+    async def erase() -> None:
+        async with opened(luks_node("l", str(image))) as (graph, [node]):
+            await amend.run(graph, "l", {"driver": "luks", "state": "inactive", "keyslot": 0},
+                            False, _NoProgress(), "blockdev-amend")
+            assert [s.get("keyslot") for s in node.volume.info()["slots"]] == [31]
+    trio.run(erase)
+    assert "0: luks2" not in cryptsetup("luksDump", image)
+    assert cryptsetup_volume_key(image, b"other") == key
 
 
 class _NoProgress:
@@ -352,6 +375,7 @@ def test_daemon_exports_a_cryptsetup_image_over_nbd(tmp_path, sector_size):
     sock = os.path.join(workdir, "nbd.sock")
     uri = f"nbd+unix:///disk?socket={sock}"
     daemon = QmpdProcess(["--object", f"secret,id=s0,data={PASSPHRASE}",
+                          "--object", "secret,id=s1,data=other",
                           "--nbd-server", f"addr.type=unix,addr.path={sock}"],
                          workdir=workdir).start()
     try:
@@ -362,12 +386,14 @@ def test_daemon_exports_a_cryptsetup_image_over_nbd(tmp_path, sector_size):
             data = entry["image"]["format-specific"]["data"]
             assert data["payload-offset"] == OFFSET
             assert entry["image"]["virtual-size"] == PAYLOAD
-            reply = qmp.cmd("blockdev-amend", {
-                "job-id": "j0", "node-name": "l0",
-                "options": {"driver": "luks", "state": "active", "new-secret": "s0"}})
-            assert reply["error"] == {"class": "GenericError", "desc": LUKS2_AMEND_UNSUPPORTED}
             qmp.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "l0",
                                         "name": "disk", "writable": True})
+            # a key added while the export serves (argon2id, small costs)
+            job = qmp.run_job("blockdev-amend", {
+                "job-id": "j0", "node-name": "l0",
+                "options": {"driver": "luks", "state": "active", "new-secret": "s1",
+                            "keyslot": 5, "iter-time": 10, "pbkdf-memory": 64}}, "j0")
+            assert "error" not in job, job
             out = tmp_path / "out.raw"
             run([qemu_img, "convert", "-f", "raw", "-O", "raw", uri, str(out)])
             assert out.read_bytes()[:KEPT] == plaintext
@@ -383,3 +409,5 @@ def test_daemon_exports_a_cryptsetup_image_over_nbd(tmp_path, sector_size):
             assert await node.read(0, 20000) == (plaintext[:1000] + b"\x5a" * 9000
                                                  + plaintext[10000:20000])
     trio.run(reread)
+    cryptsetup("open", "--test-passphrase", "--key-slot", 5, "--key-file",
+               key_file(tmp_path, "other"), image)
