@@ -287,8 +287,11 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     the header fresh from disk, so this only decides *when* an error comes.
     """
     check_luks1_pbkdf(options)
+    no_active_slot = not any(slot.is_active for slot in header.slots)
     if options.state == "active":
         _resolve(_check_add(header, options)[1])
+        if no_active_slot:     # QEMU's find_key has no slot to read: fails at once
+            raise CryptoError("Invalid password, cannot unlock any keyslot")
         return
     if options.state != "inactive":
         raise CryptoError(f"Invalid keyslot state '{options.state}'")
@@ -320,6 +323,8 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     elif options.old_secret is None:
         raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
                           "password currently contained in them must be given")
+    elif no_active_slot:        # no slot to try the old password on: no read
+        raise CryptoError("No keyslots match given (old) password for erase operation")
 
 
 def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,

@@ -6,7 +6,7 @@ import pytest
 
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks import (
-    LuksAmendOptions, MemoryImageIO, apply_amend, open_volume, prepare_amend)
+    LuksAmendOptions, MemoryImageIO, apply_amend, open_volume, precheck_amend, prepare_amend)
 from qmpd.crypto.luks import amend as amend_module
 from tests.crypto.luks.images import FAST, image_bytes, volume_key_of
 
@@ -147,6 +147,15 @@ def test_force_erases_the_last_slot_and_an_inactive_one():
     _amend(io, volume, state="inactive", keyslot=5, force=True, opened_secret=None)
     _amend(io, volume, state="inactive", keyslot=0, force=True, opened_secret=None)
     assert not any(s.is_active for s in volume.header.slots)
+    # with no active slot, QEMU fails an add's unlock and an erase by password
+    # before any read: precheck (the job's synchronous part) answers
+    for kw, text in [(dict(state="active", new_secret=b"n", secret=b"zero"),
+                      "Invalid password, cannot unlock any keyslot"),
+                     (dict(state="inactive", old_secret=b"zero"),
+                      "No keyslots match given (old) password for erase operation")]:
+        with pytest.raises(CryptoError) as err:
+            precheck_amend(volume.header, LuksAmendOptions(**kw))
+        assert str(err.value) == text
 
 
 @pytest.mark.parametrize("kw, text", [
