@@ -530,8 +530,9 @@ class SectorCipher:
     """Encrypts and decrypts runs of sectors with per-sector IVs.
 
     sector_size (LUKS2: 512..4096) is what `sector` counts; the IV number of
-    the k-th sector of a request is (sector + k) << iv_shift (LUKS2 with
-    4096-byte sectors counts IVs in 512-byte units: iv_shift 3).
+    the k-th sector of a request is ((sector + k) << iv_shift) + iv_offset,
+    mod 2**64 (LUKS2 with 4096-byte sectors counts IVs in 512-byte units:
+    iv_shift 3; its segment's iv_tweak is the offset, as dm-crypt's).
 
     Callable from worker threads; one instance is not meant to be shared by
     concurrent callers while wipe() may run.
@@ -540,7 +541,8 @@ class SectorCipher:
     SECTOR_SIZE = SECTOR_SIZE
 
     def __init__(self, spec: CipherSpec, key: bytes | bytearray, *,
-                 sector_size: int = SECTOR_SIZE, iv_shift: int = 0) -> None:
+                 sector_size: int = SECTOR_SIZE, iv_shift: int = 0,
+                 iv_offset: int = 0) -> None:
         _check_key_length(spec, len(key))
         check_cipher_supported(spec)
         if (not isinstance(sector_size, int) or not 512 <= sector_size <= 4096
@@ -549,7 +551,10 @@ class SectorCipher:
                               f"from 512 to 4096")
         if not isinstance(iv_shift, int) or not 0 <= iv_shift < 64:
             raise CryptoError(f"IV shift {iv_shift} must be from 0 to 63")
+        if not isinstance(iv_offset, int) or not 0 <= iv_offset <= _M64:
+            raise CryptoError(f"IV offset {iv_offset} must be a 64-bit unsigned number")
         self.spec = spec
+        self._iv_offset = iv_offset
         self.sector_size = sector_size
         self._iv_shift = iv_shift
         self._block = spec.block_size()
@@ -594,6 +599,8 @@ class SectorCipher:
         """The IVs of these sector numbers (uint64) as (count, iv_length // 8) words."""
         count = len(sectors)
         numbers = sectors << np.uint64(self._iv_shift)   # wraps mod 2**64
+        if self._iv_offset:
+            numbers += np.uint64(self._iv_offset)
         if self.spec.ivgen_alg == "plain":
             numbers &= np.uint64(0xFFFFFFFF)
         if self.spec.ivgen_alg != "essiv":
@@ -612,7 +619,8 @@ class SectorCipher:
     def _iv_list(self, first_sector: int, count: int) -> list[bytes]:
         """_ivs for the per-sector path: for a few sectors Python beats numpy."""
         shift, niv = self._iv_shift, self._iv_length
-        numbers = [((first_sector + k) << shift) & _M64 for k in range(count)]
+        offset = self._iv_offset
+        numbers = [(((first_sector + k) << shift) + offset) & _M64 for k in range(count)]
         if self.spec.ivgen_alg == "plain":
             return [(n & 0xFFFFFFFF).to_bytes(4, "little").ljust(niv, b"\0") for n in numbers]
         if self.spec.ivgen_alg == "plain64":

@@ -30,7 +30,8 @@ with its own error, as cryptsetup does (it retries only on -EPERM/-ENOENT).
 The data segment's sectors are ``sector_size`` bytes, but their IVs count
 512-byte units: dm-crypt's ``iv_large_sectors`` is a plain-mode option
 that cryptsetup never sets for LUKS2, so sector k of a 4096-byte segment
-has IV number 8k (plus ``iv_tweak``). The tests prove it against data that
+has IV number 8k plus the segment's ``iv_tweak`` (dm-crypt's iv_offset,
+in 512-byte units, mod 2**64). The tests prove it against data that
 cryptsetup itself encrypted (offline ``reencrypt --encrypt``, its
 userspace path).
 
@@ -257,10 +258,7 @@ def segment_cipher(header: Luks2Header, volume_key: bytes | bytearray,
     if seg.integrity is not None:
         raise CryptoError(f"{what} uses authenticated encryption (integrity), "
                           f"which is not supported")
-    if seg.iv_tweak:
-        # SectorCipher numbers IVs from sector 0; no offset to add.
-        raise CryptoError(f"{what} iv_tweak {seg.iv_tweak} is not supported "
-                          f"(only 0)")
     spec = _cipher_spec(seg.encryption, len(volume_key), what)
     shift = (seg.sector_size // SECTOR_SIZE).bit_length() - 1
-    return SectorCipher(spec, volume_key, sector_size=seg.sector_size, iv_shift=shift)
+    return SectorCipher(spec, volume_key, sector_size=seg.sector_size, iv_shift=shift,
+                        iv_offset=seg.iv_tweak)
