@@ -40,6 +40,18 @@ def test_encrypted_layout_matches_qemu_img():
     assert meta.header.l1_table_offset == 0x30000
 
 
+@pytest.mark.parametrize("crypto, length, crypto_header", [
+    (0, 0x30000, None), (0x1F9000, 0x230000, (0x30000, 0x1F9000))])
+def test_size_zero_has_no_l1_table_as_qemu_img(crypto, length, crypto_header):
+    # qemu-img 7.2 create -f qcow2 [encrypt.format=luks] IMG 0: no L1 cluster
+    # (offset 0, size 0), the crypto header right after the refcount block.
+    layout = qcow2.plan_layout(0, 65536, 16, crypto)
+    assert layout.file_length == length
+    meta = read_meta(build(size=0, crypto=crypto))
+    assert (meta.header.l1_size, meta.header.l1_table_offset) == (0, 0)
+    assert meta.crypto_header == crypto_header
+
+
 def test_v2_has_no_feature_table():
     meta = read_meta(build(version="v2"))
     assert meta.header.version == 2 and meta.feature_names == {}

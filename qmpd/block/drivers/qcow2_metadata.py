@@ -347,7 +347,7 @@ class Qcow2CreateLayout:
         """Where the file ends: after the crypto header, else after the L1 entries."""
         if self.crypto_clusters:
             return self.total_clusters * self.cluster_size
-        return self.l1_cluster * self.cluster_size + max(self.l1_size * 8, 0)
+        return self.l1_cluster * self.cluster_size + self.l1_size * 8
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -390,7 +390,9 @@ def plan_layout(size: int, cluster_size: int, refcount_bits: int,
                 crypto_length: int = 0) -> Qcow2CreateLayout:
     cluster_bits = cluster_size.bit_length() - 1
     l1_size = _ceil_div(size, cluster_size * (cluster_size // 8))
-    l1_clusters = max(1, _ceil_div(l1_size * 8, cluster_size))
+    # QEMU allocates the L1 table when it grows the new image to its size:
+    # an image of size 0 has none (offset 0), and its crypto header comes first.
+    l1_clusters = _ceil_div(l1_size * 8, cluster_size)
     crypto_clusters = _ceil_div(crypto_length, cluster_size)
     per_refblock = cluster_size * 8 // refcount_bits
     reftable_clusters, refblocks = 1, 1
@@ -438,7 +440,8 @@ def build_header_cluster(layout: Qcow2CreateLayout, size: int, version: str, *,
     crypt = CRYPT_LUKS if crypto_length else CRYPT_NONE
     out = bytearray(layout.cluster_size)
     _HEADER.pack_into(out, 0, MAGIC, 3 if v3 else 2, 0, 0, cluster_bits, size, crypt,
-                      layout.l1_size, layout.l1_cluster * layout.cluster_size,
+                      layout.l1_size,
+                      layout.l1_cluster * layout.cluster_size if layout.l1_size else 0,
                       layout.reftable_cluster * layout.cluster_size, layout.reftable_clusters,
                       0, 0)
     offset = HEADER_V2_LENGTH
