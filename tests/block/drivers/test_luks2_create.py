@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from qmpd.block import amend, query
+from qmpd.block.drivers import qcow2_metadata as qcow2
 from qmpd.errors import QMPError
 from tests.block.drivers.datapath_helpers import (
     PASSPHRASE, MiB, create_image, file_ref, luks_node, opened, qcow2_node)
@@ -144,6 +145,17 @@ def test_qcow2_with_luks2_inside(tmp_path):
     # QEMU reads the qcow2 and refuses the LUKS2 inside (README: only qmpd opens it)
     refused = run([require("qemu-img"), "info", image], check=False)
     assert b"LUKS version 2 is not supported" in refused.stderr
+    # the crypto header region is a LUKS2 detached header cryptsetup accepts
+    raw = open(image, "rb").read()
+    meta = qcow2.read_metadata(lambda o, n: raw[o:o + n], len(raw), read_write=False)
+    assert meta.crypto_header is not None
+    offset, length = meta.crypto_header
+    region = tmp_path / "region.hdr"
+    region.write_bytes(raw[offset:offset + length])
+    dump = cryptsetup("luksDump", region)
+    assert "Version:       \t2" in dump and "offset: 0 [bytes]" in dump
+    cryptsetup("open", "--test-passphrase", "--key-file", "-", region,
+               input=PASSPHRASE.encode())
     data = os.urandom(65536)
 
     async def main() -> None:
