@@ -5,7 +5,8 @@ The plan/apply split of the LUKS engine, in two phases:
 1. (cancellable) checks, PBKDF2 and AF split in a worker thread; nothing
    is written and no permission is taken;
 2. (shielded) take WRITE and refuse sharing CONSISTENT_READ and WRITE on
-   the file, write the planned sectors, give the permissions back.
+   the child the header is in (``file``; a luks node's detached
+   ``header``), write the planned sectors, give the permissions back.
 
 Guest I/O through the node goes on during both: the volume key does not
 change, and the header sectors are not the payload's.
@@ -50,13 +51,13 @@ async def check_permissions(graph: BlockGraph, node_name: str, options: dict,
     if node.amend_crypto_options(options) is None:
         return
     node.amend_check_writable()
-    if node.leaf().read_only:
+    key_node = node.key_node()
+    if key_node.leaf().read_only:
         return  # qcow2: QEMU fails this in the job, at the first write
     async with graph.lock:
         node.updating_keys = True
         try:
-            assert node.file is not None
-            await graph.refresh(node.file, check_only=True)
+            await graph.refresh(key_node, check_only=True)
         finally:
             node.updating_keys = False
 
@@ -95,8 +96,7 @@ async def _run(graph: BlockGraph, node: EncryptedNode, options: dict, force: boo
         if refused is not None:
             raise refused
         await trio.lowlevel.checkpoint_if_cancelled()
-        file = node.file
-        assert file is not None
+        file = node.key_node()
         with trio.CancelScope(shield=True):
             async with graph.lock:
                 node.updating_keys = True

@@ -5,6 +5,9 @@ an implicit ``#blockNNN`` node that lives and dies with its parent) or by
 reference to an existing node-name. The generic open here finds or opens
 the child, attaches the new node to it (so its permissions are checked
 before the driver reads a byte) and then lets the driver open the image.
+A driver's other BlockdevRef options (``Node.optional_children``: luks's
+``header``) are opened the same way, after ``file``, as children named
+after the option; reopen treats them as it treats ``file``.
 """
 
 from __future__ import annotations
@@ -41,35 +44,50 @@ async def open_node(graph: BlockGraph, options: dict, *, implicit: bool,
     return await _open_format(graph, driver.node_class, options, name, implicit, flags)
 
 
+async def _child(graph: BlockGraph, ref: str | dict, flags: OpenFlags,
+                 created: list[Node]) -> Node:
+    """The node a BlockdevRef names, or a new implicit one (added to ``created``)."""
+    if isinstance(ref, str):
+        return graph.lookup_bs(ref, device=ref)
+    child = await open_node(graph, ref, implicit=True, inherited=flags)
+    created.append(child)
+    return child
+
+
 async def _open_format(graph: BlockGraph, node_class, options: dict, name: str | None,
                        implicit: bool, flags: OpenFlags) -> Node:
     node_class.check_options(options)
     file_ref = options.get("file")
-    created_child: Node | None = None
-    if isinstance(file_ref, str):
-        child = graph.lookup_bs(file_ref, device=file_ref)
-    elif isinstance(file_ref, dict):
-        child = created_child = await open_node(graph, file_ref, implicit=True, inherited=flags)
-    else:
+    if not isinstance(file_ref, (str, dict)):
         raise QMPError.generic("Parameter 'file' is missing")
+    created: list[Node] = []
     node: Node | None = None
     try:
+        children = {"file": await _child(graph, file_ref, flags, created)}
+        for role in node_class.optional_children:
+            ref = options.get(role)
+            if ref is not None:
+                children[role] = await _child(graph, ref, flags, created)
         node_name = graph.claim_name(name, implicit)
         node = node_class(node_name, implicit=implicit, read_only=flags.read_only,
                           options=dict(options))
-        node.children["file"] = child
-        await graph.attach(node, child)
+        attached: list[Node] = []
         try:
+            for role, child in children.items():
+                node.children[role] = child
+                await graph.attach(node, child)
+                attached.append(child)
             await node.open_image(graph)
         except BaseException:
-            await graph.detach(node, child)
+            for child in reversed(attached):
+                await graph.detach(node, child)
             raise
     except BaseException:
         if node is not None:
             await in_thread(node.close)
-        if created_child is not None:
-            with trio.CancelScope(shield=True):
-                await graph.close_node(created_child)
+        with trio.CancelScope(shield=True):
+            for child in reversed(created):
+                await graph.close_node(child)
         raise
     graph.register(node)
     return node
@@ -117,14 +135,16 @@ COMMON_REOPEN_OPTIONS = frozenset({"node-name", "driver", "discard", "cache.dire
                                    "detect-zeroes"})
 
 
-def _flatten(options: dict, prefix: str = "") -> dict[str, object]:
-    """Dotted keys, as QEMU's bs->options holds them; the ``file`` child aside."""
+def _flatten(options: dict, children: frozenset[str] = frozenset({"file"}),
+             prefix: str = "") -> dict[str, object]:
+    """Dotted keys, as QEMU's bs->options holds them; the children's options
+    aside (QEMU removes them from bs->options once the children are open)."""
     out: dict[str, object] = {}
     for key, value in options.items():
-        if not prefix and key == "file":
+        if not prefix and key in children:
             continue
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(_flatten(value, children, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -132,8 +152,11 @@ def _flatten(options: dict, prefix: str = "") -> dict[str, object]:
 
 def check_reopen_options(node: Node, opts: dict) -> None:
     """QEMU's reopen rules: an option left out must be one that may be reset
-    to its default; one given must be unchanged unless the driver changes it."""
-    old, new = _flatten(node.options), _flatten(opts)
+    to its default; one given must be unchanged unless the driver changes it.
+    An option naming a child the node does not have (``header`` on a luks
+    node opened without one) is a change."""
+    children = frozenset({"file", *node.children})
+    old, new = _flatten(node.options, children), _flatten(opts, children)
     old.setdefault("driver", node.driver)
     for key in qdict_order(tuple(old)):
         if key not in new and key not in COMMON_REOPEN_OPTIONS \
@@ -167,18 +190,19 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool,
         raise QMPError.generic(f"Block device {node.name} is in use")
     check_reopen_options(node, {**opts, "node-name": node.name})
     plan.append((node, read_only, opts))
-    child, ref = node.file, opts.get("file")
-    if child is None or ref is None:
-        return
-    if isinstance(ref, dict) and child.implicit:
-        given = ref.get("read-only", given_read_only)
-        _plan_reopen(child, ref, bool(given), plan, given)
-    elif ref != child.name:
-        raise QMPError.generic("Cannot change the option 'file'")
-    elif child.implicit:
-        child_read_only = child.read_only if given_read_only is None else given_read_only
-        _plan_reopen(child, {**child.options, "node-name": child.name}, child_read_only,
-                     plan, given_read_only)
+    for role, child in node.children.items():     # file, then luks's header
+        ref = opts.get(role)
+        if ref is None:
+            continue
+        if isinstance(ref, dict) and child.implicit:
+            given = ref.get("read-only", given_read_only)
+            _plan_reopen(child, ref, bool(given), plan, given)
+        elif ref != child.name:
+            raise QMPError.generic(f"Cannot change the option '{role}'")
+        elif child.implicit:
+            child_read_only = child.read_only if given_read_only is None else given_read_only
+            _plan_reopen(child, {**child.options, "node-name": child.name}, child_read_only,
+                         plan, given_read_only)
 
 
 def _handle(node: Node) -> FileNode:

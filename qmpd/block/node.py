@@ -134,6 +134,12 @@ class Node:
         self.options = {**options, "read-only": self.read_only}
 
     # -- lifecycle -------------------------------------------------------------
+    #: Options besides ``file`` that name a child (a BlockdevRef: inline or by
+    #: node-name) which the generic open opens and attaches, under the
+    #: option's name as its role, when the option is given (QEMU's
+    #: bdrv_open_child with allow_none; luks's ``header``).
+    optional_children: ClassVar[tuple[str, ...]] = ()
+
     @staticmethod
     def check_options(options: dict) -> None:
         """A format driver's checks of its own options, before its file child

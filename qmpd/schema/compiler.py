@@ -147,6 +147,10 @@ class _Compiler:
             required = [m.name for m in members if not m.optional]
             if required:
                 schema["required"] = required
+            either = [{"anyOf": [{"required": [m.name]}, {"required": [m.required_unless]}]}
+                      for m in members if m.required_unless is not None]
+            if either:
+                schema["allOf"] = either
             return schema
         # A union: an if/then/else chain on the tag, each "then" a closed
         # schema of every member its branch allows. The members are checked

@@ -128,7 +128,8 @@ class InputVisitor:
             if member.name in value:
                 unvisited.discard(member.name)
                 self.visit(member.type, member.name, value[member.name])
-            elif not member.optional:
+            elif not member.optional or (member.required_unless is not None
+                                         and member.required_unless not in value):
                 raise InvalidInput(f"Parameter '{self.full_name(member.name)}' is missing")
         if typ.tag is not None:
             branch = typ.variant_for(value[typ.tag])

@@ -196,10 +196,13 @@ class _Resolver:
                                   "(directly or through the base)")
             names.add(name)
             features: list[str] = []
+            required_unless = None
             if isinstance(spec, dict):
                 features = list(spec.get("features", []))
+                required_unless = spec.get("required-unless")
                 spec = spec["type"]
-            members.append(Member(name, self._type_ref(entry, spec, name), optional, features))
+            members.append(Member(name, self._type_ref(entry, spec, name), optional, features,
+                                  required_unless))
         return members
 
     def _named_object(self, entry: _Entry, name: str, role: str) -> ObjectType:

@@ -34,6 +34,7 @@ META_SCHEMA: dict = {
                 {"type": "object",
                  "properties": {"type": {"$ref": "#/$defs/type-ref"},
                                 "features": {"$ref": "#/$defs/features"},
+                                "required-unless": {"type": "string", "minLength": 1},
                                 "doc": {"$ref": "#/$defs/doc"}},
                  "required": ["type"], "additionalProperties": False},
             ],

@@ -116,6 +116,10 @@ class Member:
     type: "Type"
     optional: bool = False
     features: list[str] = field(default_factory=list)
+    #: An optional member that QEMU 7.2 requires, made optional by an
+    #: extension member (named here): without that one too, an input visit
+    #: reports this member missing in its place, as 7.2 does.
+    required_unless: str | None = None
 
 
 @dataclass(eq=False)

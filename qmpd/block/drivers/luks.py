@@ -19,13 +19,36 @@ Permissions as QEMU's block/crypto.c: the luks node asks its file for
 consistent read plus whatever its own parents take, and shares what they
 share (write and resize included, for backward compatibility). While keys
 are written it also writes and shares neither read nor write.
+
+Detached headers (QEMU 9.0's ``header`` option, qmpd's feature
+``detached-header``): a second child, ``header``, holds the LUKS header
+and keyslots, and ``file`` holds only the payload. The header is read
+and amended through the header child (:meth:`EncryptedNode.key_node`);
+the payload starts at the offset the header records, on ``file`` (0 for
+the headers QEMU 9.0, cryptsetup ``--header`` and qmpd create; QEMU reads
+the offset from the header too) and runs to the end of ``file``. LUKS1
+headers skip the payload overlap checks then, as QEMU 9.0's
+QCRYPTO_BLOCK_OPEN_DETACHED; LUKS2 ones are cryptsetup's ``--header``.
+The header child gets the same permissions as ``file`` (QEMU computes
+both with one child_perms); the exclusive ones of a key update go to the
+child the header is in: ``header`` when there is one. (QEMU 9.0 refreshes
+only ``file`` for the update, which leaves the header child without
+WRITE: qmpd takes them where the writes go.)
+
+blockdev-create with ``header`` (QEMU 9.0's block_crypto_co_create_luks):
+the header node is formatted on its own (LUKS1 payload offset 0; LUKS2
+data segment at 0) and sized to the header alone, then ``file``, if
+given, is truncated to ``size`` (its contents kept, as QEMU) with the
+preallocation asked for.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
@@ -55,6 +78,7 @@ from qmpd.crypto.luks import (
 )
 from qmpd.crypto.secrets import wipe
 from qmpd.errors import QMPError
+from qmpd.qdict import qdict_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpd.block.graph import BlockGraph
@@ -87,8 +111,14 @@ class EncryptedNode(Node):
     def encrypted(self) -> bool:
         return self.volume is not None
 
+    def key_node(self) -> Node:
+        """The child the LUKS header is in: keys are read and written there,
+        and it is the child that gets a key update's permissions."""
+        assert self.file is not None
+        return self.file
+
     def luks_io(self, file: Node) -> NodeRegionIO:
-        """Where the LUKS header lives: the engine's ImageIO."""
+        """Where the LUKS header lives (in ``file``, the key node): the engine's ImageIO."""
         return NodeRegionIO(file)
 
     def key_update_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
@@ -98,7 +128,7 @@ class EncryptedNode(Node):
         return perm, shared
 
     async def unlock(self, graph: "BlockGraph", secret_id: str, *, payload_in_file: bool,
-                     luks2: bool = False) -> None:
+                     luks2: bool = False, detached_header: bool = False) -> None:
         """Open the volume with the secret's passphrase, without the graph lock.
 
         A header may ask for billions of iterations: that open is slow, but
@@ -110,12 +140,11 @@ class EncryptedNode(Node):
 
         passphrase = graph.secrets.lookup(secret_id)
         try:
-            assert self.file is not None
-            io = self.luks_io(self.file)
+            io = self.luks_io(self.key_node())
             async with graph.unlocked(self.name):
                 self.volume = await abandonable(
                     lambda: open_volume(io, passphrase, payload_in_file=payload_in_file,
-                                        luks2=luks2),
+                                        luks2=luks2, detached_header=detached_header),
                     lambda volume: volume and volume.close())
         finally:
             wipe(passphrase)
@@ -171,16 +200,14 @@ class EncryptedNode(Node):
             raise QMPError.generic(str(err)) from None
 
     def prepare_amend(self, amend: LuksAmendOptions) -> Any:
-        assert self.file is not None
         prepare = prepare_luks2_amend if self.is_luks2() else prepare_amend
-        return prepare(self.volume, self.luks_io(self.file), amend)
+        return prepare(self.volume, self.luks_io(self.key_node()), amend)
 
     def apply_amend(self, plan: Any) -> None:
-        assert self.file is not None
         if self.is_luks2():
-            apply_luks2_amend(plan, self.luks_io(self.file))
+            apply_luks2_amend(plan, self.luks_io(self.key_node()))
         else:
-            apply_amend(plan, self.luks_io(self.file))
+            apply_amend(plan, self.luks_io(self.key_node()))
 
     # -- queries ---------------------------------------------------------------------
     def luks_info(self) -> dict | None:
@@ -191,24 +218,51 @@ class LuksNode(EncryptedNode):
     driver = "luks"
     inline_block_status = True
     request_alignment = 512
+    optional_children = ("header",)
+
+    @property
+    def header(self) -> Node | None:
+        """The node of a detached header (option ``header``), if any."""
+        return self.children.get("header")
+
+    def key_node(self) -> Node:
+        return self.header or super().key_node()
 
     def child_perms(self, child: Node) -> tuple[Perm, Perm]:
         perm, shared = self.parent_perms
-        return self.key_update_perms(perm | Perm.CONSISTENT_READ, shared)
+        perm |= Perm.CONSISTENT_READ
+        if child is not self.key_node():     # the payload of a detached header
+            return perm, shared
+        return self.key_update_perms(perm, shared)
 
     async def open_image(self, graph: "BlockGraph") -> None:
         secret_id = self.options.get("key-secret")
         if not secret_id:
             raise QMPError.generic("Parameter 'key-secret' is required for cipher")
-        await self.unlock(graph, secret_id, payload_in_file=True, luks2=True)
+        detached = self.header is not None
+        await self.unlock(graph, secret_id, payload_in_file=True, luks2=True,
+                          detached_header=detached)
         # The cipher's sector (512 bytes for LUKS1; LUKS2's segment sector size).
         self.request_alignment = self.volume.cipher.sector_size
         file = self.file
         assert file is not None
+        if detached:     # (a failure here: the generic open closes the node)
+            await in_thread(lambda: self._check_payload_fits(file.size()))
         self._length = await in_thread(lambda: self._payload_length(file.length()))
 
+    def _check_payload_fits(self, file_size: int) -> None:
+        """A detached header's payload must lie in ``file`` (the checks the
+        engine makes of an attached header's own image, same texts)."""
+        offset, size = self._payload(), getattr(self.volume, "payload_size", None)
+        if offset > file_size:
+            raise QMPError.generic(f"LUKS payload offset {offset} is beyond the end "
+                                   f"of the image ({file_size} bytes)")
+        if size is not None and offset + size > file_size:
+            raise QMPError.generic(f"Device is too small. (LUKS2 requires at least "
+                                   f"{offset + size} bytes.)")
+
     def amend_check_writable(self) -> None:
-        if self.read_only or self.leaf().read_only:
+        if self.read_only or self.key_node().leaf().read_only:
             raise QMPError.generic("Block node is read-only")
 
     # -- the data path ------------------------------------------------------------
@@ -302,9 +356,16 @@ class LuksNode(EncryptedNode):
 
     # -- queries --------------------------------------------------------------------
     def filename(self) -> str:
+        """QEMU's json: filename (key-secret is a strong option), members in
+        QDict order; with a detached header that child's options too."""
         inner = {"driver": "file", "filename": self.leaf().filename()}
-        return "json:" + json.dumps({"driver": "luks", "file": inner,
-                                     "key-secret": self.key_secret})
+        if self.header is None:
+            return "json:" + json.dumps({"driver": "luks", "file": inner,
+                                         "key-secret": self.key_secret})
+        members: dict[str, Any] = {
+            "driver": "luks", "key-secret": self.key_secret, "file": inner,
+            "header": {"driver": "file", "filename": self.header.leaf().filename()}}
+        return "json:" + json.dumps({key: members[key] for key in qdict_order(tuple(members))})
 
     def image_info(self) -> dict:
         leaf = self.leaf()
@@ -368,13 +429,16 @@ def created_header_length(options: CreateOptions) -> int:
 
 
 def format_volume(io: NodeRegionIO, passphrase: bytearray, options: CreateOptions, *,
-                  payload_in_file: bool = True) -> None:
-    """Write a new LUKS1 or LUKS2 volume's header (CPU-heavy: a worker thread)."""
+                  payload_in_file: bool = True, detached_header: bool = False) -> None:
+    """Write a new LUKS1 or LUKS2 volume's header (CPU-heavy: a worker thread).
+    ``detached_header``: LUKS1 records payload offset 0 (LUKS2 options say it
+    themselves, see :func:`luks_create_options`)."""
     try:
         if isinstance(options, Luks2CreateOptions):
             volume: Any = create_luks2_volume(io, passphrase, options)
         else:
-            volume = create_volume(io, passphrase, options, payload_in_file=payload_in_file)
+            volume = create_volume(io, passphrase, options, payload_in_file=payload_in_file,
+                                   detached_header=detached_header)
     except CryptoError as err:
         raise QMPError.generic(str(err)) from None
     volume.close()
@@ -425,7 +489,16 @@ def size_for_payload(node: Node, length: int, size: int) -> None:
         raise
 
 
-async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
+async def create(graph: "BlockGraph", options: dict, target: Node | None, *,
+                 open_ref: "OpenRef | None" = None) -> None:
+    """blockdev-create driver=luks; ``target`` is the node of ``file``, None
+    when a detached ``header`` is given: this opens both then, with
+    ``open_ref`` (qmpd.block.create.job_node)."""
+    if "header" in options:
+        assert open_ref is not None
+        await create_detached(graph, options, open_ref)
+        return
+    assert target is not None
     luks_opts = luks_create_options(options)
     # QAPI 'size' is uint64: QEMU's input visitor takes a negative number as
     # its two's complement (-1 is 2**64 - 1, "too large"), and so do we.
@@ -453,6 +526,71 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
             wipe(passphrase)
 
     await create_on_node(graph, target, write)
+
+
+#: Opens a BlockdevRef for a create job: ``async with open_ref(graph, ref) as node``.
+OpenRef = Callable[["BlockGraph", "str | dict"], AbstractAsyncContextManager[Node]]
+
+
+async def create_detached(graph: "BlockGraph", options: dict, open_ref: OpenRef) -> None:
+    """QEMU 9.0's block_crypto_co_create_luks with ``header``: its checks
+    and texts, then the header node formatted on its own (sized to the
+    header, payload offset 0), then ``file``, if given, sized for the
+    payload. The order is QEMU's: a failure on ``file`` leaves the new
+    header written."""
+    prealloc = options.get("preallocation", "off")
+    if prealloc != "off" and "file" not in options:
+        raise QMPError.generic("Parameter 'preallocation' requires 'file' to be "
+                               "specified for formatting LUKS disk")
+    luks_opts = luks_create_options(options, detached_header=True)
+    size = options["size"] & 0xFFFFFFFFFFFFFFFF
+    if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
+        raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
+                               f"its sector size ({luks_opts.sector_size} bytes)")
+
+    def write_header(node: Node) -> None:
+        passphrase = lookup_passphrase(graph, options)
+        try:
+            node.truncate(0)
+            size_for_payload(node, created_header_length(luks_opts), 0)
+            format_volume(NodeRegionIO(node), passphrase, luks_opts, detached_header=True)
+            node.flush()
+        finally:
+            wipe(passphrase)
+
+    async with open_ref(graph, options["header"]) as header:
+        await create_on_node(graph, header, write_header)
+    if "file" in options:
+        async with open_ref(graph, options["file"]) as file:
+            await create_on_node(graph, file, lambda node: size_payload(node, size, prealloc))
+
+
+def size_payload(node: Node, size: int, prealloc: str) -> None:
+    """QEMU 9.0's block_crypto_co_format_luks_payload: ``file`` truncated to
+    ``size`` exactly, its data kept, with the preallocation passed down.
+
+    Its error texts, quirks included: a size past INT64_MAX fails without a
+    message (the job says strerror(EFBIG)); EFBIG from the truncate (the
+    block layer's maximum or the file system's) gets the usual "too large"
+    text; any other failure loses the file's message, leaving strerror of
+    the errno (``metadata`` preallocation, which file-posix refuses, is
+    "Operation not supported")."""
+    if size > INT64_MAX:
+        raise QMPError.generic(os.strerror(errno.EFBIG))
+    if size > BDRV_MAX_LENGTH:
+        raise QMPError.generic("The requested file size is too large")
+    if prealloc == "metadata":
+        raise QMPError.generic(os.strerror(errno.ENOTSUP))
+    old = node.size()
+    try:
+        node.truncate_to(size)
+    except ResizeError as err:
+        if err.errno == errno.EFBIG:
+            raise QMPError.generic("The requested file size is too large") from None
+        raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
+    if prealloc in ("falloc", "full"):
+        node.preallocate(min(old, size), size, prealloc)
+    node.flush()
 
 
 DRIVER = BlockDriver("luks", node_class=LuksNode, create=create)

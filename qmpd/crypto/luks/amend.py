@@ -201,7 +201,7 @@ class _Session:
 
     def __init__(self, volume: LuksVolume, io: ImageIO) -> None:
         raw = io.read(0, HEADER_SIZE)
-        header, spec = parse_header_bytes(raw)
+        header, spec = parse_header_bytes(raw, detached_header=volume.detached_header)
         if volume.payload_in_file:
             check_payload_in_file(header, io.size())
         if header.pack()[:slot_entry_offset(0)] != volume.header.pack()[:slot_entry_offset(0)]:

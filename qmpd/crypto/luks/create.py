@@ -97,13 +97,16 @@ def header_length(options: LuksCreateOptions) -> int:
 
 
 def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreateOptions,
-                  *, payload_in_file: bool = True,
+                  *, payload_in_file: bool = True, detached_header: bool = False,
                   random_bytes: Callable[[int], bytes] = os.urandom) -> LuksVolume:
     """Format ``io`` as LUKS1 with ``passphrase`` in slot 0; returns the open volume.
 
     ``payload_in_file`` says whether the payload follows the header in the
     same file (raw LUKS); either way this writes exactly the header length
-    (:func:`header_length`) and nothing of the payload.
+    (:func:`header_length`) and nothing of the payload. ``detached_header``:
+    ``io`` is a header image of its own and the header records payload
+    offset 0, the start of the other image (QEMU 9.0's
+    QCRYPTO_BLOCK_CREATE_DETACHED, cryptsetup's ``--header`` default).
     """
     check_iter_time(options.iter_time)
     spec = options.cipher_spec()
@@ -125,7 +128,8 @@ def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreat
         slots = tuple(KeySlot(SLOT_INACTIVE, 0, bytes(SALT_LEN), HEADER_SECTORS + i * per_slot,
                               STRIPES) for i in range(NUM_KEY_SLOTS))
         header = LuksHeader(MAGIC, VERSION, make_fixed_string(name), make_fixed_string(mode),
-                            make_fixed_string(hash_name), payload, key_bytes, b"\0" * 20,
+                            make_fixed_string(hash_name), 0 if detached_header else payload,
+                            key_bytes, b"\0" * 20,
                             mk_salt, digest_iterations, make_uuid_field(uuid_text), slots)
         header = dataclasses.replace(
             header, mk_digest=volume_key_digest(hash_name, header, volume_key))
@@ -145,4 +149,5 @@ def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreat
         wipe(volume_key)
         raise
     witness = PassphraseWitness(passphrase, 0, slot_state_digest(header, 0, slot0.material))
-    return LuksVolume(header, spec, volume_key, witness, payload_in_file=payload_in_file)
+    return LuksVolume(header, spec, volume_key, witness, payload_in_file=payload_in_file,
+                      detached_header=detached_header)

@@ -193,8 +193,13 @@ def make_uuid_field(text: str) -> bytes:
     return _fixed_field(text, UUID_LEN)
 
 
-def check_header(header: LuksHeader) -> None:
+def check_header(header: LuksHeader, *, detached_header: bool = False) -> None:
     """QEMU 7.2's qcrypto_block_luks_check_header, same order, same texts.
+
+    ``detached_header``: the header is an image of its own (QEMU 9.0's
+    QCRYPTO_BLOCK_OPEN_DETACHED), so the two checks that the payload does
+    not overlap the header or a keyslot are skipped: a detached header's
+    payload offset is where the data starts on the other image (usually 0).
 
     Integers are compared exactly (QEMU's 32-bit arithmetic can wrap on
     hostile values; ours cannot), so the verdict on every sane header is
@@ -209,7 +214,7 @@ def check_header(header: LuksHeader) -> None:
                       (header.hash_spec, "hash spec")):
         if b"\0" not in raw:
             raise CryptoError(f"LUKS header {what} is not NUL terminated")
-    if header.payload_offset < HEADER_SECTORS:
+    if not detached_header and header.payload_offset < HEADER_SECTORS:
         raise CryptoError("LUKS payload is overlapping with the header")
     if header.mk_digest_iterations == 0:
         raise CryptoError("LUKS key iteration count is zero")
@@ -225,7 +230,7 @@ def check_header(header: LuksHeader) -> None:
             raise CryptoError(f"Keyslot {i} iteration count is zero")
         if start < HEADER_SECTORS:
             raise CryptoError(f"Keyslot {i} is overlapping with the LUKS header")
-        if start + length > header.payload_offset:
+        if not detached_header and start + length > header.payload_offset:
             raise CryptoError(f"Keyslot {i} is overlapping with the encrypted payload")
         for j in range(i + 1, NUM_KEY_SLOTS):
             other = header.slots[j]

@@ -44,15 +44,17 @@ from qmpd.crypto.luks.luks2_volume import (
 from qmpd.crypto.luks.unlocked import UnlockedVolume
 
 
-def parse_header_bytes(raw: bytes) -> tuple[LuksHeader, CipherSpec]:
+def parse_header_bytes(raw: bytes, *,
+                       detached_header: bool = False) -> tuple[LuksHeader, CipherSpec]:
     """Header and cipher from the image's first bytes, or CryptoError.
 
     A short image reads as zero-padded, as a block device read past its end
     does in QEMU, so a truncated header fails a check, not a parser.
+    ``detached_header``: see :func:`~.header.check_header`.
     """
     raw = bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
     header = LuksHeader.unpack(raw)
-    check_header(header)
+    check_header(header, detached_header=detached_header)
     spec = ciphers.parse_luks_cipher(header.cipher_name_str, header.cipher_mode_str,
                                      header.key_bytes)
     hashes.hash_algorithm(header.hash_spec_str)
@@ -67,20 +69,23 @@ def check_payload_in_file(header: LuksHeader, image_size: int) -> None:
             f"of the image ({image_size} bytes)")
 
 
-def _read_checked(io: ImageIO, payload_in_file: bool) -> tuple[LuksHeader, CipherSpec]:
-    header, spec = parse_header_bytes(io.read(0, HEADER_SIZE))
-    if payload_in_file:
+def _read_checked(io: ImageIO, payload_in_file: bool,
+                  detached_header: bool = False) -> tuple[LuksHeader, CipherSpec]:
+    header, spec = parse_header_bytes(io.read(0, HEADER_SIZE), detached_header=detached_header)
+    if payload_in_file and not detached_header:
         check_payload_in_file(header, io.size())
     return header, spec
 
 
-def read_header(io: ImageIO, *, payload_in_file: bool = True) -> LuksHeader:
+def read_header(io: ImageIO, *, payload_in_file: bool = True,
+                detached_header: bool = False) -> LuksHeader:
     """The image's LUKS header, checked like QEMU does on open.
 
     ``payload_in_file=False`` is for LUKS inside qcow2, whose payload lives
-    in the qcow2 clusters rather than after the header.
+    in the qcow2 clusters rather than after the header; ``detached_header``
+    for a header image of its own (the payload on another image).
     """
-    return _read_checked(io, payload_in_file)[0]
+    return _read_checked(io, payload_in_file, detached_header)[0]
 
 
 class PassphraseWitness:
@@ -137,9 +142,13 @@ class LuksVolume(UnlockedVolume):
     """
 
     def __init__(self, header: LuksHeader, spec: CipherSpec, volume_key: bytearray,
-                 witness: PassphraseWitness | None, *, payload_in_file: bool = True) -> None:
+                 witness: PassphraseWitness | None, *, payload_in_file: bool = True,
+                 detached_header: bool = False) -> None:
         self.header = header
-        self.payload_in_file = payload_in_file
+        #: The header is an image of its own: the payload offset is where
+        #: the data starts on the other image (QEMU 9.0's detached header).
+        self.detached_header = detached_header
+        self.payload_in_file = payload_in_file and not detached_header
         self.spec = spec
         self.hash_name = header.hash_spec_str
         self.payload_offset = header.payload_offset_bytes
@@ -309,19 +318,23 @@ class _SlotRace:
 
 
 def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
-                payload_in_file: bool = True,
-                luks2: bool = False) -> "LuksVolume | Luks2Volume":
+                payload_in_file: bool = True, luks2: bool = False,
+                detached_header: bool = False) -> "LuksVolume | Luks2Volume":
     """Check the header and unlock the volume key with ``passphrase``.
 
     ``luks2=True`` also opens a LUKS2 image, as a
     :class:`~.luks2_volume.Luks2Volume` (its payload elsewhere, as a detached
     header's, when not ``payload_in_file``: qcow2's clusters); otherwise, as
     in QEMU, version 2 fails the header check ("LUKS version 2 is not
-    supported").
+    supported"). ``detached_header``: ``io`` is a header image of its own
+    (QEMU 9.0's luks ``header``); a LUKS1 header then skips the payload
+    overlap checks, and the payload offset it records applies to the other
+    image.
     """
     if luks2 and probe_version(io.read(0, PROBE_LENGTH)) == 2:
-        return open_luks2_volume(io, passphrase, detached_header=not payload_in_file)
-    header, spec = _read_checked(io, payload_in_file)
+        return open_luks2_volume(io, passphrase,
+                                 detached_header=detached_header or not payload_in_file)
+    header, spec = _read_checked(io, payload_in_file, detached_header)
     key, index, digest = find_key(io, header, spec, passphrase)
     return LuksVolume(header, spec, key, PassphraseWitness(passphrase, index, digest),
-                      payload_in_file=payload_in_file)
+                      payload_in_file=payload_in_file, detached_header=detached_header)
