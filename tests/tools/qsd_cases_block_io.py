@@ -14,6 +14,9 @@ recorder and against qmpd by tests/integration/test_qsd_reference.py.
 - ``raw-*``: opening the raw format driver with ``offset`` and ``size``.
 - ``create-*``: blockdev-create with an inline ``file`` definition for luks
   and qcow2, and sizes that QEMU refuses with its own texts.
+- ``create-file-prealloc-*``: file creation with every preallocation mode
+  and sizes -1 (QAPI's uint64 wraps to an off_t of -1), 0 and 64 KiB:
+  file-posix refuses a preallocating "shrink" first, then "metadata".
 - ``reopen-child-*``: blockdev-reopen of a qcow2 node whose file child it
   created, the child given again by its name or inline, with and without
   an explicit read-only: a child given by name inherits only a read-only
@@ -216,6 +219,12 @@ def block_io_cases() -> list:
           *create("c2", {"driver": "file", "filename": "{tmp}/n.img", "size": 1 << 63}),
           cmd("blockdev-add", {"driver": "file", "node-name": "f0",
                                "filename": "{tmp}/n.img"}), qnodes),
+        # -- blockdev-create driver=file: preallocation modes and sizes ------------------
+        *[C(f"create-file-prealloc-{mode}-size-{label}",
+            *create(f"c-{mode}-{label}", {"driver": "file", "filename": "{tmp}/pre.img",
+                                          "size": size, "preallocation": mode}), qnodes)
+          for mode in ("off", "metadata", "falloc", "full")
+          for label, size in (("minus-1", -1), ("0", 0), ("64k", 65536))],
         # -- blockdev-reopen: a child given by its name keeps its own read-only -------
         *reopen_child_cases(add_qcow2, qnodes, qcow2),
     ]

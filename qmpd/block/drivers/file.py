@@ -504,8 +504,6 @@ def create_file(options: dict) -> None:
     filename = options["filename"]
     size = options["size"]
     prealloc = options.get("preallocation", "off")
-    if prealloc not in ("off", "falloc", "full", "metadata"):
-        raise QMPError.generic(f"Unsupported preallocation mode: {prealloc}")
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
@@ -516,7 +514,16 @@ def create_file(options: dict) -> None:
         lock.update(Perm.WRITE | Perm.RESIZE, ALL & ~Perm.RESIZE)
         try:
             os.ftruncate(fd, 0)
-            if size > INT64_MAX:     # QEMU passes the uint64 on as a negative off_t
+            # file-posix's handle_aiocb_truncate, in its order: QEMU passes
+            # the uint64 on as an off_t (2**64 - 1 is -1), a preallocating
+            # "shrink" is refused, then the mode ("metadata" has no meaning
+            # for a file), then the truncate itself.
+            offset = size - (1 << 64) if size > INT64_MAX else size
+            if offset < 0 and prealloc != "off":
+                raise QMPError.generic("Cannot use preallocation for shrinking files")
+            if prealloc == "metadata":
+                raise QMPError.generic("Unsupported preallocation mode: metadata")
+            if offset < 0:
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
             os.ftruncate(fd, size)
             preallocate(fd, 0, size, prealloc)
