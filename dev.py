@@ -38,12 +38,22 @@ STAMP_NAME = ".qmpd-installed"
 #: The versions CI tests on; the default python3 runs the full suite.
 SUPPORTED = ((3, 11), (3, 12), (3, 13))
 #: What CI runs under the other versions: fast, and no external tools needed.
-UNIT_TESTS = ["tests/qmp", "tests/schema", "tests/crypto", "tests/jobs", "tests/block",
-              "tests/test_keyval.py", "-m", "not interop"]
+UNIT_TESTS = [
+    "tests/qmp",
+    "tests/schema",
+    "tests/crypto",
+    "tests/jobs",
+    "tests/block",
+    "tests/test_keyval.py",
+    "-m",
+    "not interop",
+]
 PYENV_ROOTS = (Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")), Path("/root/.pyenv"))
 
-NO_PIP = ("dev.py: {python} has neither ensurepip nor pip to set up {venv}; "
-          "install Debian's python3-venv (apt install python3-venv) and run again")
+NO_PIP = (
+    "dev.py: {python} has neither ensurepip nor pip to set up {venv}; "
+    "install Debian's python3-venv (apt install python3-venv) and run again"
+)
 
 
 def _quiet(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -56,8 +66,9 @@ def _has_pip(python: Path) -> bool:
 
 def _machine_pip_version() -> tuple[int, ...] | None:
     """The version of the pip of the python3 running dev.py, None if it has none."""
-    result = subprocess.run([sys.executable, "-m", "pip", "--version"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--version"], capture_output=True, text=True
+    )
     m = re.match(r"pip (\d+)\.(\d+)", result.stdout) if result.returncode == 0 else None
     return (int(m.group(1)), int(m.group(2))) if m else None
 
@@ -75,15 +86,20 @@ def _bootstrap_pip(python: Path, venv: Path) -> None:
     version = _machine_pip_version()
     if version is None:
         sys.exit(NO_PIP.format(python=Path(sys.executable).name, venv=venv.name))
-    print(f"dev.py: {venv.name} has no pip; installing it with {Path(sys.executable).name} -m pip",
-          flush=True)
+    print(
+        f"dev.py: {venv.name} has no pip; installing it with {Path(sys.executable).name} -m pip",
+        flush=True,
+    )
     quiet = ["--quiet", "--disable-pip-version-check"]
     if version >= (22, 3):
         cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", *quiet, "pip"]
     else:
         site = subprocess.run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-            capture_output=True, text=True, check=True).stdout.strip()
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         cmd = [sys.executable, "-m", "pip", "install", *quiet, "--target", site, "pip"]
     subprocess.run(cmd, check=True)
 
@@ -94,19 +110,34 @@ def ensure_venv(venv: Path = VENV, interpreter: str = sys.executable) -> Path:
     stamp = venv / STAMP_NAME
     if not python.exists():
         print(f"dev.py: creating {venv.name}", flush=True)
-        made = subprocess.run([interpreter, "-m", "venv", str(venv)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        made = subprocess.run(
+            [interpreter, "-m", "venv", str(venv)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if made.returncode != 0:  # no ensurepip (Debian without python3-venv)
-            subprocess.run([interpreter, "-m", "venv", "--clear", "--without-pip", str(venv)],
-                           check=True)
+            subprocess.run(
+                [interpreter, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True
+            )
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == wanted:
         return python
     if not _has_pip(python):
         _bootstrap_pip(python, venv)
     print(f"dev.py: installing qmpd and its test dependencies into {venv.name}", flush=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "-e", f"{ROOT}[test]"], check=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-e",
+            f"{ROOT}[test]",
+        ],
+        check=True,
+    )
     stamp.write_text(wanted)
     return python
 
@@ -117,7 +148,10 @@ def _version_of(interpreter: str) -> tuple[int, int] | None:
     try:
         result = subprocess.run(
             [interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True, text=True, timeout=30)
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.fullmatch(r"(\d+)\.(\d+)\s*", result.stdout) if result.returncode == 0 else None
@@ -130,8 +164,10 @@ def find_interpreter(version: tuple[int, int]) -> str | None:
     candidates = [shutil.which(name)]
     for root in dict.fromkeys(PYENV_ROOTS):
         found = glob.glob(str(root / "versions" / ("%d.%d.*" % version) / "bin" / "python3"))
-        found.sort(key=lambda p: [int(n) for n in re.findall(r"\d+", Path(p).parents[1].name)],
-                   reverse=True)
+        found.sort(
+            key=lambda p: [int(n) for n in re.findall(r"\d+", Path(p).parents[1].name)],
+            reverse=True,
+        )
         candidates += found
     for candidate in candidates:
         if candidate and _version_of(candidate) == version:
@@ -156,29 +192,46 @@ def _other_versions_tests(env: dict) -> int:
         label = "%d.%d" % version
         interpreter = find_interpreter(version)
         if interpreter is None:
-            print(f"dev.py: Python {label} not found on PATH or under pyenv; skipping it",
-                  flush=True)
+            print(
+                f"dev.py: Python {label} not found on PATH or under pyenv; skipping it", flush=True
+            )
             continue
         python = ensure_venv(ROOT / f".venv-{label}", interpreter)
         run_env = dict(env, PATH=f"{python.parent}{os.pathsep}{env.get('PATH', '')}")
-        runs.append((label, [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                             *UNIT_TESTS], run_env))
+        runs.append(
+            (
+                label,
+                [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-q", *UNIT_TESTS],
+                run_env,
+            )
+        )
     status = 0
     width = max(1, os.cpu_count() or 1)
     for first in range(0, len(runs), width):
-        batch = runs[first:first + width]
-        print("dev.py: unit tests under Python " + ", ".join(label for label, _, _ in batch),
-              flush=True)
+        batch = runs[first : first + width]
+        print(
+            "dev.py: unit tests under Python " + ", ".join(label for label, _, _ in batch),
+            flush=True,
+        )
         started = []
         for label, cmd, run_env in batch:
             output = tempfile.TemporaryFile()
-            started.append((label, output, subprocess.Popen(
-                cmd, cwd=ROOT, env=run_env, stdout=output, stderr=subprocess.STDOUT)))
+            started.append(
+                (
+                    label,
+                    output,
+                    subprocess.Popen(
+                        cmd, cwd=ROOT, env=run_env, stdout=output, stderr=subprocess.STDOUT
+                    ),
+                )
+            )
         for label, output, process in started:
             code = process.wait()
             output.seek(0)
-            print(f"dev.py: -- Python {label}: " + ("passed" if code == 0 else f"FAILED ({code})"),
-                  flush=True)
+            print(
+                f"dev.py: -- Python {label}: " + ("passed" if code == 0 else f"FAILED ({code})"),
+                flush=True,
+            )
             sys.stdout.buffer.write(output.read())
             sys.stdout.flush()
             output.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
-OPT_MAGIC = 0x49484156454F5054      # "IHAVEOPT"
+OPT_MAGIC = 0x49484156454F5054  # "IHAVEOPT"
 REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
@@ -54,8 +54,9 @@ class NbdClient:
 
     def _request(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"") -> bytes:
         self._handle += 1
-        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._handle, offset,
-                                      length) + data)
+        self.sock.sendall(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._handle, offset, length) + data
+        )
         if cmd == CMD_DISC:
             return b""
         magic, error, handle = struct.unpack(">IIQ", self._recv(16))

@@ -50,8 +50,9 @@ class LineClient:
         """Wait for an event (checking those already received first)."""
         while True:
             for i, event in enumerate(self.events):
-                if event["event"] == name and all(event.get("data", {}).get(k) == v
-                                                  for k, v in (match or {}).items()):
+                if event["event"] == name and all(
+                    event.get("data", {}).get(k) == v for k, v in (match or {}).items()
+                ):
                     return self.events.pop(i)
             event = self._read()
             self.show(f"<- {json.dumps(event)}")

@@ -29,8 +29,17 @@ ITER_TIME = int(os.environ.get("QMPD_DEMO_ITER_TIME", "500"))
 
 def start_daemon(workdir: Path) -> tuple[subprocess.Popen, str]:
     socket_path = str(workdir / "qmpd.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "qmpd", "--socket", socket_path,
-                             "--pidfile", str(workdir / "qmpd.pid")])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmpd",
+            "--socket",
+            socket_path,
+            "--pidfile",
+            str(workdir / "qmpd.pid"),
+        ]
+    )
     for _ in range(200):
         if (workdir / "qmpd.pid").exists():
             return proc, socket_path
@@ -62,30 +71,76 @@ def main() -> int:
             check(qmp.execute("query-version"))
 
             step("Secrets: the old and the new passphrase (values never echoed back)")
-            check(qmp.execute("object-add", {"qom-type": "secret", "id": "old-pw", "data": "correct horse"}))
-            check(qmp.execute("object-add", {"qom-type": "secret", "id": "new-pw", "data": "battery staple"}))
+            check(
+                qmp.execute(
+                    "object-add", {"qom-type": "secret", "id": "old-pw", "data": "correct horse"}
+                )
+            )
+            check(
+                qmp.execute(
+                    "object-add", {"qom-type": "secret", "id": "new-pw", "data": "battery staple"}
+                )
+            )
 
             step("Create a 64 MiB LUKS image (aes-256-xts-plain64, sha256) with blockdev-create")
-            info = qmp.run_job("blockdev-create", {"job-id": "mkfile", "options": {
-                "driver": "file", "filename": image, "size": 0}})
+            info = qmp.run_job(
+                "blockdev-create",
+                {"job-id": "mkfile", "options": {"driver": "file", "filename": image, "size": 0}},
+            )
             assert "error" not in info, info
-            check(qmp.execute("blockdev-add", {"driver": "file", "node-name": "disk-file",
-                                               "filename": image}))
-            info = qmp.run_job("blockdev-create", {"job-id": "mkluks", "options": {
-                "driver": "luks", "file": "disk-file", "size": 64 << 20,
-                "key-secret": "old-pw", "iter-time": ITER_TIME}})
+            check(
+                qmp.execute(
+                    "blockdev-add", {"driver": "file", "node-name": "disk-file", "filename": image}
+                )
+            )
+            info = qmp.run_job(
+                "blockdev-create",
+                {
+                    "job-id": "mkluks",
+                    "options": {
+                        "driver": "luks",
+                        "file": "disk-file",
+                        "size": 64 << 20,
+                        "key-secret": "old-pw",
+                        "iter-time": ITER_TIME,
+                    },
+                },
+            )
             assert "error" not in info, info
             check(qmp.execute("blockdev-del", {"node-name": "disk-file"}))
 
             step("Open it with the old passphrase")
-            check(qmp.execute("blockdev-add", {"driver": "luks", "node-name": "disk", "key-secret": "old-pw",
-                                               "file": {"driver": "file", "filename": image}}))
+            check(
+                qmp.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "luks",
+                        "node-name": "disk",
+                        "key-secret": "old-pw",
+                        "file": {"driver": "file", "filename": image},
+                    },
+                )
+            )
 
             step("Export the decrypted disk over NBD and write 4 MiB through the export")
             nbd_path = str(workdir / "nbd.sock")
-            check(qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_path}}}))
-            check(qmp.execute("block-export-add", {"type": "nbd", "id": "export0", "node-name": "disk",
-                                                   "name": "disk", "writable": True}))
+            check(
+                qmp.execute(
+                    "nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_path}}}
+                )
+            )
+            check(
+                qmp.execute(
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": "export0",
+                        "node-name": "disk",
+                        "name": "disk",
+                        "writable": True,
+                    },
+                )
+            )
             print(f"   clients: qemu-img info 'nbd+unix:///disk?socket={nbd_path}'")
             data = os.urandom(4 << 20)
             writer = NbdClient(nbd_path, "disk")
@@ -108,18 +163,37 @@ def main() -> int:
             thread.start()
 
             step("Add the new passphrase (first free key slot) while the NBD client reads")
-            info = qmp.run_job("blockdev-amend", {"job-id": "addkey", "node-name": "disk", "options": {
-                "driver": "luks", "state": "active", "new-secret": "new-pw", "iter-time": ITER_TIME}})
+            info = qmp.run_job(
+                "blockdev-amend",
+                {
+                    "job-id": "addkey",
+                    "node-name": "disk",
+                    "options": {
+                        "driver": "luks",
+                        "state": "active",
+                        "new-secret": "new-pw",
+                        "iter-time": ITER_TIME,
+                    },
+                },
+            )
             assert "error" not in info, info
 
             step("Remove the old passphrase")
-            info = qmp.run_job("blockdev-amend", {"job-id": "delkey", "node-name": "disk", "options": {
-                "driver": "luks", "state": "inactive", "old-secret": "old-pw"}})
+            info = qmp.run_job(
+                "blockdev-amend",
+                {
+                    "job-id": "delkey",
+                    "node-name": "disk",
+                    "options": {"driver": "luks", "state": "inactive", "old-secret": "old-pw"},
+                },
+            )
             assert "error" not in info, info
             stop.set()
             thread.join()
-            print(f"   the NBD reader made {longest[1]} reads meanwhile; longest wait "
-                  f"{longest[0] * 1000:.1f} ms")
+            print(
+                f"   the NBD reader made {longest[1]} reads meanwhile; longest wait "
+                f"{longest[0] * 1000:.1f} ms"
+            )
             assert reader.read(0, len(data)) == data, "data changed during the rotation"
             reader.close()
             print("   the 4 MiB read back identical after the rotation")
@@ -127,25 +201,45 @@ def main() -> int:
             check(qmp.execute("nbd-server-stop"))
 
             step("Key slots now")
-            nodes = check(qmp.execute("query-named-block-nodes", {"flat": True}, quiet=True))["return"]
+            nodes = check(qmp.execute("query-named-block-nodes", {"flat": True}, quiet=True))[
+                "return"
+            ]
             luks = next(n for n in nodes if n["node-name"] == "disk")
             for slot, state in enumerate(luks["image"]["format-specific"]["data"]["slots"]):
                 print(f"   slot {slot}: {'active' if state['active'] else 'inactive'}")
             check(qmp.execute("blockdev-del", {"node-name": "disk"}))
 
             step("The new passphrase opens the image; the old one no longer does")
-            check(qmp.execute("blockdev-add", {"driver": "luks", "node-name": "disk", "key-secret": "new-pw",
-                                               "file": {"driver": "file", "filename": image}}))
+            check(
+                qmp.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "luks",
+                        "node-name": "disk",
+                        "key-secret": "new-pw",
+                        "file": {"driver": "file", "filename": image},
+                    },
+                )
+            )
             check(qmp.execute("blockdev-del", {"node-name": "disk"}))
-            reply = qmp.execute("blockdev-add", {"driver": "luks", "node-name": "disk", "key-secret": "old-pw",
-                                                 "file": {"driver": "file", "filename": image}})
+            reply = qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "luks",
+                    "node-name": "disk",
+                    "key-secret": "old-pw",
+                    "file": {"driver": "file", "filename": image},
+                },
+            )
             assert reply["error"]["desc"] == "Invalid password, cannot unlock any keyslot", reply
 
             step("Stop the daemon")
             check(qmp.execute("quit"))
             qmp.close()
             proc.wait(timeout=10)
-            print(f"\nqmpd exited with {proc.returncode}; socket removed: {not os.path.exists(socket_path)}")
+            print(
+                f"\nqmpd exited with {proc.returncode}; socket removed: {not os.path.exists(socket_path)}"
+            )
             return proc.returncode
         finally:
             if proc.poll() is None:

@@ -37,21 +37,40 @@ async def run_job(client: QMPClient, command: str, arguments: dict) -> None:
         raise RuntimeError(f"{command} failed: {info['error']}")
 
 
-async def rotate(socket_path: str, node: str, old_secret: str, new_passphrase: str,
-                 command: str, iter_time: int | None, kdf: dict) -> None:
+async def rotate(
+    socket_path: str,
+    node: str,
+    old_secret: str,
+    new_passphrase: str,
+    command: str,
+    iter_time: int | None,
+    kdf: dict,
+) -> None:
     client = QMPClient("rotate-key")
     await client.connect(socket_path)
     try:
-        await client.execute("object-add", {"qom-type": "secret", "id": "rotate-new",
-                                            "data": new_passphrase})
-        add = {"driver": "luks", "state": "active", "new-secret": "rotate-new",
-               "secret": old_secret}
+        await client.execute(
+            "object-add", {"qom-type": "secret", "id": "rotate-new", "data": new_passphrase}
+        )
+        add = {
+            "driver": "luks",
+            "state": "active",
+            "new-secret": "rotate-new",
+            "secret": old_secret,
+        }
         if iter_time:
             add["iter-time"] = iter_time
         add.update(kdf)
         await run_job(client, command, {"job-id": "rotate-add", "node-name": node, "options": add})
-        await run_job(client, command, {"job-id": "rotate-erase", "node-name": node, "options": {
-            "driver": "luks", "state": "inactive", "old-secret": old_secret}})
+        await run_job(
+            client,
+            command,
+            {
+                "job-id": "rotate-erase",
+                "node-name": node,
+                "options": {"driver": "luks", "state": "inactive", "old-secret": old_secret},
+            },
+        )
         print(f"{node}: new passphrase added, old one erased")
     finally:
         try:
@@ -65,24 +84,43 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("socket")
     parser.add_argument("node", help="node-name of an open luks node")
-    parser.add_argument("--old-secret", required=True, help="id of the secret holding the current passphrase")
+    parser.add_argument(
+        "--old-secret", required=True, help="id of the secret holding the current passphrase"
+    )
     parser.add_argument("--new-passphrase-file", required=True)
     parser.add_argument("--iter-time", type=int, help="KDF milliseconds for the new slot")
-    parser.add_argument("--pbkdf", choices=["pbkdf2", "argon2i", "argon2id"],
-                        help="the new slot's KDF (LUKS2; LUKS1 has pbkdf2 only)")
+    parser.add_argument(
+        "--pbkdf",
+        choices=["pbkdf2", "argon2i", "argon2id"],
+        help="the new slot's KDF (LUKS2; LUKS1 has pbkdf2 only)",
+    )
     parser.add_argument("--pbkdf-memory", type=int, help="Argon2 memory in KiB (LUKS2)")
     parser.add_argument("--pbkdf-parallel", type=int, help="Argon2 lanes (LUKS2)")
     parser.add_argument("--command", default="blockdev-amend", help="x-blockdev-amend for qsd 7.2")
     args = parser.parse_args()
     with open(args.new_passphrase_file) as f:
         new_passphrase = f.read().rstrip("\n")
-    kdf = {name: value for name, value in (("pbkdf", args.pbkdf),
-                                           ("pbkdf-memory", args.pbkdf_memory),
-                                           ("pbkdf-parallel", args.pbkdf_parallel))
-           if value is not None}
+    kdf = {
+        name: value
+        for name, value in (
+            ("pbkdf", args.pbkdf),
+            ("pbkdf-memory", args.pbkdf_memory),
+            ("pbkdf-parallel", args.pbkdf_parallel),
+        )
+        if value is not None
+    }
     try:
-        asyncio.run(rotate(args.socket, args.node, args.old_secret, new_passphrase,
-                           args.command, args.iter_time, kdf))
+        asyncio.run(
+            rotate(
+                args.socket,
+                args.node,
+                args.old_secret,
+                new_passphrase,
+                args.command,
+                args.iter_time,
+                kdf,
+            )
+        )
     except (ExecuteError, RuntimeError) as exc:
         print(f"rotate_key: {exc}", file=sys.stderr)
         return 1

@@ -1,12 +1,12 @@
 """Command line, modelled on qemu-storage-daemon so one can stand in for the other.
 
-    qmpd --socket PATH [--object secret,id=s0,data=PW] [--blockdev ...]
-         [--nbd-server addr.type=unix,addr.path=NBD] [--export type=nbd,id=e0,node-name=N]
-    qmpd --chardev socket,id=c0,path=PATH,server=on,wait=off --monitor chardev=c0[,pretty=on]
-    qmpd --chardev socket,id=c0,fd=N,server=on,wait=off --monitor chardev=c0   (an inherited socket)
-    qmpd --chardev socket,id=c0,host=H,port=P,server=on,wait=off --monitor chardev=c0   (TCP)
-    LISTEN_PID=... LISTEN_FDS=N [LISTEN_FDNAMES=a:b] qmpd ...   (systemd socket activation)
-    qmpd --daemonize --pidfile PATH ...
+qmpd --socket PATH [--object secret,id=s0,data=PW] [--blockdev ...]
+     [--nbd-server addr.type=unix,addr.path=NBD] [--export type=nbd,id=e0,node-name=N]
+qmpd --chardev socket,id=c0,path=PATH,server=on,wait=off --monitor chardev=c0[,pretty=on]
+qmpd --chardev socket,id=c0,fd=N,server=on,wait=off --monitor chardev=c0   (an inherited socket)
+qmpd --chardev socket,id=c0,host=H,port=P,server=on,wait=off --monitor chardev=c0   (TCP)
+LISTEN_PID=... LISTEN_FDS=N [LISTEN_FDNAMES=a:b] qmpd ...   (systemd socket activation)
+qmpd --daemonize --pidfile PATH ...
 """
 
 from __future__ import annotations
@@ -30,42 +30,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="A QMP daemon that manages the keys of LUKS block images "
-                    "(raw LUKS and LUKS in qcow2), compatible with qemu-storage-daemon.")
-    parser.add_argument("--socket", metavar="PATH", action="append", default=[],
-                        help="listen for QMP clients on this Unix socket (repeatable)")
-    parser.add_argument("--chardev", metavar="socket,id=ID,path=PATH|fd=N|host=H,port=P"
-                        "[,server=on,wait=off]", action="append", default=[],
-                        help="qemu-storage-daemon style socket: a path, an inherited listening "
-                             "socket (fd=N, or a LISTEN_FDNAMES name) or TCP; pair it with "
-                             "--monitor")
-    parser.add_argument("--monitor", metavar="chardev=ID[,pretty=on]", action="append",
-                        default=[],
-                        help="serve QMP on a --chardev (qemu-storage-daemon style)")
-    parser.add_argument("--object", metavar="secret,id=ID,data=...|file=...[,format=base64]",
-                        action=InOrder, dest="startup", default=[],
-                        help="create an object at start-up (repeatable; keyval or JSON)")
-    parser.add_argument("--blockdev", metavar="OPTIONS", action=InOrder, dest="startup",
-                        help="open a block node at start-up (repeatable; keyval or JSON)")
-    parser.add_argument("--nbd-server", metavar="addr.type=unix,addr.path=PATH|"
-                        "addr.type=inet,addr.host=H,addr.port=N", action=InOrder, dest="startup",
-                        help="start the NBD server (as nbd-server-start)")
-    parser.add_argument("--export", metavar="type=nbd,id=ID,node-name=N[,name=E][,writable=on]",
-                        action=InOrder, dest="startup",
-                        help="export a node over NBD at start-up (as block-export-add)")
-    parser.add_argument("--pidfile", metavar="PATH",
-                        help="write the pid here once the sockets accept connections")
-    parser.add_argument("--daemonize", action="store_true",
-                        help="detach once every monitor and export accepts connections (exit "
-                             "0), or print the start-up error and exit 1")
-    parser.add_argument("--schema", metavar="DIR", type=Path,
-                        help="load the API from this schema directory (default: the bundled one)")
-    parser.add_argument("--log-level", default=None,
-                        choices=["debug", "info", "warning", "error", "critical"],
-                        help="log to stderr from this level up (default: warning; given, "
-                             "--daemonize keeps stderr open for the log)")
-    parser.add_argument("--version", action="version",
-                        version=f"{PROG} {__version__} (QMP of QEMU "
-                                f"{'.'.join(map(str, QEMU_VERSION))})")
+        "(raw LUKS and LUKS in qcow2), compatible with qemu-storage-daemon.",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="listen for QMP clients on this Unix socket (repeatable)",
+    )
+    parser.add_argument(
+        "--chardev",
+        metavar="socket,id=ID,path=PATH|fd=N|host=H,port=P[,server=on,wait=off]",
+        action="append",
+        default=[],
+        help="qemu-storage-daemon style socket: a path, an inherited listening "
+        "socket (fd=N, or a LISTEN_FDNAMES name) or TCP; pair it with "
+        "--monitor",
+    )
+    parser.add_argument(
+        "--monitor",
+        metavar="chardev=ID[,pretty=on]",
+        action="append",
+        default=[],
+        help="serve QMP on a --chardev (qemu-storage-daemon style)",
+    )
+    parser.add_argument(
+        "--object",
+        metavar="secret,id=ID,data=...|file=...[,format=base64]",
+        action=InOrder,
+        dest="startup",
+        default=[],
+        help="create an object at start-up (repeatable; keyval or JSON)",
+    )
+    parser.add_argument(
+        "--blockdev",
+        metavar="OPTIONS",
+        action=InOrder,
+        dest="startup",
+        help="open a block node at start-up (repeatable; keyval or JSON)",
+    )
+    parser.add_argument(
+        "--nbd-server",
+        metavar="addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=N",
+        action=InOrder,
+        dest="startup",
+        help="start the NBD server (as nbd-server-start)",
+    )
+    parser.add_argument(
+        "--export",
+        metavar="type=nbd,id=ID,node-name=N[,name=E][,writable=on]",
+        action=InOrder,
+        dest="startup",
+        help="export a node over NBD at start-up (as block-export-add)",
+    )
+    parser.add_argument(
+        "--pidfile", metavar="PATH", help="write the pid here once the sockets accept connections"
+    )
+    parser.add_argument(
+        "--daemonize",
+        action="store_true",
+        help="detach once every monitor and export accepts connections (exit "
+        "0), or print the start-up error and exit 1",
+    )
+    parser.add_argument(
+        "--schema",
+        metavar="DIR",
+        type=Path,
+        help="load the API from this schema directory (default: the bundled one)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="log to stderr from this level up (default: warning; given, "
+        "--daemonize keeps stderr open for the log)",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {__version__} (QMP of QEMU {'.'.join(map(str, QEMU_VERSION))})",
+    )
     return parser
 
 
@@ -86,12 +131,47 @@ class UsageError(Exception):
 #: QemuOpts' booleans (qapi/opts-visitor, util/qemu-option.c parse_option_bool).
 _TRUE, _FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
 #: Chardev options QEMU knows (any backend's); qmpd implements the first set.
-_CHARDEV_USED = {"backend", "id", "path", "fd", "host", "port", "to", "ipv4", "ipv6",
-                 "server", "wait", "nodelay", "delay", "abstract", "tight"}
-_CHARDEV_UNSUPPORTED = {"localaddr", "localport", "reconnect", "telnet", "tn3270", "websocket",
-                        "tls-creds", "tls-authz", "mux", "logfile",
-                        "logappend", "width", "height", "chardev", "signal", "name", "debug",
-                        "size", "mouse", "clipboard", "cols", "rows"}
+_CHARDEV_USED = {
+    "backend",
+    "id",
+    "path",
+    "fd",
+    "host",
+    "port",
+    "to",
+    "ipv4",
+    "ipv6",
+    "server",
+    "wait",
+    "nodelay",
+    "delay",
+    "abstract",
+    "tight",
+}
+_CHARDEV_UNSUPPORTED = {
+    "localaddr",
+    "localport",
+    "reconnect",
+    "telnet",
+    "tn3270",
+    "websocket",
+    "tls-creds",
+    "tls-authz",
+    "mux",
+    "logfile",
+    "logappend",
+    "width",
+    "height",
+    "chardev",
+    "signal",
+    "name",
+    "debug",
+    "size",
+    "mouse",
+    "clipboard",
+    "cols",
+    "rows",
+}
 
 
 def _bool(options: dict, key: str, default: bool | None = None) -> bool | None:
@@ -128,15 +208,17 @@ def _chardev(text: str) -> tuple[str, listeners.Address]:
         raise UsageError("None or one of 'path', 'fd' or 'host' option required.")
     if not _bool(options, "server", True):
         raise UsageError("qmpd only listens (server=on)")
-    _bool(options, "wait")   # checked; qmpd never waits for a first client
+    _bool(options, "wait")  # checked; qmpd never waits for a first client
     for key in ("nodelay", "delay", "ipv4", "ipv6", "abstract", "tight"):
         _bool(options, key)
     if not given:
         raise UsageError("chardev: socket: give path=PATH, fd=N or host=H,port=P")
     if given[0] == "path":
-        return options["id"], UnixAddress(str(options["path"]),
-                                          abstract=bool(_bool(options, "abstract", False)),
-                                          tight=bool(_bool(options, "tight", True)))
+        return options["id"], UnixAddress(
+            str(options["path"]),
+            abstract=bool(_bool(options, "abstract", False)),
+            tight=bool(_bool(options, "tight", True)),
+        )
     if given[0] == "fd":
         return options["id"], FdAddress(str(options["fd"]))
     if "port" not in options:
@@ -148,8 +230,12 @@ def _chardev(text: str) -> tuple[str, listeners.Address]:
         except ValueError:
             raise UsageError("Parameter 'to' expects a number") from None
     return options["id"], InetAddress(
-        host=str(options["host"]), port=str(options["port"]), to=to,
-        ipv4=_bool(options, "ipv4"), ipv6=_bool(options, "ipv6"))
+        host=str(options["host"]),
+        port=str(options["port"]),
+        to=to,
+        ipv4=_bool(options, "ipv4"),
+        ipv6=_bool(options, "ipv6"),
+    )
 
 
 def _claimed_by_nbd(args: argparse.Namespace) -> set[str]:
@@ -161,14 +247,15 @@ def _claimed_by_nbd(args: argparse.Namespace) -> set[str]:
         try:
             addr = keyval.parse(text).get("addr") or {}
         except keyval.KeyvalError:
-            continue   # reported, with its text, when the item runs
+            continue  # reported, with its text, when the item runs
         if isinstance(addr, dict) and addr.get("type") == "fd" and "str" in addr:
             texts.add(str(addr["str"]))
     return texts
 
 
-def monitor_specs(args: argparse.Namespace,
-                  activation: systemd.Activation | None = None) -> list[MonitorSpec]:
+def monitor_specs(
+    args: argparse.Namespace, activation: systemd.Activation | None = None
+) -> list[MonitorSpec]:
     """Every QMP monitor the command line (and socket activation) asks for.
 
     Sockets systemd passed that neither a ``--chardev fd=`` nor an
@@ -201,7 +288,7 @@ def monitor_specs(args: argparse.Namespace,
             pretty = bool(_bool(options, "pretty", False))
             name = options["chardev"]
             if name not in chardevs:
-                raise UsageError(f"chardev \"{name}\" not found")
+                raise UsageError(f'chardev "{name}" not found')
             if name in used:
                 raise UsageError(f"Device '{name}' is in use")
         except UsageError as exc:
@@ -212,30 +299,38 @@ def monitor_specs(args: argparse.Namespace,
     if activation is not None:
         taken: set[int] = set()
         named = activation.by_name()
-        for text in [s.address.text for s in specs if isinstance(s.address, FdAddress)] + \
-                sorted(_claimed_by_nbd(args)):
+        for text in [s.address.text for s in specs if isinstance(s.address, FdAddress)] + sorted(
+            _claimed_by_nbd(args)
+        ):
             if text in named:
                 taken.update(named[text])
             else:
                 try:
                     taken.add(listeners.parse_fd(text))
                 except listeners.ListenerError:
-                    pass   # reported when it is opened
+                    pass  # reported when it is opened
         for fd in activation.fds:
             if fd not in taken:
-                specs.append(MonitorSpec(FdAddress(str(fd)), origin=(
-                    f"LISTEN_FDS socket {fd} (name '{activation.name_of(fd)}')")))
+                specs.append(
+                    MonitorSpec(
+                        FdAddress(str(fd)),
+                        origin=(f"LISTEN_FDS socket {fd} (name '{activation.name_of(fd)}')"),
+                    )
+                )
     if not specs:
-        raise UsageError("no QMP socket: give --socket PATH (or --chardev + --monitor, or "
-                         "start qmpd by socket activation)")
+        raise UsageError(
+            "no QMP socket: give --socket PATH (or --chardev + --monitor, or "
+            "start qmpd by socket activation)"
+        )
     return specs
 
 
 def _options(daemon, text: str, command: str, to_arguments=lambda options: options) -> dict:
     """keyval or JSON text, coerced and validated as the arguments of ``command``."""
     options = keyval.parse(text)
-    return keyval.coerce(options, lambda o: daemon.schema.validate_arguments(
-        command, to_arguments(o)))
+    return keyval.coerce(
+        options, lambda o: daemon.schema.validate_arguments(command, to_arguments(o))
+    )
 
 
 def _nbd_server_arguments(options: dict) -> dict:
@@ -251,7 +346,7 @@ async def _startup(daemon, args: argparse.Namespace) -> None:
     from qmpd.errors import QMPError
 
     for option, text in args.startup:
-        if option == "object":   # its text may hold a secret: never echoed
+        if option == "object":  # its text may hold a secret: never echoed
             await _startup_item(daemon, option, text)
             continue
         try:
@@ -273,15 +368,21 @@ async def _startup_item(daemon, option: str, text: str) -> None:
     elif option == "nbd-server":
         server = _options(daemon, text, "nbd-server-start", _nbd_server_arguments)
         await daemon.exports.start_server(
-            server["addr"], tls_creds=server.get("tls-creds"),
+            server["addr"],
+            tls_creds=server.get("tls-creds"),
             tls_authz=server.get("tls-authz"),
-            max_connections=server.get("max-connections", 100))
+            max_connections=server.get("max-connections", 100),
+        )
     else:
         await daemon.exports.add(_options(daemon, text, "block-export-add"))
 
 
-async def _main(args: argparse.Namespace, specs: list[MonitorSpec], report: StartupReport,
-                notifier: systemd.Notifier | None = None) -> int:
+async def _main(
+    args: argparse.Namespace,
+    specs: list[MonitorSpec],
+    report: StartupReport,
+    notifier: systemd.Notifier | None = None,
+) -> int:
     # Imported here so that --help and --version answer without loading the daemon.
     from qmpd.commands import BindingError
     from qmpd.daemon import Daemon
@@ -308,8 +409,13 @@ async def _main(args: argparse.Namespace, specs: list[MonitorSpec], report: Star
             notifier.notify("STOPPING=1", "STATUS=shutting down")
 
     try:
-        await daemon.serve(specs, pidfile=args.pidfile, startup=lambda: _startup(daemon, args),
-                           ready=ready, stopping=stopping)
+        await daemon.serve(
+            specs,
+            pidfile=args.pidfile,
+            startup=lambda: _startup(daemon, args),
+            ready=ready,
+            stopping=stopping,
+        )
     except (QMPError, keyval.KeyvalError, ServerError) as exc:
         report.failed(f"{PROG}: {getattr(exc, 'desc', exc)}")
         await daemon.close()
@@ -320,8 +426,10 @@ async def _main(args: argparse.Namespace, specs: list[MonitorSpec], report: Star
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=(args.log_level or "warning").upper(),
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(args.log_level or "warning").upper(),
+        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s",
+    )
     try:
         # Read before --daemonize forks: LISTEN_PID names this process.
         activation = systemd.listen_fds()

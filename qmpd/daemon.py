@@ -96,8 +96,10 @@ class Daemon:
     @staticmethod
     def version_info() -> dict:
         major, minor, micro = QEMU_VERSION
-        return {"qemu": {"major": major, "minor": minor, "micro": micro},
-                "package": f"qmpd {__version__}"}
+        return {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"qmpd {__version__}",
+        }
 
     def greeting(self) -> dict:
         return {"QMP": {"version": self.version_info(), "capabilities": ["oob"]}}
@@ -105,11 +107,18 @@ class Daemon:
     # -- commands and events ----------------------------------------------------
     def context(self, session: Session | None, command: str) -> CommandContext:
         """What a handler of ``command`` may touch."""
-        return CommandContext(nodes=self.nodes, jobs=self.jobs, objects=self.objects,
-                              secrets=self.secrets, schema=self.schema, exports=self.exports,
-                              session=session, command=command,
-                              request_shutdown=self.request_shutdown,
-                              version_info=self.version_info)
+        return CommandContext(
+            nodes=self.nodes,
+            jobs=self.jobs,
+            objects=self.objects,
+            secrets=self.secrets,
+            schema=self.schema,
+            exports=self.exports,
+            session=session,
+            command=command,
+            request_shutdown=self.request_shutdown,
+            version_info=self.version_info,
+        )
 
     async def execute(self, call: Call, session: Session | None, connection: Any = None) -> dict:
         """Run a checked request's handler and build its reply."""
@@ -124,7 +133,8 @@ class Daemon:
         except Exception as exc:
             log.error("command %s failed unexpectedly: %s", call.command, describe_bug(exc))
             return Session.error_reply(
-                QMPError.generic(f"Internal error while executing {call.command}"), call.id)
+                QMPError.generic(f"Internal error while executing {call.command}"), call.id
+            )
         return Session.reply(result, call)
 
     def emit_event(self, name: str, data: Any | None = None) -> None:
@@ -138,12 +148,16 @@ class Daemon:
         self._shutdown.set()
 
     # -- serving ----------------------------------------------------------------
-    async def serve(self, monitors: Iterable[str | os.PathLike | MonitorSpec], *,
-                    pidfile: str | None = None,
-                    startup: Callable[[], Awaitable[None]] | None = None,
-                    ready: Callable[[], None] | None = None,
-                    stopping: Callable[[], None] | None = None,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        monitors: Iterable[str | os.PathLike | MonitorSpec],
+        *,
+        pidfile: str | None = None,
+        startup: Callable[[], Awaitable[None]] | None = None,
+        ready: Callable[[], None] | None = None,
+        stopping: Callable[[], None] | None = None,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve until shutdown is requested; then clean up everything we made.
 
         ``monitors``: Unix socket paths (made mode 0600, a stale socket
@@ -154,8 +168,10 @@ class Daemon:
         served. Then the pid file is written, every monitor accepts, and
         ``ready`` is called; ``stopping`` is called when shutdown begins.
         """
-        specs = [m if isinstance(m, MonitorSpec) else MonitorSpec(UnixAddress(os.fspath(m)))
-                 for m in monitors]
+        specs = [
+            m if isinstance(m, MonitorSpec) else MonitorSpec(UnixAddress(os.fspath(m)))
+            for m in monitors
+        ]
         shown_pidfile = pidfile
         if pidfile:
             pidfile = os.path.abspath(pidfile)  # --daemonize leaves the directory
@@ -182,15 +198,18 @@ class Daemon:
                     except OSError as exc:
                         failed = ServerError(
                             f"cannot create PID file: Could not create '{shown_pidfile}': "
-                            f"{os.strerror(exc.errno or 0)}")
+                            f"{os.strerror(exc.errno or 0)}"
+                        )
                         nursery.cancel_scope.cancel()
                 if failed is not None:
                     return
                 nursery.start_soon(self._watch_signals)
                 for spec, listeners in opened:
-                    await nursery.start(trio.serve_listeners,
-                                        partial(self._serve_client, pretty=spec.pretty),
-                                        listeners)
+                    await nursery.start(
+                        trio.serve_listeners,
+                        partial(self._serve_client, pretty=spec.pretty),
+                        listeners,
+                    )
                 task_status.started()
                 if ready is not None:
                     ready()
@@ -228,8 +247,11 @@ class Daemon:
             log.warning("refusing a client: %d sessions already", len(self.connections))
             # Say why instead of a bare hang-up; a short write to a fresh
             # socket fits its buffer, and a client that is gone costs nothing.
-            refusal = Session.error_reply(QMPError.generic(
-                f"Too many QMP connections (at most {self.limits.max_connections})"))
+            refusal = Session.error_reply(
+                QMPError.generic(
+                    f"Too many QMP connections (at most {self.limits.max_connections})"
+                )
+            )
             with trio.move_on_after(1):
                 try:
                     await stream.send_all((encode_pretty if pretty else encode_message)(refusal))
@@ -240,8 +262,9 @@ class Daemon:
         try:
             await Connection(self, stream, self._connection_count, pretty=pretty).run()
         except Exception as exc:  # one client's trouble must never end the daemon
-            log.error("session %d ended with an error: %s", self._connection_count,
-                      describe_bug(exc))
+            log.error(
+                "session %d ended with an error: %s", self._connection_count, describe_bug(exc)
+            )
 
     async def _flush_connections(self, timeout: float = 1.0) -> None:
         with trio.move_on_after(timeout):
@@ -275,9 +298,12 @@ async def _open_monitor(spec: MonitorSpec, made_paths: list[str]) -> list[trio.S
         if isinstance(where, InetAddress):
             socks = await inet_sockets(where.socket_address())
             shown = ", ".join(describe(sock) for sock in socks)
-            log.warning("QMP over TCP on %s: the monitor has no authentication and no "
-                        "encryption; anyone who can connect controls qmpd (its images, keys "
-                        "and exports)", shown)
+            log.warning(
+                "QMP over TCP on %s: the monitor has no authentication and no "
+                "encryption; anyone who can connect controls qmpd (its images, keys "
+                "and exports)",
+                shown,
+            )
             return [trio_listener(sock) for sock in socks]
         if isinstance(where, FdAddress):
             socks = inherited_sockets(where.text)

@@ -59,7 +59,7 @@ class Detached(StartupReport):
         try:
             os.write(self._fd, data)
         except OSError:
-            pass   # the parent is gone: nobody to tell
+            pass  # the parent is gone: nobody to tell
         finally:
             os.close(self._fd)
             self._fd = None
@@ -82,7 +82,7 @@ def daemonize(*, keep_stderr: bool) -> Detached:
     """Fork twice; only the daemon returns. The first process exits with the outcome."""
     sys.stdout.flush()
     sys.stderr.flush()
-    read_end, write_end = os.pipe()   # both close-on-exec
+    read_end, write_end = os.pipe()  # both close-on-exec
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
@@ -111,7 +111,7 @@ def _wait_for_daemon(read_end: int, child: int) -> int:
         if data[:1] == _OK:
             break
     try:
-        os.waitpid(child, 0)   # the middle process exits at once
+        os.waitpid(child, 0)  # the middle process exits at once
     except ChildProcessError:  # pragma: no cover
         pass
     if data[:1] == _OK:

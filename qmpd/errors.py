@@ -37,6 +37,8 @@ def describe_bug(exc: BaseException) -> str:
     passphrase in a value that reached the wrong place); the traceback's
     file, line and function names cannot.
     """
-    frames = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}"
-                       for frame in traceback.extract_tb(exc.__traceback__))
+    frames = "; ".join(
+        f"{frame.filename}:{frame.lineno} in {frame.name}"
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
     return f"{type(exc).__name__} at {frames}"

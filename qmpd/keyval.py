@@ -124,7 +124,7 @@ def coerce(arguments: dict, validate: Callable[[dict], None]) -> dict:
             prefix = "Invalid parameter type for '"
             if not desc.startswith(prefix):
                 raise
-            path, _, expected = desc[len(prefix):].partition("', expected: ")
+            path, _, expected = desc[len(prefix) :].partition("', expected: ")
             if not _repair(arguments, path, expected):
                 raise
     raise QMPError.generic("too many parameters to convert")

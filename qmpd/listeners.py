@@ -39,7 +39,7 @@ import trio
 log = logging.getLogger("qmpd.listeners")
 
 BACKLOG = socket.SOMAXCONN
-_INT_MAX = 2 ** 31 - 1
+_INT_MAX = 2**31 - 1
 #: What C's strtol accepts before the digits (qemu_strtoi refuses anything after).
 _FD_NUMBER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
@@ -101,8 +101,9 @@ def check_listening(fd: int, text: str | None = None) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:  # pragma: no cover - fstat said it is a socket
-        raise ListenerError(f"File descriptor '{shown}' is not usable: "
-                            f"{os.strerror(exc.errno or errno.EIO)}") from None
+        raise ListenerError(
+            f"File descriptor '{shown}' is not usable: {os.strerror(exc.errno or errno.EIO)}"
+        ) from None
     try:
         problem = _not_listening(sock, shown)
     except BaseException:
@@ -135,8 +136,10 @@ def _not_listening(sock: socket.socket, shown: str) -> str | None:
         connected = False
     if connected or (family == socket.AF_UNIX and not sock.getsockname()):
         return f"Failed to listen on fd socket: {os.strerror(errno.EINVAL)}"
-    return (f"File descriptor '{shown}' is not a listening socket "
-            "(the process that passes it must call listen() first)")
+    return (
+        f"File descriptor '{shown}' is not a listening socket "
+        "(the process that passes it must call listen() first)"
+    )
 
 
 def inherited_sockets(text: str) -> list[socket.socket]:
@@ -146,7 +149,7 @@ def inherited_sockets(text: str) -> list[socket.socket]:
         for fd in resolve_fd(text):
             taken.append(check_listening(fd, text))
     except BaseException:
-        for sock in taken:   # all or nothing
+        for sock in taken:  # all or nothing
             _claimed.pop(sock.fileno(), None)
             sock.detach()
         raise
@@ -176,6 +179,7 @@ def describe(sock: socket.socket) -> str:
 
 
 # -- what a monitor listens on ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class InetAddress:
@@ -225,8 +229,9 @@ def abstract_unix_socket(addr: UnixAddress) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ListenerError(f"Failed to bind socket to @{addr.path}: "
-                            f"{os.strerror(exc.errno or errno.EIO)}") from None
+        raise ListenerError(
+            f"Failed to bind socket to @{addr.path}: {os.strerror(exc.errno or errno.EIO)}"
+        ) from None
     return sock
 
 

@@ -40,8 +40,9 @@ class FileImageIO:
     unless ``readonly``) and closed by :meth:`close`.
     """
 
-    def __init__(self, fd_or_path: int | str | os.PathLike, base_offset: int = 0,
-                 *, readonly: bool = False) -> None:
+    def __init__(
+        self, fd_or_path: int | str | os.PathLike, base_offset: int = 0, *, readonly: bool = False
+    ) -> None:
         if isinstance(fd_or_path, int):
             self._fd = fd_or_path
             self._owned = False

@@ -23,5 +23,9 @@ def _tdb_hash(key: str) -> int:
 @lru_cache(maxsize=4096)
 def qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
     """The order QEMU iterates a QDict whose members were inserted as ``keys``."""
-    return tuple(key for _, _, key in sorted(
-        (_tdb_hash(key) % _BUCKETS, -index, key) for index, key in enumerate(keys)))
+    return tuple(
+        key
+        for _, _, key in sorted(
+            (_tdb_hash(key) % _BUCKETS, -index, key) for index, key in enumerate(keys)
+        )
+    )

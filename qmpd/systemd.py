@@ -52,8 +52,9 @@ class Activation:
         return self.names[self.fds.index(fd)]
 
 
-def listen_fds(environ: MutableMapping[str, str] | None = None, *, pid: int | None = None,
-               unset: bool = True) -> Activation | None:
+def listen_fds(
+    environ: MutableMapping[str, str] | None = None, *, pid: int | None = None, unset: bool = True
+) -> Activation | None:
     """sd_listen_fds_with_names: the passed sockets, or None if none were passed to us."""
     env = os.environ if environ is None else environ
     listen_pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
@@ -81,7 +82,7 @@ def listen_fds(environ: MutableMapping[str, str] | None = None, *, pid: int | No
     if names_text is not None and len(names) != n:
         raise ActivationError(f"LISTEN_FDNAMES has {len(names)} names for {n} sockets")
     if not names:
-        names = ["unknown"] * n   # what sd_listen_fds_with_names reports without names
+        names = ["unknown"] * n  # what sd_listen_fds_with_names reports without names
     for fd in fds:
         try:
             os.set_inheritable(fd, False)
@@ -98,8 +99,9 @@ class Notifier:
         self._target: str | bytes = ("\0" + address[1:]) if address.startswith("@") else address
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None, *,
-                     unset: bool = True) -> Notifier | None:
+    def from_environ(
+        cls, environ: MutableMapping[str, str] | None = None, *, unset: bool = True
+    ) -> Notifier | None:
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET")
         if unset:

@@ -1,5 +1,5 @@
-"""ruff over the daemon's code, examples and dev.py (rules in ruff.toml),
-and mypy over qmpd/ (its [tool.mypy] in pyproject.toml)."""
+"""ruff (lint and format) over the daemon's code, examples and dev.py (rules
+in ruff.toml), and mypy over qmpd/ (its [tool.mypy] in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,26 @@ from tests.oracles import IN_CI
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ruff_finds_nothing():
+def _ruff() -> Path:
     ruff = Path(sys.executable).with_name("ruff")
     if not ruff.exists():
         found = shutil.which("ruff")
         if found is None:
             pytest.fail("ruff is not installed (it is a test dependency)")
         ruff = Path(found)
-    done = subprocess.run([str(ruff), "check", "qmpd", "examples", "dev.py"], cwd=ROOT,
+    return ruff
+
+
+def test_ruff_finds_nothing():
+    done = subprocess.run([str(_ruff()), "check", "qmpd", "examples", "dev.py"], cwd=ROOT,
                           capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-1000:]
+
+
+def test_ruff_format_changes_nothing():
+    """The code is in ruff format's style (run ``ruff format qmpd examples dev.py``)."""
+    done = subprocess.run([str(_ruff()), "format", "--check", "qmpd", "examples", "dev.py"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-1000:]
 
 

@@ -40,8 +40,7 @@ def precheck(graph: BlockGraph, node_name: str, options: dict, command: str) -> 
     return node
 
 
-async def check_permissions(graph: BlockGraph, node_name: str, options: dict,
-                            command: str) -> None:
+async def check_permissions(graph: BlockGraph, node_name: str, options: dict, command: str) -> None:
     """Would the key update get its permissions now? Takes nothing.
 
     QEMU 7.2 takes them when the job is created, so a conflict is the
@@ -62,15 +61,16 @@ async def check_permissions(graph: BlockGraph, node_name: str, options: dict,
             node.updating_keys = False
 
 
-async def run(graph: BlockGraph, node_name: str, options: dict, force: bool,
-              progress: Progress, command: str) -> None:
+async def run(
+    graph: BlockGraph, node_name: str, options: dict, force: bool, progress: Progress, command: str
+) -> None:
     """The body of a blockdev-amend job; amends of one node run one after
     the other (the second plans on the header the first wrote), as QEMU's
     graph serialises them."""
     node = precheck(graph, node_name, options, command)
     progress.set(0, 1)
     if node.key_update_lock.locked():
-        handoff.notify()   # waits for the amend before it
+        handoff.notify()  # waits for the amend before it
     async with node.key_update_lock:
         await _run(graph, node, options, force)
     progress.set(1, 1)
@@ -85,6 +85,7 @@ async def _run(graph: BlockGraph, node: EncryptedNode, options: dict, force: boo
     node.busy = "amend"
     try:
         node.precheck_amend(amend_opts)
+
         # Reads and computes only: a cancelled job need not wait for PBKDF2
         # (a slot may claim billions of iterations).
         def wipe_secrets(_plan: object) -> None:

@@ -31,8 +31,9 @@ async def add(graph: BlockGraph, options: dict) -> None:
         await open_node(graph, options, implicit=False, inherited=None)
 
 
-async def open_node(graph: BlockGraph, options: dict, *, implicit: bool,
-                    inherited: OpenFlags | None) -> Node:
+async def open_node(
+    graph: BlockGraph, options: dict, *, implicit: bool, inherited: OpenFlags | None
+) -> Node:
     """Open one node from its options (the caller holds the graph lock)."""
     driver = DRIVERS.get(options["driver"])
     if driver is None:
@@ -44,8 +45,7 @@ async def open_node(graph: BlockGraph, options: dict, *, implicit: bool,
     return await _open_format(graph, driver.node_class, options, name, implicit, flags)
 
 
-async def _child(graph: BlockGraph, ref: str | dict, flags: OpenFlags,
-                 created: list[Node]) -> Node:
+async def _child(graph: BlockGraph, ref: str | dict, flags: OpenFlags, created: list[Node]) -> Node:
     """The node a BlockdevRef names, or a new implicit one (added to ``created``)."""
     if isinstance(ref, str):
         return graph.lookup_bs(ref, device=ref)
@@ -54,8 +54,9 @@ async def _child(graph: BlockGraph, ref: str | dict, flags: OpenFlags,
     return child
 
 
-async def _open_format(graph: BlockGraph, node_class, options: dict, name: str | None,
-                       implicit: bool, flags: OpenFlags) -> Node:
+async def _open_format(
+    graph: BlockGraph, node_class, options: dict, name: str | None, implicit: bool, flags: OpenFlags
+) -> Node:
     node_class.check_options(options)
     file_ref = options.get("file")
     if not isinstance(file_ref, (str, dict)):
@@ -69,8 +70,9 @@ async def _open_format(graph: BlockGraph, node_class, options: dict, name: str |
             if ref is not None:
                 children[role] = await _child(graph, ref, flags, created)
         node_name = graph.claim_name(name, implicit)
-        node = node_class(node_name, implicit=implicit, read_only=flags.read_only,
-                          options=dict(options))
+        node = node_class(
+            node_name, implicit=implicit, read_only=flags.read_only, options=dict(options)
+        )
         attached: list[Node] = []
         try:
             for role, child in children.items():
@@ -99,7 +101,7 @@ async def delete(graph: BlockGraph, node_name: str) -> None:
         node = graph.find(node_name)
         if node is None:
             raise QMPError.generic(f"Failed to find node with node-name='{node_name}'")
-        if any(not isinstance(user, Node) for user in node.parents):   # an export
+        if any(not isinstance(user, Node) for user in node.parents):  # an export
             raise QMPError.generic(f"Node {node_name} is in use")
         if node.implicit:
             raise QMPError.generic(f"Node {node_name} is not owned by the monitor")
@@ -110,6 +112,7 @@ async def delete(graph: BlockGraph, node_name: str) -> None:
 
 
 # -- blockdev-reopen ------------------------------------------------------------------
+
 
 async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
     """blockdev-reopen (7.2): switch read-only <-> read-write, atomically."""
@@ -122,21 +125,32 @@ async def reopen(graph: BlockGraph, options_list: list[dict]) -> None:
             node = graph.find(name)
             if node is None:
                 raise QMPError.generic(f"Failed to find node with node-name='{name}'")
-            _plan_reopen(node, opts, bool(opts.get("read-only", False)), plan,
-                         opts.get("read-only"))
+            _plan_reopen(
+                node, opts, bool(opts.get("read-only", False)), plan, opts.get("read-only")
+            )
         with trio.CancelScope(shield=True):
             await _apply_reopen(graph, plan)
 
 
 #: Options every driver's reopen takes (QEMU's bdrv_reset_options_allowed
 #: common_options and what bdrv_reopen_prepare consumes itself).
-COMMON_REOPEN_OPTIONS = frozenset({"node-name", "driver", "discard", "cache.direct",
-                                   "cache.no-flush", "read-only", "auto-read-only",
-                                   "detect-zeroes"})
+COMMON_REOPEN_OPTIONS = frozenset(
+    {
+        "node-name",
+        "driver",
+        "discard",
+        "cache.direct",
+        "cache.no-flush",
+        "read-only",
+        "auto-read-only",
+        "detect-zeroes",
+    }
+)
 
 
-def _flatten(options: dict, children: frozenset[str] = frozenset({"file"}),
-             prefix: str = "") -> dict[str, object]:
+def _flatten(
+    options: dict, children: frozenset[str] = frozenset({"file"}), prefix: str = ""
+) -> dict[str, object]:
     """Dotted keys, as QEMU's bs->options holds them; the children's options
     aside (QEMU removes them from bs->options once the children are open)."""
     out: dict[str, object] = {}
@@ -159,8 +173,7 @@ def check_reopen_options(node: Node, opts: dict) -> None:
     old, new = _flatten(node.options, children), _flatten(opts, children)
     old.setdefault("driver", node.driver)
     for key in qdict_order(tuple(old)):
-        if key not in new and key not in COMMON_REOPEN_OPTIONS \
-                and key not in node.reopen_mutable:
+        if key not in new and key not in COMMON_REOPEN_OPTIONS and key not in node.reopen_mutable:
             raise QMPError.generic(f"Option '{key}' cannot be reset to its default value")
     for key in qdict_order(tuple(new)):
         if key in COMMON_REOPEN_OPTIONS or node.reopen_changes(key):
@@ -169,8 +182,13 @@ def check_reopen_options(node: Node, opts: dict) -> None:
             raise QMPError.generic(f"Cannot change the option '{key}'")
 
 
-def _plan_reopen(node: Node, opts: dict, read_only: bool,
-                 plan: list[tuple[Node, bool, dict]], given_read_only: bool | None) -> None:
+def _plan_reopen(
+    node: Node,
+    opts: dict,
+    read_only: bool,
+    plan: list[tuple[Node, bool, dict]],
+    given_read_only: bool | None,
+) -> None:
     """Check one node's reopen options and queue it, with its implicit child.
 
     As QEMU's reopen queue: a child the parent created from inline options
@@ -190,7 +208,7 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool,
         raise QMPError.generic(f"Block device {node.name} is in use")
     check_reopen_options(node, {**opts, "node-name": node.name})
     plan.append((node, read_only, opts))
-    for role, child in node.children.items():     # file, then luks's header
+    for role, child in node.children.items():  # file, then luks's header
         ref = opts.get(role)
         if ref is None:
             continue
@@ -201,8 +219,13 @@ def _plan_reopen(node: Node, opts: dict, read_only: bool,
             raise QMPError.generic(f"Cannot change the option '{role}'")
         elif child.implicit:
             child_read_only = child.read_only if given_read_only is None else given_read_only
-            _plan_reopen(child, {**child.options, "node-name": child.name}, child_read_only,
-                         plan, given_read_only)
+            _plan_reopen(
+                child,
+                {**child.options, "node-name": child.name},
+                child_read_only,
+                plan,
+                given_read_only,
+            )
 
 
 def _handle(node: Node) -> FileNode:

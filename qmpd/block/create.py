@@ -50,12 +50,12 @@ async def run(graph: BlockGraph, options: dict, progress: Progress) -> None:
     progress.set(0, 1)
     if driver is None or driver.create is None:
         raise QMPError.generic(f"Driver '{name}' does not support blockdev-create")
-    if driver.open is not None:          # a protocol driver: nothing underneath
+    if driver.open is not None:  # a protocol driver: nothing underneath
         await driver.create(graph, options)
         progress.set(1, 1)
         return
     ref = options.get("file")
-    if ref is None or "header" in options:    # luks, detached: the driver opens both
+    if ref is None or "header" in options:  # luks, detached: the driver opens both
         await driver.create(graph, options, None, open_ref=job_node)
     else:
         async with job_node(graph, ref) as target:

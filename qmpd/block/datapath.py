@@ -72,11 +72,20 @@ class DataPath(Protocol):
     def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """pread of each (offset, length), all aligned; a burst in one call."""
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         """Write all of ``data``; with ``fua`` it is durable when this returns."""
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         """Make the range read as zeroes; ``fast``: fail with ENOTSUP unless
         that is cheaper than writing zeroes (NBD_CMD_FLAG_FAST_ZERO)."""
 
@@ -130,7 +139,7 @@ class AlignedAccess:
             return self.node.pread(offset, length)
         size = self.node.length()
         data = self.node.pread(start, min(end, size) - start)
-        return data[offset - start:offset - start + length]
+        return data[offset - start : offset - start + length]
 
     def pread_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         align = self.alignment
@@ -138,7 +147,9 @@ class AlignedAccess:
             return self.node.pread_many(ranges)
         return [self.pread(offset, length) for offset, length in ranges]
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         length = len(data)
         start, end = self._span(offset, length)
         if start == offset and end == offset + length:
@@ -146,11 +157,18 @@ class AlignedAccess:
             return
         with self._rmw:
             buffer = bytearray(self.node.pread(start, end - start))
-            buffer[offset - start:offset - start + length] = data
+            buffer[offset - start : offset - start + length] = data
             self.node.pwrite(start, buffer, fua=fua)
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         align = self.alignment
         head = (-offset) % align
         if head >= length or align == 1:
@@ -168,8 +186,9 @@ class AlignedAccess:
         body_start = offset + head
         body_end = (offset + length) - (offset + length) % align
         if body_end > body_start:
-            self.node.pwrite_zeroes(body_start, body_end - body_start, may_unmap=may_unmap,
-                                    fua=fua, fast=fast)
+            self.node.pwrite_zeroes(
+                body_start, body_end - body_start, may_unmap=may_unmap, fua=fua, fast=fast
+            )
         if offset + length > body_end and body_end >= body_start:
             self.pwrite(body_end, bytes(offset + length - body_end), fua=fua)
 

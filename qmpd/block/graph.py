@@ -148,12 +148,14 @@ class BlockGraph:
         uses = list(extra)
         for parent in node.parents:
             perm, shared = parent.child_perms(node)
-            uses.append(PermissionUse(parent.user_description, parent.child_role(node),
-                                      perm, shared))
+            uses.append(
+                PermissionUse(parent.user_description, parent.child_role(node), perm, shared)
+            )
         return uses
 
-    async def refresh(self, node: Node, extra: Iterable[PermissionUse] = (), *,
-                      check_only: bool = False) -> None:
+    async def refresh(
+        self, node: Node, extra: Iterable[PermissionUse] = (), *, check_only: bool = False
+    ) -> None:
         """Check the users of ``node`` against each other, then pass the
         result down to its image locks (``check_only``: take nothing)."""
         uses = self.uses(node, extra)
@@ -164,8 +166,7 @@ class BlockGraph:
         node.parent_perms = (perm, shared)
         try:
             if node.holds_locks:
-                await in_thread(node.check_locks if check_only else node.update_locks,
-                                perm, shared)
+                await in_thread(node.check_locks if check_only else node.update_locks, perm, shared)
             for child in node.children.values():
                 await self.refresh(child, check_only=check_only)
         except BaseException:
@@ -219,7 +220,8 @@ class BlockGraph:
             async with self.lock:
                 for node in self.newest_first():
                     if node.name in self.nodes and not any(
-                            isinstance(p, Node) for p in node.parents):
+                        isinstance(p, Node) for p in node.parents
+                    ):
                         node.parents.clear()
                         await self.close_node(node)
                 for node in self.newest_first():
@@ -235,5 +237,6 @@ def check_writable(node: Node, perm: Perm, held: Perm) -> None:
     if node.read_only and perm & writes:
         if held & writes:
             raise QMPError.generic(
-                f"Read-only block node '{node.name}' cannot support read-write users")
+                f"Read-only block node '{node.name}' cannot support read-write users"
+            )
         raise QMPError.generic("Block node is read-only")

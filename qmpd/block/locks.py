@@ -59,7 +59,7 @@ def ofd_unlock_byte(fd: int, offset: int) -> None:
 def ofd_byte_is_held(fd: int, offset: int) -> bool:
     """True if another open file description holds a lock on the byte."""
     answer = fcntl.fcntl(fd, F_OFD_GETLK, _pack_flock(fcntl.F_WRLCK, offset, 1))
-    lock_type = _FLOCK.unpack(answer[:_FLOCK.size])[0]
+    lock_type = _FLOCK.unpack(answer[: _FLOCK.size])[0]
     return lock_type != fcntl.F_UNLCK
 
 
@@ -85,15 +85,17 @@ class ImageLock:
     def __init__(self, fd: int, enabled: bool) -> None:
         self.fd = fd
         self.enabled = enabled
-        self.perm = Perm(0)          # what the node has committed to
+        self.perm = Perm(0)  # what the node has committed to
         self.shared = ALL
-        self.locked_perm = Perm(0)   # bytes 100+n held right now
+        self.locked_perm = Perm(0)  # bytes 100+n held right now
         self.locked_unshared = Perm(0)  # bytes 200+n held right now
 
     # -- byte bookkeeping -------------------------------------------------
     def _apply(self, fd: int, perm_bits: Perm, unshared_bits: Perm, unlock: bool) -> None:
-        for base, want, attr in ((LOCK_PERM_BASE, perm_bits, "locked_perm"),
-                                 (LOCK_SHARED_BASE, unshared_bits, "locked_unshared")):
+        for base, want, attr in (
+            (LOCK_PERM_BASE, perm_bits, "locked_perm"),
+            (LOCK_SHARED_BASE, unshared_bits, "locked_unshared"),
+        ):
             for n, p in enumerate(PERM_ORDER):
                 held = getattr(self, attr)
                 if want & p and not held & p:
@@ -107,7 +109,8 @@ class ImageLock:
                         ofd_unlock_byte(fd, base + n)
                     except OSError as err:
                         raise QMPError.generic(
-                            f"Failed to unlock byte {base + n}: {os.strerror(err.errno or 0)}") from None
+                            f"Failed to unlock byte {base + n}: {os.strerror(err.errno or 0)}"
+                        ) from None
                     setattr(self, attr, held & ~p)
 
     def check(self, perm: Perm, shared: Perm) -> None:
@@ -135,7 +138,9 @@ class ImageLock:
         if (self.perm | perm) == self.perm and (self.shared & shared) == self.shared:
             return  # only releasing: cannot conflict
         try:
-            self._apply(self.fd, self.perm | perm, Perm(ALL & (~self.shared | ~shared)), unlock=False)
+            self._apply(
+                self.fd, self.perm | perm, Perm(ALL & (~self.shared | ~shared)), unlock=False
+            )
             self.check(perm, shared)
         except QMPError:
             self.abort()

@@ -57,6 +57,7 @@ async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = 
     edge between the engine and the commands; ``abandon_on_cancel`` only for
     work that writes nothing.
     """
+
     def call() -> T:
         try:
             return fn(*args)
@@ -64,6 +65,7 @@ async def in_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = 
             raise QMPError.generic(str(err)) from None
         except OSError as err:
             raise QMPError.generic(os.strerror(err.errno or errno.EIO)) from None
+
     handoff.notify()
     return await trio.to_thread.run_sync(call, abandon_on_cancel=abandon_on_cancel)
 
@@ -82,11 +84,11 @@ class Node:
         #: The options as given (normalised), for reopen's comparisons.
         self.options = options
         self.children: dict[str, Node] = {}
-        self.parents: list[Parent] = []          # newest first, as QEMU
+        self.parents: list[Parent] = []  # newest first, as QEMU
         #: The cumulative (perm, shared) of the parents, kept by the graph.
         self.parent_perms: tuple[Perm, Perm] = (NONE, ALL)
-        self.busy: str | None = None             # e.g. an amend in progress
-        self.job_refs = 0                        # jobs that hold the node until dismissed
+        self.busy: str | None = None  # e.g. an amend in progress
+        self.job_refs = 0  # jobs that hold the node until dismissed
         self._access = AlignedAccess(self)
 
     def __repr__(self) -> str:
@@ -175,8 +177,9 @@ class Node:
         """blockdev-create's ``preallocation`` (falloc, full) of [start, end)
         under a new format header: QEMU passes it down the truncate to the
         file; drivers that pass it on override this (in a thread)."""
-        raise QMPError.generic(f"qmpd does not preallocate through a '{self.driver}' node "
-                               f"(preallocation '{mode}')")
+        raise QMPError.generic(
+            f"qmpd does not preallocate through a '{self.driver}' node (preallocation '{mode}')"
+        )
 
     def truncate(self, size: int) -> None:
         """A format parent sizing its file (qcow2 allocating, blockdev-create):
@@ -191,11 +194,20 @@ class Node:
         override it to decrypt a burst of small reads in one pass."""
         return [self.pread(offset, length) for offset, length in ranges]
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         raise OSError(errno.ENOTSUP, "no data path")
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         """Default: write zeroes (no driver can do better without knowing more)."""
         if fast:
             raise OSError(errno.ENOTSUP, "no fast zeroes")
@@ -246,7 +258,7 @@ class Node:
             with no_waiting():
                 return self._access.pread_many(ranges)
         except BlockingIOError:
-            return None   # not cached, or a lock is busy: a worker thread's job
+            return None  # not cached, or a lock is busy: a worker thread's job
 
     async def read(self, offset: int, length: int) -> bytes:
         check_request(offset, length, self.length())
@@ -256,18 +268,29 @@ class Node:
             return done[0]
         return await trio.to_thread.run_sync(self._access.pread, offset, length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
-                    fua: bool = False) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         self._writable()
         check_request(offset, len(data), self.length())
         await trio.to_thread.run_sync(lambda: self._access.pwrite(offset, data, fua=fua))
 
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                           fua: bool = False, fast: bool = False) -> None:
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         self._writable()
         check_request(offset, length, self.length())
-        await trio.to_thread.run_sync(lambda: self._access.pwrite_zeroes(
-            offset, length, may_unmap=may_unmap, fua=fua, fast=fast))
+        await trio.to_thread.run_sync(
+            lambda: self._access.pwrite_zeroes(
+                offset, length, may_unmap=may_unmap, fua=fua, fast=fast
+            )
+        )
 
     async def discard(self, offset: int, length: int) -> None:
         self._writable()

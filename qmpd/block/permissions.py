@@ -39,12 +39,11 @@ PERM_NAMES: dict[Perm, str] = {
 }
 
 #: Bit index n of each permission: lock bytes 100+n and 200+n.
-PERM_ORDER: tuple[Perm, ...] = (
-    Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE)
+PERM_ORDER: tuple[Perm, ...] = (Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE)
 
 
 def perm_names(perm: Perm) -> str:
-    """"write, resize": the names of the set bits in bit order."""
+    """ "write, resize": the names of the set bits in bit order."""
     return ", ".join(PERM_NAMES[p] for p in PERM_ORDER if perm & p)
 
 
@@ -87,11 +86,13 @@ def check_conflicts(node_name: str, uses: list[PermissionUse]) -> None:
                     f"'{perm_names(Perm(clash))}' are both required by {b.user} "
                     f"(uses node '{node_name}' as '{b.child_name}' child) and "
                     f"unshared by {a.user} (uses node '{node_name}' as "
-                    f"'{a.child_name}' child).")
+                    f"'{a.child_name}' child)."
+                )
 
 
-def format_child_perms(*, read_only: bool, updating_keys: bool = False,
-                       metadata: bool) -> tuple[Perm, Perm]:
+def format_child_perms(
+    *, read_only: bool, updating_keys: bool = False, metadata: bool
+) -> tuple[Perm, Perm]:
     """What a format node (qcow2, luks) takes on its file child, as QEMU 7.2.
 
     A qcow2 node is a full format driver: it always reads its metadata

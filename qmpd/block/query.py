@@ -17,12 +17,24 @@ def named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict]:
 def device_info(node: Node) -> dict:
     cache = node.options.get("cache") or {}
     return {
-        "iops_rd": 0, "detect_zeroes": node.options.get("detect-zeroes", "off"),
-        "image": node.image_info(), "iops_wr": 0, "ro": node.read_only,
-        "node-name": node.name, "backing_file_depth": 0, "drv": node.driver,
-        "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": node.encrypted(),
-        "bps": 0, "bps_rd": 0,
-        "cache": {"no-flush": bool(cache.get("no-flush", False)),
-                  "direct": bool(cache.get("direct", False)), "writeback": True},
+        "iops_rd": 0,
+        "detect_zeroes": node.options.get("detect-zeroes", "off"),
+        "image": node.image_info(),
+        "iops_wr": 0,
+        "ro": node.read_only,
+        "node-name": node.name,
+        "backing_file_depth": 0,
+        "drv": node.driver,
+        "iops": 0,
+        "bps_wr": 0,
+        "write_threshold": 0,
+        "encrypted": node.encrypted(),
+        "bps": 0,
+        "bps_rd": 0,
+        "cache": {
+            "no-flush": bool(cache.get("no-flush", False)),
+            "direct": bool(cache.get("direct", False)),
+            "writeback": True,
+        },
         "file": node.filename(),
     }

@@ -25,8 +25,9 @@ async def run(graph: BlockGraph, device: str | None, node_name: str | None, size
     async with graph.lock:
         node = graph.find(node_name) if node_name is not None else None
         if node is None:
-            raise QMPError.generic(f"Cannot find device='{device or ''}' nor "
-                                   f"node-name='{node_name or ''}'")
+            raise QMPError.generic(
+                f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'"
+            )
         if size < 0:
             raise QMPError.generic("Parameter 'size' expects a >0 size")
         if node.busy:

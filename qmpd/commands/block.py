@@ -29,8 +29,9 @@ async def blockdev_reopen(ctx: CommandContext, args: dict) -> dict:
 @handler("query-named-block-nodes")
 async def query_named_block_nodes(ctx: CommandContext, args: dict) -> list:
     # Sizes come from fstat() of every image: file I/O stays off the event loop.
-    return await trio.to_thread.run_sync(query.named_block_nodes, ctx.nodes,
-                                         args.get("flat", False))
+    return await trio.to_thread.run_sync(
+        query.named_block_nodes, ctx.nodes, args.get("flat", False)
+    )
 
 
 @handler("block_resize")
@@ -55,9 +56,12 @@ def _progress_like_qemu(work):
 @handler("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: dict) -> dict:
     options, nodes = args["options"], ctx.nodes
-    job = ctx.jobs.start(args["job-id"], "create", _progress_like_qemu(
-        lambda progress: create.run(nodes, options, progress)))
-    await job.handed_off.wait()   # as qsd: the job runs until it first waits
+    job = ctx.jobs.start(
+        args["job-id"],
+        "create",
+        _progress_like_qemu(lambda progress: create.run(nodes, options, progress)),
+    )
+    await job.handed_off.wait()  # as qsd: the job runs until it first waits
     return {}
 
 
@@ -81,7 +85,11 @@ async def blockdev_amend(ctx: CommandContext, args: dict) -> dict:
     except BaseException:
         jobs.early_fail(job)
         raise
-    jobs.begin(job, _progress_like_qemu(
-        lambda progress: amend.run(nodes, node_name, options, force, progress, command)))
-    await job.handed_off.wait()   # as qsd: the job runs until it first waits
+    jobs.begin(
+        job,
+        _progress_like_qemu(
+            lambda progress: amend.run(nodes, node_name, options, force, progress, command)
+        ),
+    )
+    await job.handed_off.wait()  # as qsd: the job runs until it first waits
     return {}

@@ -12,10 +12,13 @@ def flat_address(addr: dict) -> dict:
 
 @handler("nbd-server-start")
 async def nbd_server_start(ctx: CommandContext, args: dict) -> dict:
-    await ctx.exports.start_server(flat_address(args["addr"]), tls_creds=args.get("tls-creds"),
-                                   tls_authz=args.get("tls-authz"),
-                                   max_connections=args.get("max-connections", 100),
-                                   monitor=True)
+    await ctx.exports.start_server(
+        flat_address(args["addr"]),
+        tls_creds=args.get("tls-creds"),
+        tls_authz=args.get("tls-authz"),
+        max_connections=args.get("max-connections", 100),
+        monitor=True,
+    )
     return {}
 
 

@@ -12,8 +12,9 @@ from qmpd.errors import QMPError
 from qmpd.exports.tls import TLS_TYPES, TlsCredsStore, make_creds
 
 
-def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None = None,
-               tls_creds=None) -> None:
+def add_object(
+    ctx: CommandContext, args: dict, file_contents: bytearray | None = None, tls_creds=None
+) -> None:
     """Create an object from validated ObjectOptions (also used by --object).
 
     ``file_contents`` is the secret file, read beforehand off the event loop.
@@ -26,7 +27,8 @@ def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None 
         raise QMPError.generic(f"Property '{qom_type}.loaded' is not writable")
     if object_id in ctx.objects:
         raise QMPError.generic(
-            f"attempt to add duplicate property '{object_id}' to object (type 'container')")
+            f"attempt to add duplicate property '{object_id}' to object (type 'container')"
+        )
     if qom_type in TLS_TYPES:
         # loaded at creation, as QEMU's complete(); object_add reads the files off the loop
         store = ctx.exports.tls_lookup
@@ -37,9 +39,15 @@ def add_object(ctx: CommandContext, args: dict, file_contents: bytearray | None 
     if qom_type != "secret":
         raise QMPError.generic(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     try:
-        ctx.secrets.add(object_id, data=args.get("data"), file=args.get("file"),
-                           format=args.get("format", "raw"), keyid=args.get("keyid"),
-                           iv=args.get("iv"), file_contents=file_contents)
+        ctx.secrets.add(
+            object_id,
+            data=args.get("data"),
+            file=args.get("file"),
+            format=args.get("format", "raw"),
+            keyid=args.get("keyid"),
+            iv=args.get("iv"),
+            file_contents=file_contents,
+        )
     except CryptoError as exc:
         raise QMPError.generic(str(exc)) from None
     ctx.objects[object_id] = qom_type
@@ -53,14 +61,17 @@ async def object_add(ctx: CommandContext, args: dict) -> dict:
         try:
             contents = await trio.to_thread.run_sync(read_secret_file, args["file"])
         except CryptoError as exc:
-            if (args["id"] in ctx.objects or not id_wellformed(args["id"])
-                    or "loaded" in args):
+            if args["id"] in ctx.objects or not id_wellformed(args["id"]) or "loaded" in args:
                 contents = None  # the id error comes first, as in QEMU
             else:
                 raise QMPError.generic(str(exc)) from None
     creds = None
-    if (args["qom-type"] in TLS_TYPES and id_wellformed(args["id"])
-            and args["id"] not in ctx.objects and "loaded" not in args):
+    if (
+        args["qom-type"] in TLS_TYPES
+        and id_wellformed(args["id"])
+        and args["id"] not in ctx.objects
+        and "loaded" not in args
+    ):
         creds = await trio.to_thread.run_sync(make_creds, args)
     try:
         add_object(ctx, args, contents, creds)
@@ -78,7 +89,7 @@ async def object_del(ctx: CommandContext, args: dict) -> dict:
     if qom_type in TLS_TYPES:
         store = ctx.exports.tls_lookup
         assert isinstance(store, TlsCredsStore)  # the daemon's (qmpd.daemon)
-        store.delete(object_id)   # a running server keeps its context
+        store.delete(object_id)  # a running server keeps its context
     else:
         ctx.secrets.delete(object_id)
     return {}

@@ -29,13 +29,14 @@ from qmpd.crypto.hashes import hash_algorithm, hash_digest_size
 
 LUKS_STRIPES = 4000
 
+
 class _Digest(Protocol):
     def digest(self) -> bytes: ...
 
 
 def _hash_constructor(hash_name: str) -> Callable[[bytes], _Digest]:
     """A one-shot hash constructor (object with .digest()), fastest available."""
-    algorithm = hash_algorithm(hash_name)   # validates the name (QEMU text)
+    algorithm = hash_algorithm(hash_name)  # validates the name (QEMU text)
     constructor = getattr(hashlib, hash_name, None)
     if constructor is not None:
         return constructor
@@ -54,6 +55,7 @@ def _hash_constructor(hash_name: str) -> Callable[[bytes], _Digest]:
             digest = hashes.Hash(type(algorithm)())
             digest.update(self._data)
             return digest.finalize()
+
     return _CryptographyDigest
 
 
@@ -66,8 +68,10 @@ def _make_diffuser(hash_name: str, block_length: int) -> Callable[[bytes], int]:
     """
     new = _hash_constructor(hash_name)
     digest_size = hash_digest_size(hash_name)
-    pieces = [(struct.pack(">I", i), start, min(start + digest_size, block_length))
-              for i, start in enumerate(range(0, block_length, digest_size))]
+    pieces = [
+        (struct.pack(">I", i), start, min(start + digest_size, block_length))
+        for i, start in enumerate(range(0, block_length, digest_size))
+    ]
     from_bytes = int.from_bytes
 
     if len(pieces) == 1:
@@ -75,6 +79,7 @@ def _make_diffuser(hash_name: str, block_length: int) -> Callable[[bytes], int]:
 
         def diffuse_one(data: bytes) -> int:
             return from_bytes(new(prefix0 + data).digest()[:end0], "big")
+
         return diffuse_one
 
     if len(pieces) == 2:
@@ -82,14 +87,22 @@ def _make_diffuser(hash_name: str, block_length: int) -> Callable[[bytes], int]:
         tail = end1 - start1
 
         def diffuse_two(data: bytes) -> int:
-            return from_bytes(new(prefix0 + data[:end0]).digest()
-                              + new(prefix1 + data[start1:]).digest()[:tail], "big")
+            return from_bytes(
+                new(prefix0 + data[:end0]).digest() + new(prefix1 + data[start1:]).digest()[:tail],
+                "big",
+            )
+
         return diffuse_two
 
     def diffuse(data: bytes) -> int:
-        return from_bytes(b"".join(
-            new(prefix + data[start:end]).digest()[:end - start]
-            for prefix, start, end in pieces), "big")
+        return from_bytes(
+            b"".join(
+                new(prefix + data[start:end]).digest()[: end - start]
+                for prefix, start, end in pieces
+            ),
+            "big",
+        )
+
     return diffuse
 
 
@@ -100,8 +113,12 @@ def _check(key_length: int, stripes: int) -> None:
         raise CryptoError(f"AF splitter stripes {stripes} must be at least 1")
 
 
-def af_split(hash_name: str, key: bytes | bytearray, stripes: int,
-             random_bytes: Callable[[int], bytes] = os.urandom) -> bytearray:
+def af_split(
+    hash_name: str,
+    key: bytes | bytearray,
+    stripes: int,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> bytearray:
     """Split `key` into len(key) * stripes bytes of AF material."""
     length = len(key)
     _check(length, stripes)
@@ -112,31 +129,35 @@ def af_split(hash_name: str, key: bytes | bytearray, stripes: int,
         stripe = random_bytes(length)
         if len(stripe) != length:
             raise CryptoError("AF splitter random source returned a short read")
-        out[i * length:(i + 1) * length] = stripe
+        out[i * length : (i + 1) * length] = stripe
         block = diffuse((block ^ int.from_bytes(stripe, "big")).to_bytes(length, "big"))
     last = block ^ int.from_bytes(key, "big")
-    out[(stripes - 1) * length:] = last.to_bytes(length, "big")
+    out[(stripes - 1) * length :] = last.to_bytes(length, "big")
     del block, last
     return out
 
 
-def af_merge(hash_name: str, material: bytes | bytearray, key_length: int,
-             stripes: int) -> bytearray:
+def af_merge(
+    hash_name: str, material: bytes | bytearray, key_length: int, stripes: int
+) -> bytearray:
     """Recover the key_length-byte key from its AF material."""
     _check(key_length, stripes)
     if len(material) < key_length * stripes:
         raise CryptoError(
-            f"AF material of {len(material)} bytes is shorter than "
-            f"{key_length} * {stripes} stripes")
+            f"AF material of {len(material)} bytes is shorter than {key_length} * {stripes} stripes"
+        )
     diffuse = _make_diffuser(hash_name, key_length)
     view = memoryview(material)
     from_bytes = int.from_bytes
     block = 0
     end = (stripes - 1) * key_length
     for offset in range(0, end, key_length):
-        block = diffuse((block ^ from_bytes(view[offset:offset + key_length], "big"))
-                        .to_bytes(key_length, "big"))
-    key = block ^ from_bytes(view[end:end + key_length], "big")
+        block = diffuse(
+            (block ^ from_bytes(view[offset : offset + key_length], "big")).to_bytes(
+                key_length, "big"
+            )
+        )
+    key = block ^ from_bytes(view[end : end + key_length], "big")
     view.release()
     out = bytearray(key.to_bytes(key_length, "big"))
     del block, key

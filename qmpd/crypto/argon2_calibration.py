@@ -165,18 +165,22 @@ def check_arguments(kind: str, iter_time_ms: int, memory_kib: int, parallel: int
     if iter_time_ms == 0:
         raise CryptoError("Requested PBKDF target time cannot be zero.")
     if not 0 < iter_time_ms <= UINT32_MAX:
-        raise CryptoError(f"Requested PBKDF target time {iter_time_ms} ms is out of range "
-                          f"(1 to {UINT32_MAX}).")
+        raise CryptoError(
+            f"Requested PBKDF target time {iter_time_ms} ms is out of range (1 to {UINT32_MAX})."
+        )
     if memory_kib > MAX_MEMORY_KIB:
-        raise CryptoError(f"Requested maximum PBKDF memory cost is too high "
-                          f"(maximum is {MAX_MEMORY_KIB} kilobytes).")
+        raise CryptoError(
+            f"Requested maximum PBKDF memory cost is too high "
+            f"(maximum is {MAX_MEMORY_KIB} kilobytes)."
+        )
     if memory_kib <= 0:
         raise CryptoError("Requested maximum PBKDF memory cannot be zero.")
     if parallel <= 0:
         raise CryptoError("Requested PBKDF parallel threads cannot be zero.")
     if parallel > MAX_LANES:
-        raise CryptoError(f"Requested PBKDF parallel threads {parallel} are too many "
-                          f"(maximum is {MAX_LANES}).")
+        raise CryptoError(
+            f"Requested PBKDF parallel threads {parallel} are too many (maximum is {MAX_LANES})."
+        )
     if memory_kib < minimum_memory_kib(parallel):
         # crypt_argon2_check's -EINVAL, reported by cryptsetup as:
         raise CryptoError("Not compatible PBKDF options.")
@@ -193,11 +197,20 @@ def wall_clock_sample(kind: str, time_cost: int, memory_kib: int, parallel: int)
     out = bytearray(32)
     start = time.perf_counter()
     rv = lib.argon2_hash(
-        time_cost, memory_kib, parallel,
-        ffi.from_buffer("uint8_t[]", password), len(password),
-        ffi.from_buffer("uint8_t[]", salt), len(salt),
-        ffi.from_buffer("uint8_t[]", out, require_writable=True), len(out),
-        ffi.NULL, 0, KINDS[kind].value, ARGON2_VERSION)
+        time_cost,
+        memory_kib,
+        parallel,
+        ffi.from_buffer("uint8_t[]", password),
+        len(password),
+        ffi.from_buffer("uint8_t[]", salt),
+        len(salt),
+        ffi.from_buffer("uint8_t[]", out, require_writable=True),
+        len(out),
+        ffi.NULL,
+        0,
+        KINDS[kind].value,
+        ARGON2_VERSION,
+    )
     elapsed = time.perf_counter() - start
     return elapsed if rv == lib.ARGON2_OK else None
 
@@ -207,14 +220,14 @@ class Rate:
     """A calibration: KiB-passes per wall second, and the ceiling it holds for."""
 
     kib_passes_per_second: float
-    ceiling_kib: int          # the memory ceiling, lowered if allocation failed
+    ceiling_kib: int  # the memory ceiling, lowered if allocation failed
 
 
 def costs_from_rate(rate: Rate, iter_time_ms: int, parallel: int) -> tuple[int, int]:
     """cryptsetup's end point (next_argon2_params, iterated) for a rate."""
     minimum = minimum_memory_kib(parallel)
     ceiling = max(minimum, rate.ceiling_kib)
-    work = int(rate.kib_passes_per_second * iter_time_ms / 1000)   # KiB-passes
+    work = int(rate.kib_passes_per_second * iter_time_ms / 1000)  # KiB-passes
     if work >= MIN_TIME_COST * ceiling:
         return min(UINT32_MAX, work // ceiling), ceiling
     return MIN_TIME_COST, max(minimum, work // MIN_TIME_COST)
@@ -225,8 +238,8 @@ class Calibrator:
 
     def __init__(self, sampler: Sampler = wall_clock_sample) -> None:
         self._sampler = sampler
-        self._lock = threading.Lock()           # the cache
-        self._measuring = threading.Lock()      # one calibration at a time
+        self._lock = threading.Lock()  # the cache
+        self._measuring = threading.Lock()  # one calibration at a time
         self._rates: dict[tuple[str, int, int], Rate] = {}
 
     def clear(self) -> None:
@@ -250,12 +263,12 @@ class Calibrator:
                     self._rates[key] = found
             return found
 
-    def costs(self, kind: str, iter_time_ms: int, memory_kib: int,
-              parallel: int) -> tuple[int, int]:
+    def costs(
+        self, kind: str, iter_time_ms: int, memory_kib: int, parallel: int
+    ) -> tuple[int, int]:
         """See :func:`argon2_costs`."""
         check_arguments(kind, iter_time_ms, memory_kib, parallel)
-        ceiling = max(minimum_memory_kib(parallel),
-                      min(memory_kib, adjusted_physical_memory_kib()))
+        ceiling = max(minimum_memory_kib(parallel), min(memory_kib, adjusted_physical_memory_kib()))
         return costs_from_rate(self.rate(kind, ceiling, parallel), iter_time_ms, parallel)
 
     def _sample(self, kind: str, time_cost: int, memory: int, parallel: int) -> float | None:
@@ -269,11 +282,11 @@ class Calibrator:
         ceiling: CEILING_SAMPLE_SECONDS); best of CALIBRATION_SAMPLES there."""
         minimum = minimum_memory_kib(parallel)
         time_cost, memory = MIN_TIME_COST, minimum
-        worked = 0                      # the largest memory that derived
+        worked = 0  # the largest memory that derived
         while True:
             seconds = self._sample(kind, time_cost, memory, parallel)
             if seconds is None:
-                if worked == 0:         # not even the minimum: the cheapest costs
+                if worked == 0:  # not even the minimum: the cheapest costs
                     return Rate(0.0, minimum)
                 ceiling = memory = worked
                 continue
@@ -283,12 +296,21 @@ class Calibrator:
                 break
             grow = 16.0 if seconds < _FAST_SECONDS else 1.1 * goal / seconds
             if memory < ceiling:
-                grown = (time_cost, min(ceiling, max(memory + 1, int(memory * grow)),
-                                        _MAX_SAMPLE_WORK // time_cost))
+                grown = (
+                    time_cost,
+                    min(
+                        ceiling, max(memory + 1, int(memory * grow)), _MAX_SAMPLE_WORK // time_cost
+                    ),
+                )
             else:
-                grown = (min(max(time_cost + 1, int(time_cost * grow)),
-                             max(MIN_TIME_COST, _MAX_SAMPLE_WORK // memory)), memory)
-            if grown == (time_cost, memory):    # the clock barely moves
+                grown = (
+                    min(
+                        max(time_cost + 1, int(time_cost * grow)),
+                        max(MIN_TIME_COST, _MAX_SAMPLE_WORK // memory),
+                    ),
+                    memory,
+                )
+            if grown == (time_cost, memory):  # the clock barely moves
                 return Rate(ASSUMED_RATE, ceiling)
             time_cost, memory = grown
         best = seconds
@@ -303,8 +325,7 @@ class Calibrator:
 _calibrator = Calibrator()
 
 
-def argon2_costs(kind: str, iter_time_ms: int, memory_kib: int,
-                 parallel: int) -> tuple[int, int]:
+def argon2_costs(kind: str, iter_time_ms: int, memory_kib: int, parallel: int) -> tuple[int, int]:
     """(time cost, memory KiB) of an Argon2 ``kind`` derivation with
     ``parallel`` lanes that takes about ``iter_time_ms`` on this machine,
     with at most ``memory_kib`` (and at most half the RAM), as cryptsetup

@@ -73,16 +73,32 @@ SECTOR_SIZE = 512
 
 # crypto/cipher.c: alg_key_len and alg_block_len.
 CIPHER_KEY_LENGTHS: dict[str, int] = {
-    "aes-128": 16, "aes-192": 24, "aes-256": 32,
-    "des": 8, "3des": 24, "cast5-128": 16,
-    "serpent-128": 16, "serpent-192": 24, "serpent-256": 32,
-    "twofish-128": 16, "twofish-192": 24, "twofish-256": 32,
+    "aes-128": 16,
+    "aes-192": 24,
+    "aes-256": 32,
+    "des": 8,
+    "3des": 24,
+    "cast5-128": 16,
+    "serpent-128": 16,
+    "serpent-192": 24,
+    "serpent-256": 32,
+    "twofish-128": 16,
+    "twofish-192": 24,
+    "twofish-256": 32,
 }
 CIPHER_BLOCK_SIZES: dict[str, int] = {
-    "aes-128": 16, "aes-192": 16, "aes-256": 16,
-    "des": 8, "3des": 8, "cast5-128": 8,
-    "serpent-128": 16, "serpent-192": 16, "serpent-256": 16,
-    "twofish-128": 16, "twofish-192": 16, "twofish-256": 16,
+    "aes-128": 16,
+    "aes-192": 16,
+    "aes-256": 16,
+    "des": 8,
+    "3des": 8,
+    "cast5-128": 8,
+    "serpent-128": 16,
+    "serpent-192": 16,
+    "serpent-256": 16,
+    "twofish-128": 16,
+    "twofish-192": 16,
+    "twofish-256": 16,
 }
 CIPHER_ALGS: tuple[str, ...] = tuple(CIPHER_KEY_LENGTHS)
 CIPHER_MODES: tuple[str, ...] = ("ecb", "cbc", "xts", "ctr")
@@ -96,8 +112,7 @@ _LUKS_CIPHER_NAMES: dict[str, dict[int, str]] = {
     "serpent": {16: "serpent-128", 24: "serpent-192", 32: "serpent-256"},
     "twofish": {16: "twofish-128", 24: "twofish-192", 32: "twofish-256"},
 }
-_LUKS_NAME_OF = {alg: name for name, sizes in _LUKS_CIPHER_NAMES.items()
-                 for alg in sizes.values()}
+_LUKS_NAME_OF = {alg: name for name, sizes in _LUKS_CIPHER_NAMES.items() for alg in sizes.values()}
 _ESSIV_FAMILY_TEXT = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
 
@@ -125,8 +140,7 @@ class CipherSpec:
         if self.ivgen_hash_alg is not None and self.ivgen_hash_alg not in HASH_NAMES:
             raise CryptoError(f"Hash algorithm '{self.ivgen_hash_alg}' not supported")
         if self.ivgen_alg is None and self.cipher_mode != "ecb":
-            raise CryptoError(
-                f"Cipher mode '{self.cipher_mode}' needs an IV generator")
+            raise CryptoError(f"Cipher mode '{self.cipher_mode}' needs an IV generator")
         if self.ivgen_alg == "essiv" and self.ivgen_hash_alg is None:
             raise CryptoError("Missing IV generator hash specification")
 
@@ -159,8 +173,9 @@ def _essiv_cipher_alg(cipher_alg: str, hash_name: str) -> str:
         candidate = f"{family}-{digest_size * 8}"
         if candidate in CIPHER_KEY_LENGTHS:
             return candidate
-        raise CryptoError(f"No {_ESSIV_FAMILY_TEXT[family]} cipher with key size "
-                          f"{digest_size} available")
+        raise CryptoError(
+            f"No {_ESSIV_FAMILY_TEXT[family]} cipher with key size {digest_size} available"
+        )
     raise CryptoError(f"Cipher {cipher_alg} not supported with essiv")
 
 
@@ -188,8 +203,9 @@ def parse_luks_cipher(cipher_name: str, cipher_mode: str, key_bytes: int) -> Cip
     lookup_bytes = key_bytes // 2 if mode == "xts" else key_bytes
     cipher_alg = _LUKS_CIPHER_NAMES.get(cipher_name, {}).get(lookup_bytes)
     if cipher_alg is None:
-        raise CryptoError(f"Algorithm '{cipher_name}' with key size {lookup_bytes} "
-                          f"bytes not supported")
+        raise CryptoError(
+            f"Algorithm '{cipher_name}' with key size {lookup_bytes} bytes not supported"
+        )
     if mode == "xts" and key_bytes % 2:
         raise CryptoError("XTS cipher key length should be a multiple of 2")
     if ivgen_name is not None and ivgen_name not in IVGEN_ALGS:
@@ -197,7 +213,7 @@ def parse_luks_cipher(cipher_name: str, cipher_mode: str, key_bytes: int) -> Cip
     if ivgen_name == "essiv" and ivhash_name is None:
         raise CryptoError("Missing IV generator hash specification")
     spec = CipherSpec(cipher_alg, mode, ivgen_name, ivhash_name)
-    spec.ivgen_cipher_alg()   # ESSIV's cipher must exist (QEMU texts)
+    spec.ivgen_cipher_alg()  # ESSIV's cipher must exist (QEMU texts)
     check_cipher_supported(spec)
     return spec
 
@@ -213,7 +229,7 @@ def format_luks_cipher(spec: CipherSpec) -> tuple[str, str]:
         mode = f"{spec.cipher_mode}-{spec.ivgen_alg}:{spec.ivgen_hash_alg}"
     else:
         mode = f"{spec.cipher_mode}-{spec.ivgen_alg}"
-    if len(name) >= 32:   # QCRYPTO_BLOCK_LUKS_CIPHER_NAME_LEN, with the NUL
+    if len(name) >= 32:  # QCRYPTO_BLOCK_LUKS_CIPHER_NAME_LEN, with the NUL
         raise CryptoError(f"Cipher name '{name}' is too long for LUKS header")
     if len(mode) >= 32:
         raise CryptoError(f"Cipher mode '{mode}' is too long for LUKS header")
@@ -232,8 +248,10 @@ def _algorithm(cipher_alg: str, key: bytearray):
         # Three equal DES keys make 3DES compute single DES.
         return TripleDES(key * 3)
     family = cipher_alg.split("-")[0].capitalize()
-    raise CryptoError(f"Cipher algorithm '{cipher_alg}' not supported: the "
-                      f"cryptography library offers no {family}")
+    raise CryptoError(
+        f"Cipher algorithm '{cipher_alg}' not supported: the "
+        f"cryptography library offers no {family}"
+    )
 
 
 def _mode(cipher_mode: str, iv: bytes):
@@ -252,6 +270,7 @@ try:  # the context factory under Cipher(): skips ~1.5 us of Python checks a sec
     _make_encryptor = _rust_openssl.ciphers.create_encryption_ctx
     _make_decryptor = _rust_openssl.ciphers.create_decryption_ctx
 except (ImportError, AttributeError):  # pragma: no cover - other cryptography versions
+
     def _make_encryptor(algorithm, mode):
         return Cipher(algorithm, mode).encryptor()
 
@@ -276,21 +295,27 @@ def _probe(cipher_alg: str, cipher_mode: str) -> str | None:
             try:
                 algorithm = _algorithm(cipher_alg, key)
                 iv = bytes(block) if cipher_mode != "ecb" else b""
-                Cipher(algorithm, _mode(cipher_mode, iv)).encryptor().update(
-                    bytes(2 * block))
+                Cipher(algorithm, _mode(cipher_mode, iv)).encryptor().update(bytes(2 * block))
             except CryptoError as err:
                 reason = str(err)
-            except Exception:   # UnsupportedAlgorithm, ValueError from OpenSSL
-                reason = (f"Cipher algorithm '{cipher_alg}' in mode '{cipher_mode}' "
-                          f"not supported by the installed cryptography/OpenSSL")
+            except Exception:  # UnsupportedAlgorithm, ValueError from OpenSSL
+                reason = (
+                    f"Cipher algorithm '{cipher_alg}' in mode '{cipher_mode}' "
+                    f"not supported by the installed cryptography/OpenSSL"
+                )
             _probed[(cipher_alg, cipher_mode)] = reason
         return _probed[(cipher_alg, cipher_mode)]
 
 
 #: The modes QEMU's nettle backend offers per cipher family (crypto/cipher-nettle.c.inc).
-_QEMU_MODES = {"aes": CIPHER_MODES, "serpent": CIPHER_MODES, "twofish": CIPHER_MODES,
-               "cast5": ("ecb", "cbc", "ctr"), "des": ("ecb", "cbc", "ctr"),
-               "3des": ("ecb", "cbc", "ctr")}
+_QEMU_MODES = {
+    "aes": CIPHER_MODES,
+    "serpent": CIPHER_MODES,
+    "twofish": CIPHER_MODES,
+    "cast5": ("ecb", "cbc", "ctr"),
+    "des": ("ecb", "cbc", "ctr"),
+    "3des": ("ecb", "cbc", "ctr"),
+}
 
 
 def check_cipher_supported(spec: CipherSpec) -> None:
@@ -330,9 +355,9 @@ def _check_key_length(spec: CipherSpec, nkey: int) -> None:
         raise CryptoError(f"Cipher key length {nkey} should be {expected}")
 
 
-_U64 = np.dtype("<u8")     # IEEE 1619 and the IV generators are little-endian
+_U64 = np.dtype("<u8")  # IEEE 1619 and the IV generators are little-endian
 _M64 = (1 << 64) - 1
-_GROUP = 32                # XTS blocks per doubling group: one 512-byte unit
+_GROUP = 32  # XTS blocks per doubling group: one 512-byte unit
 _J = np.arange(1, _GROUP, dtype=np.uint64)
 # Bytes masked at a time.  Big: each numpy call releases the GIL, and a busy
 # Python thread can keep it for a switch interval (5 ms) before handing it
@@ -349,8 +374,8 @@ _PER_SECTOR_MAX = {
 }
 
 
-_SCRATCH_MAX = (4 << 20) + 16   # bytes kept per scratch buffer (4 MiB requests)
-_POOL_MAX = 4                    # scratch sets kept for later requests (<= 8 MiB each)
+_SCRATCH_MAX = (4 << 20) + 16  # bytes kept per scratch buffer (4 MiB requests)
+_POOL_MAX = 4  # scratch sets kept for later requests (<= 8 MiB each)
 _pool: list[dict[str, np.ndarray]] = []
 _pool_lock = threading.Lock()
 _lent = threading.local()
@@ -372,7 +397,7 @@ def _scratch() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        buffers.clear()   # a request cut short may have left data in them
+        buffers.clear()  # a request cut short may have left data in them
         raise
     finally:
         _lent.buffers = None
@@ -415,11 +440,10 @@ def _ecb(algorithm, src: np.ndarray, encrypt: bool, slot: str) -> np.ndarray:
     context = ecb.encryptor() if encrypt else ecb.decryptor()
     # ndarrays are buffers; cryptography's Buffer union leaves them out.
     context.update_into(src, out)  # type: ignore[arg-type]
-    return out[:len(src)]
+    return out[: len(src)]
 
 
-def _times_x(lo: np.ndarray, hi: np.ndarray, j, out: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _times_x(lo: np.ndarray, hi: np.ndarray, j, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) * x**j in GF(2^128), IEEE 1619 order, for 1 <= j <= 32.
 
     The j bits shifted out of the top are reduced by x^128 = x^7+x^2+x+1:
@@ -467,18 +491,19 @@ class _EcbXts:
         """(sectors * groups * 32, 2) words: T * x**j for every block."""
         lo = np.ascontiguousarray(tweaks[:, 0])
         hi = np.ascontiguousarray(tweaks[:, 1])
-        if groups > 1:   # sectors over 512 bytes: T * x**(32 g) starts group g
+        if groups > 1:  # sectors over 512 bytes: T * x**(32 g) starts group g
             group_lo = np.empty((len(lo), groups), _U64)
             group_hi = np.empty((len(lo), groups), _U64)
             group_lo[:, 0], group_hi[:, 0] = lo, hi
             group_lo[:, 1], group_hi[:, 1] = _times_x(
-                lo, hi, np.uint64(_GROUP), np.empty((4, len(lo)), _U64))
-            done = 2   # then groups [done, 2 done) = groups [0, done) * x**(32 done)
+                lo, hi, np.uint64(_GROUP), np.empty((4, len(lo)), _U64)
+            )
+            done = 2  # then groups [done, 2 done) = groups [0, done) * x**(32 done)
             while done < groups:
                 step_lo, step_hi = group_lo[:, :done], group_hi[:, :done]
-                for _ in range(done // 2):   # x**(32 done) = (x**64)**(done / 2)
+                for _ in range(done // 2):  # x**(32 done) = (x**64)**(done / 2)
                     step_lo, step_hi = _times_x64(step_lo, step_hi)
-                group_lo[:, done:2 * done], group_hi[:, done:2 * done] = step_lo, step_hi
+                group_lo[:, done : 2 * done], group_hi[:, done : 2 * done] = step_lo, step_hi
                 done *= 2
             lo, hi = group_lo.reshape(-1), group_hi.reshape(-1)
         count = len(lo)
@@ -486,7 +511,8 @@ class _EcbXts:
         work = _buffer("gf", 4 * count * (_GROUP - 1) * 8).view(_U64)
         masks[:, 0, 0], masks[:, 0, 1] = lo, hi
         masks[:, 1:, 0], masks[:, 1:, 1] = _times_x(
-            lo[:, None], hi[:, None], _J, work.reshape(4, count, _GROUP - 1))
+            lo[:, None], hi[:, None], _J, work.reshape(4, count, _GROUP - 1)
+        )
         return masks.reshape(-1, 2)
 
     def crypt(self, ivs, data, encrypt: bool, sector_size: int = SECTOR_SIZE) -> bytes:
@@ -507,11 +533,11 @@ class _EcbXts:
         for first in range(0, len(tweaks), per_chunk):
             start = first * sector_size
             stop = min(length, start + per_chunk * sector_size)
-            masks = self._masks(tweaks[first:first + per_chunk], groups).reshape(-1)
-            masks = masks[:(stop - start) // 8]
-            chunk = masked[:len(masks)]
-            np.bitwise_xor(words[start // 8:stop // 8], masks, out=chunk)
-            context.update_into(chunk.view(np.uint8), out[start:stop + 15])  # type: ignore[arg-type]  # ndarrays, see _ecb
+            masks = self._masks(tweaks[first : first + per_chunk], groups).reshape(-1)
+            masks = masks[: (stop - start) // 8]
+            chunk = masked[: len(masks)]
+            np.bitwise_xor(words[start // 8 : stop // 8], masks, out=chunk)
+            context.update_into(chunk.view(np.uint8), out[start : stop + 15])  # type: ignore[arg-type]  # ndarrays, see _ecb
             result = out[start:stop].view(_U64)
             np.bitwise_xor(result, masks, out=result)
         try:
@@ -540,15 +566,23 @@ class SectorCipher:
 
     SECTOR_SIZE = SECTOR_SIZE
 
-    def __init__(self, spec: CipherSpec, key: bytes | bytearray, *,
-                 sector_size: int = SECTOR_SIZE, iv_shift: int = 0,
-                 iv_offset: int = 0) -> None:
+    def __init__(
+        self,
+        spec: CipherSpec,
+        key: bytes | bytearray,
+        *,
+        sector_size: int = SECTOR_SIZE,
+        iv_shift: int = 0,
+        iv_offset: int = 0,
+    ) -> None:
         _check_key_length(spec, len(key))
         check_cipher_supported(spec)
-        if (not isinstance(sector_size, int) or not 512 <= sector_size <= 4096
-                or sector_size & (sector_size - 1)):
-            raise CryptoError(f"Sector size {sector_size} must be a power of two "
-                              f"from 512 to 4096")
+        if (
+            not isinstance(sector_size, int)
+            or not 512 <= sector_size <= 4096
+            or sector_size & (sector_size - 1)
+        ):
+            raise CryptoError(f"Sector size {sector_size} must be a power of two from 512 to 4096")
         if not isinstance(iv_shift, int) or not 0 <= iv_shift < 64:
             raise CryptoError(f"IV shift {iv_shift} must be from 0 to 63")
         if not isinstance(iv_offset, int) or not 0 <= iv_offset <= _M64:
@@ -562,13 +596,13 @@ class SectorCipher:
         self._key = bytearray(key)
         self._wiped = False
         self._ecb_xts: _EcbXts | None = None
-        self._algorithm = None    # None: XTS only through _EcbXts
+        self._algorithm = None  # None: XTS only through _EcbXts
         if spec.cipher_mode == "xts":
             self._ecb_xts = _EcbXts(self._key)
         half = len(self._key) // 2
         if spec.cipher_mode != "xts" or (
-                self._key[:half] != self._key[half:]
-                and _probe(spec.cipher_alg, "xts") is None):
+            self._key[:half] != self._key[half:] and _probe(spec.cipher_alg, "xts") is None
+        ):
             self._algorithm = _algorithm(spec.cipher_alg, self._key)
         self._essiv_key: bytearray | None = None
         self._essiv_algorithm = None
@@ -598,7 +632,7 @@ class SectorCipher:
     def _ivs_of(self, sectors: np.ndarray) -> np.ndarray:
         """The IVs of these sector numbers (uint64) as (count, iv_length // 8) words."""
         count = len(sectors)
-        numbers = sectors << np.uint64(self._iv_shift)   # wraps mod 2**64
+        numbers = sectors << np.uint64(self._iv_shift)  # wraps mod 2**64
         if self._iv_offset:
             numbers += np.uint64(self._iv_offset)
         if self.spec.ivgen_alg == "plain":
@@ -611,10 +645,10 @@ class SectorCipher:
         essiv_block = CIPHER_BLOCK_SIZES[self.spec.ivgen_cipher_alg()]
         plain = np.zeros((count, essiv_block // 8), _U64)
         plain[:, 0] = numbers
-        encrypted = _ecb(self._essiv_algorithm, plain.view(np.uint8).reshape(-1), True,
-                         "ivs")
+        encrypted = _ecb(self._essiv_algorithm, plain.view(np.uint8).reshape(-1), True, "ivs")
         return np.ascontiguousarray(
-            encrypted.view(_U64).reshape(count, -1)[:, :self._iv_length // 8])
+            encrypted.view(_U64).reshape(count, -1)[:, : self._iv_length // 8]
+        )
 
     def _iv_list(self, first_sector: int, count: int) -> list[bytes]:
         """_ivs for the per-sector path: for a few sectors Python beats numpy."""
@@ -629,10 +663,9 @@ class SectorCipher:
         plain = b"".join(n.to_bytes(8, "little").ljust(essiv_block, b"\0") for n in numbers)
         assert self._essiv_algorithm is not None  # set for essiv with an IV
         encrypted = Cipher(self._essiv_algorithm, modes.ECB()).encryptor().update(plain)
-        return [encrypted[i:i + niv] for i in range(0, len(encrypted), essiv_block)]
+        return [encrypted[i : i + niv] for i in range(0, len(encrypted), essiv_block)]
 
-    def _per_sector(self, sector: int, count: int, data: bytes | bytearray,
-                    encrypt: bool) -> bytes:
+    def _per_sector(self, sector: int, count: int, data: bytes | bytearray, encrypt: bool) -> bytes:
         """One `cryptography` context per sector: CTR, and short requests."""
         size = self.sector_size
         mode = self.spec.cipher_mode
@@ -641,8 +674,10 @@ class SectorCipher:
         assert algorithm is not None  # _per_sector_is_faster() is False without it
         parts = []
         with memoryview(data) as view:
-            for start, iv in zip(range(0, len(data), size), self._iv_list(sector, count), strict=False):
-                parts.append(make(algorithm, _mode(mode, iv)).update(view[start:start + size]))
+            for start, iv in zip(
+                range(0, len(data), size), self._iv_list(sector, count), strict=False
+            ):
+                parts.append(make(algorithm, _mode(mode, iv)).update(view[start : start + size]))
         return b"".join(parts)
 
     def _cbc_decrypt(self, ivs: np.ndarray, data: bytes | bytearray) -> bytes:
@@ -656,7 +691,7 @@ class SectorCipher:
         # Each sector's first block took the previous sector's last block:
         # xor that back out along with the IV in.
         first = ivs.copy()
-        first[1:] ^= cipher_blocks[per_sector - 1:-1:per_sector][:len(ivs) - 1]
+        first[1:] ^= cipher_blocks[per_sector - 1 : -1 : per_sector][: len(ivs) - 1]
         plain[::per_sector] ^= first
         try:
             return out.tobytes()
@@ -678,7 +713,7 @@ class SectorCipher:
         work = flat.reshape(count, per_sector, words)
         column = np.empty((count, words), _U64)
         encrypted = np.empty(count * self._block + 16, np.uint8)
-        chained = encrypted[:count * self._block].view(_U64).reshape(count, words)
+        chained = encrypted[: count * self._block].view(_U64).reshape(count, words)
         assert self._algorithm is not None  # CBC: see __init__
         ecb = Cipher(self._algorithm, modes.ECB()).encryptor()
         previous = ivs
@@ -687,7 +722,7 @@ class SectorCipher:
             ecb.update_into(column.view(np.uint8).reshape(-1), encrypted)  # type: ignore[arg-type]  # ndarrays, see _ecb
             work[:, j] = previous = chained
         try:
-            return flat.view(np.uint8).reshape(-1)[:len(data)].tobytes()
+            return flat.view(np.uint8).reshape(-1)[: len(data)].tobytes()
         finally:
             _clear(flat, column)
 
@@ -696,8 +731,7 @@ class SectorCipher:
             raise CryptoError("The cipher's key has been wiped")
         length = len(data)
         if length % self._block:
-            raise CryptoError(f"Length {length} must be a multiple of block size "
-                              f"{self._block}")
+            raise CryptoError(f"Length {length} must be a multiple of block size {self._block}")
         if sector < 0:
             raise CryptoError(f"Sector {sector} must not be negative")
         if length == 0:
@@ -712,15 +746,14 @@ class SectorCipher:
         mode = self.spec.cipher_mode
         if mode == "ctr":
             return True
-        if mode == "ecb" or self._algorithm is None:   # _algorithm: see __init__
+        if mode == "ecb" or self._algorithm is None:  # _algorithm: see __init__
             return False
         path = "xts" if mode == "xts" else "cbc-encrypt" if encrypt else "cbc-decrypt"
         return count <= _PER_SECTOR_MAX[path][self.sector_size]
 
-    def _vectorised(self, sector: int, count: int, data: bytes | bytearray,
-                    encrypt: bool) -> bytes:
+    def _vectorised(self, sector: int, count: int, data: bytes | bytearray, encrypt: bool) -> bytes:
         """ECB, XTS and CBC through numpy, with scratch buffers lent."""
-        if not self._iv_length:   # ECB: the IV generator has nothing to do
+        if not self._iv_length:  # ECB: the IV generator has nothing to do
             out = _ecb(self._algorithm, np.frombuffer(data, np.uint8), encrypt, "out")
             try:
                 return out.tobytes()
@@ -739,9 +772,13 @@ class SectorCipher:
         size = self.sector_size
         counts = [len(data) // size for _, data in pieces]
         total = sum(counts)
-        if (len(pieces) < 2 or self._wiped or self.spec.cipher_mode == "ctr"
-                or self._per_sector_is_faster(total, encrypt)
-                or any(sector < 0 or len(data) % size for sector, data in pieces)):
+        if (
+            len(pieces) < 2
+            or self._wiped
+            or self.spec.cipher_mode == "ctr"
+            or self._per_sector_is_faster(total, encrypt)
+            or any(sector < 0 or len(data) % size for sector, data in pieces)
+        ):
             return [self._crypt(sector, data, encrypt) for sector, data in pieces]
         data = b"".join(data for _, data in pieces)
         with _scratch():
@@ -762,12 +799,13 @@ class SectorCipher:
                     assert self._ecb_xts is not None  # set for XTS in __init__
                     joined = self._ecb_xts.crypt(ivs, data, encrypt, size)
                 else:
-                    joined = (self._cbc_encrypt(ivs, data) if encrypt
-                              else self._cbc_decrypt(ivs, data))
+                    joined = (
+                        self._cbc_encrypt(ivs, data) if encrypt else self._cbc_decrypt(ivs, data)
+                    )
         results, at = [], 0
         with memoryview(joined) as view:
             for count in counts:
-                results.append(bytes(view[at:at + count * size]))
+                results.append(bytes(view[at : at + count * size]))
                 at += count * size
         return results
 

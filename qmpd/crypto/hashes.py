@@ -16,14 +16,25 @@ from cryptography.hazmat.primitives import hashes
 from qmpd.crypto.errors import CryptoError
 
 HASH_NAMES: tuple[str, ...] = (
-    "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160",
+    "md5",
+    "sha1",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "ripemd160",
 )
 
 # QEMU's qcrypto_hash_digest_len table: sizes are facts of the algorithms,
 # known even when the library cannot compute the hash.
 _DIGEST_SIZES = {
-    "md5": 16, "sha1": 20, "sha224": 28, "sha256": 32,
-    "sha384": 48, "sha512": 64, "ripemd160": 20,
+    "md5": 16,
+    "sha1": 20,
+    "sha224": 28,
+    "sha256": 32,
+    "sha384": 48,
+    "sha512": 64,
+    "ripemd160": 20,
 }
 
 
@@ -62,7 +73,8 @@ def _ripemd160_offered() -> bool:
                 digest.update(b"abc")
                 # Known answer from the RIPEMD-160 reference vectors.
                 _ripemd160_probe = digest.finalize().hex() == (
-                    "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+                    "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"
+                )
             except Exception:  # UnsupportedAlgorithm, or any backend refusal
                 _ripemd160_probe = False
         return _ripemd160_probe
@@ -78,8 +90,7 @@ def hash_algorithm(name: str) -> hashes.HashAlgorithm:
     """A fresh `cryptography` hash object for a QEMU hash name."""
     _check_name(name)
     if name == "ripemd160" and not _ripemd160_offered():
-        raise CryptoError(
-            "Hash algorithm 'ripemd160' not supported by the installed OpenSSL")
+        raise CryptoError("Hash algorithm 'ripemd160' not supported by the installed OpenSSL")
     return _FACTORIES[name]()
 
 

@@ -72,7 +72,12 @@ PYCRYPTODOME = "pycryptodome"
 
 #: One-block PBKDF2 speed of pycryptodome relative to `cryptography` (see above).
 PYCRYPTODOME_SPEED = {
-    "md5": 0.97, "sha1": 0.92, "sha224": 1.24, "sha256": 1.27, "sha384": 0.90, "sha512": 0.90,
+    "md5": 0.97,
+    "sha1": 0.92,
+    "sha224": 1.24,
+    "sha256": 1.27,
+    "sha384": 0.90,
+    "sha512": 0.90,
 }
 #: pycryptodome is taken only where it is this much faster.
 _MARGIN = 1.05
@@ -84,7 +89,7 @@ _CALIBRATION_SAMPLES = 5
 _FIRST_SAMPLE_ITERATIONS = 1 << 12
 _MAX_SAMPLE_ITERATIONS = 1 << 24
 
-_ERANGE_TEXT = os.strerror(errno.ERANGE)   # "Numerical result out of range"
+_ERANGE_TEXT = os.strerror(errno.ERANGE)  # "Numerical result out of range"
 
 _local = threading.local()
 
@@ -113,10 +118,10 @@ def single_threaded() -> Iterator[None]:
 class Plan:
     """How one derivation of ``length`` bytes runs."""
 
-    backend: str      # CRYPTOGRAPHY or PYCRYPTODOME
-    threads: int      # threads computing output blocks at once (1: one call, whole key)
-    rounds: int       # blocks each thread computes one after another
-    cost: float       # wall time per iteration, in one `cryptography` block's
+    backend: str  # CRYPTOGRAPHY or PYCRYPTODOME
+    threads: int  # threads computing output blocks at once (1: one call, whole key)
+    rounds: int  # blocks each thread computes one after another
+    cost: float  # wall time per iteration, in one `cryptography` block's
 
 
 def plan(hash_name: str, length: int, threads: int | None = None) -> Plan:
@@ -130,7 +135,7 @@ def plan(hash_name: str, length: int, threads: int | None = None) -> Plan:
     if speed > 0 and pbkdf_blocks.available(hash_name):
         workers = max(1, min(blocks, threads))
         if workers > 1 and pbkdf_blocks.block_function(hash_name) is None:
-            workers = 1          # the public whole-key call only
+            workers = 1  # the public whole-key call only
         rounds = math.ceil(blocks / workers)
         cost = rounds / speed
         if cost * _MARGIN < best.cost:
@@ -141,24 +146,30 @@ def plan(hash_name: str, length: int, threads: int | None = None) -> Plan:
 def _check(iterations: int, length: int) -> None:
     if iterations > UINT32_MAX:
         # QEMU's wording (crypto/pbkdf-nettle.c, pbkdf-gnutls.c).
-        raise CryptoError(
-            f"PBKDF iterations {iterations} must be less than {UINT32_MAX}")
+        raise CryptoError(f"PBKDF iterations {iterations} must be less than {UINT32_MAX}")
     if iterations < 1:
         raise CryptoError(f"PBKDF iterations {iterations} must be at least 1")
     if length < 1:
         raise CryptoError(f"PBKDF output length {length} must be at least 1")
 
 
-def pbkdf2(hash_name: str, passphrase: bytes | bytearray, salt: bytes,
-           iterations: int, length: int) -> bytearray:
+def pbkdf2(
+    hash_name: str, passphrase: bytes | bytearray, salt: bytes, iterations: int, length: int
+) -> bytearray:
     """PBKDF2-HMAC-<hash_name>; the result is a bytearray the caller wipes."""
-    hash_algorithm(hash_name)   # unknown or unsupported names fail here
+    hash_algorithm(hash_name)  # unknown or unsupported names fail here
     _check(iterations, length)
     return derive(plan(hash_name, length), hash_name, passphrase, salt, iterations, length)
 
 
-def derive(how: Plan, hash_name: str, passphrase: bytes | bytearray, salt: bytes,
-           iterations: int, length: int) -> bytearray:
+def derive(
+    how: Plan,
+    hash_name: str,
+    passphrase: bytes | bytearray,
+    salt: bytes,
+    iterations: int,
+    length: int,
+) -> bytearray:
     """:func:`pbkdf2` along a given plan (tests take every path with it)."""
     out = bytearray(length)
     salt = bytes(salt)
@@ -182,10 +193,12 @@ def _blocks_of(hash_name: str, length: int) -> int:
     return max(1, math.ceil(length / hash_digest_size(hash_name)))
 
 
-def _cryptography_into(hash_name: str, passphrase: bytes | bytearray, salt: bytes,
-                       iterations: int, out: bytearray) -> None:
-    kdf = PBKDF2HMAC(algorithm=hash_algorithm(hash_name), length=len(out), salt=salt,
-                     iterations=iterations)
+def _cryptography_into(
+    hash_name: str, passphrase: bytes | bytearray, salt: bytes, iterations: int, out: bytearray
+) -> None:
+    kdf = PBKDF2HMAC(
+        algorithm=hash_algorithm(hash_name), length=len(out), salt=salt, iterations=iterations
+    )
     derive_into = getattr(kdf, "derive_into", None)
     if derive_into is not None:
         derive_into(passphrase, out)
@@ -193,25 +206,41 @@ def _cryptography_into(hash_name: str, passphrase: bytes | bytearray, salt: byte
         out[:] = kdf.derive(bytes(passphrase))
 
 
-def _derive_cryptography(hash_name: str, passphrase: bytes | bytearray, salt: bytes,
-                         iterations: int, out: bytearray) -> None:
+def _derive_cryptography(
+    hash_name: str, passphrase: bytes | bytearray, salt: bytes, iterations: int, out: bytearray
+) -> None:
     start = time.thread_time()
     _cryptography_into(hash_name, passphrase, salt, iterations, out)
-    _record(hash_name, CRYPTOGRAPHY, iterations * _blocks_of(hash_name, len(out)),
-            time.thread_time() - start)
+    _record(
+        hash_name,
+        CRYPTOGRAPHY,
+        iterations * _blocks_of(hash_name, len(out)),
+        time.thread_time() - start,
+    )
 
 
-def _derive_whole(hash_name: str, passphrase: bytes | bytearray, salt: bytes,
-                  iterations: int, out: bytearray) -> None:
+def _derive_whole(
+    hash_name: str, passphrase: bytes | bytearray, salt: bytes, iterations: int, out: bytearray
+) -> None:
     start = time.thread_time()
     out[:] = pbkdf_blocks.whole_key(hash_name, passphrase, salt, iterations, len(out))
-    _record(hash_name, PYCRYPTODOME, iterations * _blocks_of(hash_name, len(out)),
-            time.thread_time() - start)
+    _record(
+        hash_name,
+        PYCRYPTODOME,
+        iterations * _blocks_of(hash_name, len(out)),
+        time.thread_time() - start,
+    )
 
 
-def _derive_blocks(block: pbkdf_blocks.BlockFunction, hash_name: str,
-                   passphrase: bytes | bytearray, salt: bytes, iterations: int,
-                   out: bytearray, threads: int) -> None:
+def _derive_blocks(
+    block: pbkdf_blocks.BlockFunction,
+    hash_name: str,
+    passphrase: bytes | bytearray,
+    salt: bytes,
+    iterations: int,
+    out: bytearray,
+    threads: int,
+) -> None:
     """Output blocks 1..n of ``out``, thread k computing blocks k+1, k+1+threads, ...
 
     The calling thread takes the first share; it always joins the others
@@ -229,19 +258,18 @@ def _derive_blocks(block: pbkdf_blocks.BlockFunction, hash_name: str,
                 value = block(passphrase, salt, iterations, index)
                 _record(hash_name, PYCRYPTODOME, iterations, time.thread_time() - start)
                 offset = (index - 1) * size
-                out[offset:offset + size] = value[:len(out) - offset]
-        except BaseException as exc:   # raised in the caller, after the join
+                out[offset : offset + size] = value[: len(out) - offset]
+        except BaseException as exc:  # raised in the caller, after the join
             errors.append(exc)
 
     started: list[threading.Thread] = []
     mine = [1]
     try:
         for first in range(2, threads + 1):
-            helper = threading.Thread(target=work, args=(first,), daemon=True,
-                                      name="pbkdf2-block")
+            helper = threading.Thread(target=work, args=(first,), daemon=True, name="pbkdf2-block")
             try:
                 helper.start()
-            except RuntimeError:    # no thread to be had: the caller does that share
+            except RuntimeError:  # no thread to be had: the caller does that share
                 mine.append(first)
             else:
                 started.append(helper)
@@ -256,10 +284,11 @@ def _derive_blocks(block: pbkdf_blocks.BlockFunction, hash_name: str,
 
 # -- calibration -----------------------------------------------------------------
 
+
 @dataclass
 class _Rate:
-    best: float = 0.0       # iterations of one block per thread CPU-second
-    samples: int = 0        # samples of at least _SAMPLE_SECONDS behind it
+    best: float = 0.0  # iterations of one block per thread CPU-second
+    samples: int = 0  # samples of at least _SAMPLE_SECONDS behind it
 
 
 _calibration_lock = threading.Lock()
@@ -302,9 +331,9 @@ def _sample(hash_name: str, backend: str, iterations: int) -> float:
     return cpu if cpu > 0 else wall
 
 
-def _measure_iterations_per_second(hash_name: str, backend: str,
-                                   samples: int = _CALIBRATION_SAMPLES,
-                                   start_rate: float = 0.0) -> float:
+def _measure_iterations_per_second(
+    hash_name: str, backend: str, samples: int = _CALIBRATION_SAMPLES, start_rate: float = 0.0
+) -> float:
     """The best rate (one-block iterations per CPU-second) of ``samples`` samples.
 
     Each counted sample lasts at least _SAMPLE_SECONDS; shorter ones only
@@ -346,7 +375,8 @@ def _iterations_per_block_second(hash_name: str, backend: str) -> float:
             best, count = (seen.best, seen.samples) if seen else (0.0, 0)
         if count < _CALIBRATION_SAMPLES:
             measured = _measure_iterations_per_second(
-                hash_name, backend, _CALIBRATION_SAMPLES - count, best)
+                hash_name, backend, _CALIBRATION_SAMPLES - count, best
+            )
             with _calibration_lock:
                 rate = _rates.setdefault(key, _Rate())
                 rate.best = max(rate.best, measured)
@@ -362,7 +392,7 @@ def iterations_per_second(hash_name: str, key_length: int) -> int:
     hash's digest size; a key whose blocks run on several threads costs the
     blocks of one thread (:attr:`Plan.rounds`).
     """
-    hash_algorithm(hash_name)   # unknown/unsupported names fail here, uncached
+    hash_algorithm(hash_name)  # unknown/unsupported names fail here, uncached
     how = plan(hash_name, key_length)
     return max(1, int(_iterations_per_block_second(hash_name, how.backend) / how.rounds))
 
@@ -376,15 +406,13 @@ def _scaled(hash_name: str, iter_time_ms: int, key_length: int) -> int:
     per_second = iterations_per_second(hash_name, key_length)
     iter_time = iter_time_ms & UINT64_MAX
     if iter_time and per_second > UINT64_MAX // iter_time:
-        raise CryptoError(f"PBKDF iterations {per_second} too large to scale: "
-                          f"{_ERANGE_TEXT}")
+        raise CryptoError(f"PBKDF iterations {per_second} too large to scale: {_ERANGE_TEXT}")
     return per_second * iter_time // 1000
 
 
 def _check_uint32(iterations: int) -> None:
     if iterations > UINT32_MAX:
-        raise CryptoError(f"PBKDF iterations {iterations} larger than "
-                          f"{UINT32_MAX}: {_ERANGE_TEXT}")
+        raise CryptoError(f"PBKDF iterations {iterations} larger than {UINT32_MAX}: {_ERANGE_TEXT}")
 
 
 def iterations_for_time(hash_name: str, iter_time_ms: int, key_length: int) -> int:

@@ -75,13 +75,14 @@ def available(hash_name: str) -> bool:
     return _module(hash_name) is not None
 
 
-def whole_key(hash_name: str, password: bytes | bytearray, salt: bytes, iterations: int,
-              length: int) -> bytes:
+def whole_key(
+    hash_name: str, password: bytes | bytearray, salt: bytes, iterations: int, length: int
+) -> bytes:
     """The public Crypto.Protocol.KDF.PBKDF2: all blocks, one after another."""
     from Crypto.Protocol.KDF import PBKDF2
 
     module = _module(hash_name)
-    if module is None:   # never PBKDF2's default hash instead
+    if module is None:  # never PBKDF2's default hash instead
         raise ValueError(f"pycryptodome has no PBKDF2 loop for {hash_name}")
     return PBKDF2(password, salt, length, count=iterations, hmac_hash_module=module)
 
@@ -105,7 +106,7 @@ def _self_test(hash_name: str, block: BlockFunction) -> bool:
     try:
         expected = whole_key(hash_name, password, salt, iterations, 3 * size)
         got = b"".join(block(bytearray(password), salt, iterations, i) for i in (1, 2, 3))
-    except Exception:   # a changed private helper: use the public call instead
+    except Exception:  # a changed private helper: use the public call instead
         return False
     return got == expected
 

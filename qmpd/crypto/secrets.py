@@ -106,15 +106,24 @@ class SecretStore:
             raise CryptoError(f"No secret with id '{secret_id}'")
         return secret.value_copy()
 
-    def add(self, secret_id: str, *, data: str | None = None, file: str | None = None,
-            format: str = "raw", keyid: str | None = None, iv: str | None = None,
-            file_contents: bytearray | None = None) -> None:
+    def add(
+        self,
+        secret_id: str,
+        *,
+        data: str | None = None,
+        file: str | None = None,
+        format: str = "raw",
+        keyid: str | None = None,
+        iv: str | None = None,
+        file_contents: bytearray | None = None,
+    ) -> None:
         """Decode and store a secret as QEMU's object-add does (same checks, same texts).
 
         The caller has already checked that the id is free among all objects.
         """
-        value = self._load(data=data, file=file, format=format, keyid=keyid, iv=iv,
-                           file_contents=file_contents)
+        value = self._load(
+            data=data, file=file, format=format, keyid=keyid, iv=iv, file_contents=file_contents
+        )
         self._secrets[secret_id] = Secret(secret_id, value)
 
     def delete(self, secret_id: str) -> None:
@@ -165,7 +174,9 @@ class SecretStore:
             pad = plaintext[-1] if plaintext else 0
             if not plaintext or pad > 16 or pad > len(plaintext):
                 wipe(plaintext)
-                raise CryptoError(f"Incorrect number of padding bytes ({pad}) found on decrypted data")
+                raise CryptoError(
+                    f"Incorrect number of padding bytes ({pad}) found on decrypted data"
+                )
             value = bytearray(plaintext[: len(plaintext) - pad])
             wipe(plaintext)
             return value
@@ -179,8 +190,10 @@ def read_secret_file(path: str) -> bytearray:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         assert exc.errno is not None  # a failed system call sets it
-        raise CryptoError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
-                          f"{os.strerror(exc.errno)}") from None
+        raise CryptoError(
+            f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
+            f"{os.strerror(exc.errno)}"
+        ) from None
     try:
         buf = bytearray()
         while True:
@@ -190,7 +203,9 @@ def read_secret_file(path: str) -> bytearray:
             buf += chunk
     except OSError as exc:
         assert exc.errno is not None  # a failed system call sets it
-        raise CryptoError(f"Unable to read {path}: Error reading file \u201c{path}\u201d: "
-                          f"{os.strerror(exc.errno)}") from None
+        raise CryptoError(
+            f"Unable to read {path}: Error reading file \u201c{path}\u201d: "
+            f"{os.strerror(exc.errno)}"
+        ) from None
     finally:
         os.close(fd)

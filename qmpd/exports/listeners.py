@@ -74,6 +74,7 @@ def unix_path_of(addr: dict) -> str | None:
 
 # -- unix ---------------------------------------------------------------------------
 
+
 def unix_socket(addr: dict) -> socket.socket:
     """QEMU's unix_listen_saddr."""
     path = addr["path"]
@@ -100,13 +101,13 @@ def unix_socket(addr: dict) -> socket.socket:
                 pass
             except OSError as err:
                 raise QMPError.generic(
-                    f"Failed to unlink socket {path}: {_strerror(err)}") from None
+                    f"Failed to unlink socket {path}: {_strerror(err)}"
+                ) from None
             name = raw
         try:
             sock.bind(name)
         except OSError as err:
-            raise QMPError.generic(
-                f"Failed to bind socket to {path}: {_strerror(err)}") from None
+            raise QMPError.generic(f"Failed to bind socket to {path}: {_strerror(err)}") from None
         try:
             sock.listen(BACKLOG)
         except OSError as err:
@@ -118,6 +119,7 @@ def unix_socket(addr: dict) -> socket.socket:
 
 
 # -- inet ---------------------------------------------------------------------------
+
 
 def _family(addr: dict) -> int:
     """QEMU's inet_ai_family_from_address."""
@@ -150,14 +152,16 @@ async def inet_sockets(addr: dict) -> list[socket.socket]:
     family = _family(addr)
     try:
         infos = await trio.to_thread.run_sync(
-            socket.getaddrinfo, host or None, port or None, family, socket.SOCK_STREAM, 0,
-            flags)
+            socket.getaddrinfo, host or None, port or None, family, socket.SOCK_STREAM, 0, flags
+        )
     except socket.gaierror as err:
-        raise QMPError.generic(f"address resolution failed for {host}:{port}: "
-                               f"{err.strerror}") from None
+        raise QMPError.generic(
+            f"address resolution failed for {host}:{port}: {err.strerror}"
+        ) from None
     except UnicodeError:
-        raise QMPError.generic(f"address resolution failed for {host}:{port}: "
-                               "Name or service not known") from None
+        raise QMPError.generic(
+            f"address resolution failed for {host}:{port}: Name or service not known"
+        ) from None
     sockets: list[socket.socket] = []
     first_error: QMPError | None = None
     for fam, _type, _proto, _name, sockaddr in infos:
@@ -183,8 +187,9 @@ def _inet_listen_one(addr: dict, family: int, sockaddr: tuple) -> socket.socket:
             sock = socket.socket(family, socket.SOCK_STREAM, proto)
         except OSError as err:
             if created:
-                raise QMPError.generic("Failed to recreate failed listening socket: "
-                                       f"{_strerror(err)}") from None
+                raise QMPError.generic(
+                    f"Failed to recreate failed listening socket: {_strerror(err)}"
+                ) from None
             last = err.errno or last
             break
         created = True
@@ -198,7 +203,8 @@ def _inet_listen_one(addr: dict, family: int, sockaddr: tuple) -> socket.socket:
                 except OSError as err:
                     if err.errno != errno.EADDRINUSE:
                         raise QMPError.generic(
-                            f"Failed to listen on socket: {_strerror(err)}") from None
+                            f"Failed to listen on socket: {_strerror(err)}"
+                        ) from None
             last = errno.EADDRINUSE
         except BaseException:
             sock.close()
@@ -227,6 +233,7 @@ def _try_bind(sock: socket.socket, addr: dict, family: int, where: tuple) -> boo
 
 
 # -- vsock --------------------------------------------------------------------------
+
 
 def _u32(text: str) -> int | None:
     if not text.isdigit() or not text.isascii():
@@ -265,6 +272,7 @@ def vsock_socket(addr: dict) -> socket.socket:
 
 
 # -- fd -----------------------------------------------------------------------------
+
 
 def inherited_sockets(text: str) -> list[socket.socket]:
     """The listening socket(s) an inherited descriptor number (or a LISTEN_FDNAMES

@@ -21,8 +21,17 @@ class NbdBlockExport:
 
     type = "nbd"
 
-    def __init__(self, export_id: str, node: Node, *, name: str, description: str | None,
-                 writable: bool, writethrough: bool, allocation_depth: bool) -> None:
+    def __init__(
+        self,
+        export_id: str,
+        node: Node,
+        *,
+        name: str,
+        description: str | None,
+        writable: bool,
+        writethrough: bool,
+        allocation_depth: bool,
+    ) -> None:
         self.id = export_id
         self.node = node
         self.name = name
@@ -47,8 +56,12 @@ class NbdBlockExport:
         return perm, ALL if self.share_resize else ALL & ~Perm.RESIZE
 
     def info(self) -> dict:
-        return {"id": self.id, "type": self.type, "node-name": self.node.name,
-                "shutting-down": self.shutting_down}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "node-name": self.node.name,
+            "shutting-down": self.shutting_down,
+        }
 
     # -- what the NBD server calls -------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
@@ -63,10 +76,12 @@ class NbdBlockExport:
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self.node.write(offset, data, fua=fua or self.writethrough)
 
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, fua: bool,
-                           fast: bool) -> None:
-        await self.node.write_zeroes(offset, length, may_unmap=may_unmap,
-                                     fua=fua or self.writethrough, fast=fast)
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool, fua: bool, fast: bool
+    ) -> None:
+        await self.node.write_zeroes(
+            offset, length, may_unmap=may_unmap, fua=fua or self.writethrough, fast=fast
+        )
 
     async def trim(self, offset: int, length: int) -> None:
         await self.node.discard(offset, length)

@@ -47,15 +47,20 @@ TlsLookup = Callable[[str], ssl.SSLContext]
 
 def id_wellformed(text: str) -> bool:
     """QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'."""
-    return bool(text) and text[0].isascii() and text[0].isalpha() and all(
-        c.isascii() and (c.isalnum() or c in "-._") for c in text)
+    return (
+        bool(text)
+        and text[0].isascii()
+        and text[0].isalpha()
+        and all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+    )
 
 
 class ExportRegistry:
     """Every block export of the daemon, by id, in creation order."""
 
-    def __init__(self, graph: BlockGraph, emit_event: EmitEvent,
-                 tls_lookup: TlsLookup | None = None) -> None:
+    def __init__(
+        self, graph: BlockGraph, emit_event: EmitEvent, tls_lookup: TlsLookup | None = None
+    ) -> None:
         self.graph = graph
         self.emit_event = emit_event
         self.tls_lookup = tls_lookup
@@ -78,10 +83,15 @@ class ExportRegistry:
     def server_running(self) -> bool:
         return self._server is not None
 
-    async def start_server(self, addr: dict, *, tls_creds: str | None = None,
-                           tls_authz: str | None = None,
-                           max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                           monitor: bool = False) -> None:
+    async def start_server(
+        self,
+        addr: dict,
+        *,
+        tls_creds: str | None = None,
+        tls_authz: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        monitor: bool = False,
+    ) -> None:
         """nbd-server-start (``monitor``) / --nbd-server with a flat SocketAddress."""
         if self._server is not None:
             raise QMPError.generic("NBD server already running")
@@ -92,18 +102,26 @@ class ExportRegistry:
             if tls_creds is not None:
                 if self.tls_lookup is None:
                     raise QMPError.generic(f"No TLS credentials with id '{tls_creds}'")
-                tls = self.tls_lookup(tls_creds)   # any address type, as qsd 7.2
+                tls = self.tls_lookup(tls_creds)  # any address type, as qsd 7.2
             elif addr["type"] == "inet":
-                log.warning("NBD server on TCP without TLS: decrypted disks are readable "
-                            "by anyone who can reach %s", describe(addr))
+                log.warning(
+                    "NBD server on TCP without TLS: decrypted disks are readable "
+                    "by anyone who can reach %s",
+                    describe(addr),
+                )
         except BaseException:
             for listener in listeners:
                 await listener.aclose()
             raise
         path = unix_path_of(addr)
         self._unix_paths = [path] if path else []
-        server = NbdServer(self._lookup, self._list, max_connections=max_connections,
-                           tls=tls, on_export_unused=self._unused)
+        server = NbdServer(
+            self._lookup,
+            self._list,
+            max_connections=max_connections,
+            tls=tls,
+            on_export_unused=self._unused,
+        )
         self._server = server
         self._tls_authz = tls_authz
         await self._nursery.start(server.serve, listeners)
@@ -147,7 +165,7 @@ class ExportRegistry:
             node = self.graph.lookup_bs(options["node-name"])
             iothread = options.get("iothread")
             if iothread is not None:
-                raise QMPError.generic(f"iothread \"{iothread}\" not found")
+                raise QMPError.generic(f'iothread "{iothread}" not found')
             writable = bool(options.get("writable", False))
             if writable and node.read_only:
                 raise QMPError.generic("Cannot export read-only node as writable")
@@ -155,14 +173,19 @@ class ExportRegistry:
                 await refuse_export_type(options)
             name = options.get("name", options["node-name"])
             export = NbdBlockExport(
-                export_id, node, name=name, description=options.get("description"),
-                writable=writable, writethrough=bool(options.get("writethrough", False)),
-                allocation_depth=bool(options.get("allocation-depth", False)))
+                export_id,
+                node,
+                name=name,
+                description=options.get("description"),
+                writable=writable,
+                writethrough=bool(options.get("writethrough", False)),
+                allocation_depth=bool(options.get("allocation-depth", False)),
+            )
             await self.graph.attach(export, node)
             try:
                 self._check_nbd(options, name)
-                for bitmap in options.get("bitmaps") or ():   # qmpd nodes have no bitmaps
-                    if isinstance(bitmap, dict):   # block_dirty_bitmap_lookup's texts
+                for bitmap in options.get("bitmaps") or ():  # qmpd nodes have no bitmaps
+                    if isinstance(bitmap, dict):  # block_dirty_bitmap_lookup's texts
                         self.graph.lookup_bs(bitmap["node"], device=bitmap["node"])
                         raise QMPError.generic(f"Dirty bitmap '{bitmap['name']}' not found")
                     raise QMPError.generic(f"Bitmap '{bitmap}' is not found")
@@ -199,8 +222,13 @@ class ExportRegistry:
         async with self.graph.lock:
             node = self.graph.lookup_bs(device, device=device)
         name = options.get("name", device)
-        args = {"type": "nbd", "id": name, "node-name": node.name, "name": name,
-                "writable": bool(options.get("writable", False)) and not node.read_only}
+        args = {
+            "type": "nbd",
+            "id": name,
+            "node-name": node.name,
+            "name": name,
+            "writable": bool(options.get("writable", False)) and not node.read_only,
+        }
         if "description" in options:
             args["description"] = options["description"]
         if "bitmap" in options:
@@ -220,7 +248,7 @@ class ExportRegistry:
         export.shutting_down = True
         if clients:
             assert self._server is not None
-            self._server.close_clients(export)   # finished by _unused, later
+            self._server.close_clients(export)  # finished by _unused, later
             return
         await self._finish(export)
 
@@ -283,8 +311,9 @@ async def refuse_export_type(options: dict) -> None:
         try:
             st = await trio.to_thread.run_sync(os.stat, mountpoint)
         except OSError as err:
-            raise QMPError.generic(f"Failed to stat '{mountpoint}': "
-                                   f"{os.strerror(err.errno or 0)}") from None
+            raise QMPError.generic(
+                f"Failed to stat '{mountpoint}': {os.strerror(err.errno or 0)}"
+            ) from None
         if not stat.S_ISREG(st.st_mode):
             raise QMPError.generic(f"'{mountpoint}' is not a regular file")
     raise QMPError.generic(f"qmpd does not offer {kind} exports (only nbd)")

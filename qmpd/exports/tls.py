@@ -83,8 +83,12 @@ class TlsCreds:
         raise QMPError.generic(f"TLS credentials '{self.id}' cannot serve")
 
     def properties(self) -> dict:
-        return {"endpoint": self.endpoint, "verify-peer": self.verify_peer,
-                "dir": self.directory, "priority": self.priority}
+        return {
+            "endpoint": self.endpoint,
+            "verify-peer": self.verify_peer,
+            "dir": self.directory,
+            "priority": self.priority,
+        }
 
 
 @dataclass
@@ -117,34 +121,38 @@ class X509Creds(TlsCreds):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if not server:
-            ctx.check_hostname = False   # QEMU checks the name itself, against the URI host
+            ctx.check_hostname = False  # QEMU checks the name itself, against the URI host
         try:
             ctx.load_verify_locations(cafile=self.files["ca"])
         except (ssl.SSLError, OSError):
             raise QMPError.generic(
-                f"Unable to import CA certificate list {self.files['ca']}") from None
+                f"Unable to import CA certificate list {self.files['ca']}"
+            ) from None
         if "crl" in self.files:
             try:
                 ctx.load_verify_locations(cafile=self.files["crl"])
                 ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             except (ssl.SSLError, OSError) as exc:
-                raise QMPError.generic(f"Unable to import CRL {self.files['crl']}: "
-                                       f"{_ssl_text(exc)}") from None
+                raise QMPError.generic(
+                    f"Unable to import CRL {self.files['crl']}: {_ssl_text(exc)}"
+                ) from None
         if "cert" in self.files and "key" in self.files:
             try:
                 ctx.load_cert_chain(self.files["cert"], self.files["key"])
             except (ssl.SSLError, OSError) as exc:
                 raise QMPError.generic(
                     f"Cannot load certificate '{self.files['cert']}' & key "
-                    f"'{self.files['key']}': {_ssl_text(exc)}") from None
+                    f"'{self.files['key']}': {_ssl_text(exc)}"
+                ) from None
         elif not server and self.verify_peer and ("cert" in self.files) != ("key" in self.files):
             raise QMPError.generic("Client certificate and key must both be given")
         if "dh" in self.files and hasattr(ctx, "load_dh_params"):
             try:
                 ctx.load_dh_params(self.files["dh"])
             except (ssl.SSLError, OSError) as exc:
-                raise QMPError.generic(f"Unable to load DH parameters {self.files['dh']}: "
-                                       f"{_ssl_text(exc)}") from None
+                raise QMPError.generic(
+                    f"Unable to load DH parameters {self.files['dh']}: {_ssl_text(exc)}"
+                ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         if self.priority:
             _apply_priority(ctx, self.priority)
@@ -203,7 +211,7 @@ class PskCreds(TlsCreds):
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2   # OpenSSL's PSK callbacks are TLS 1.2's
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # OpenSSL's PSK callbacks are TLS 1.2's
         ctx.set_ciphers("PSK")
         keys = self.keys
         ctx.set_psk_server_callback(lambda identity: keys.get(identity or "", b""))  # type: ignore[attr-defined]
@@ -213,10 +221,14 @@ class PskCreds(TlsCreds):
 def make_creds(args: dict) -> TlsCreds:
     """A TLS credentials object from object-add's validated arguments, loaded."""
     qom_type = args["qom-type"]
-    common = {"id": args["id"], "qom_type": qom_type, "directory": args.get("dir"),
-              "endpoint": args.get("endpoint", "client"),
-              "verify_peer": bool(args.get("verify-peer", True)),
-              "priority": args.get("priority")}
+    common = {
+        "id": args["id"],
+        "qom_type": qom_type,
+        "directory": args.get("dir"),
+        "endpoint": args.get("endpoint", "client"),
+        "verify_peer": bool(args.get("verify-peer", True)),
+        "priority": args.get("priority"),
+    }
     creds: TlsCreds
     if qom_type == "tls-creds-x509":
         creds = X509Creds(**common, sanity_check=bool(args.get("sanity-check", True)))
@@ -227,13 +239,15 @@ def make_creds(args: dict) -> TlsCreds:
         if not psk_supported():
             raise QMPError.generic(
                 "TLS-PSK credentials need Python 3.13's ssl PSK support; this qmpd runs on "
-                "a Python without it (use tls-creds-x509)")
+                "a Python without it (use tls-creds-x509)"
+            )
         creds = PskCreds(**common, username=args.get("username"))
         creds.load()
     else:
         raise QMPError.generic(
             f"qmpd does not offer {qom_type} objects: Python's ssl has no anonymous "
-            "TLS key exchange (use tls-creds-x509)")
+            "TLS key exchange (use tls-creds-x509)"
+        )
     return creds
 
 
@@ -266,5 +280,12 @@ class TlsCredsStore:
         return self.get(creds_id).server_context()
 
 
-__all__ = ["TlsCredsStore", "TlsCreds", "X509Creds", "PskCreds", "make_creds", "psk_supported",
-           "TLS_TYPES"]
+__all__ = [
+    "TlsCredsStore",
+    "TlsCreds",
+    "X509Creds",
+    "PskCreds",
+    "make_creds",
+    "psk_supported",
+    "TLS_TYPES",
+]

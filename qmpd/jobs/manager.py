@@ -84,8 +84,15 @@ class Job:
     inside a shielded section. Everything else belongs to the manager.
     """
 
-    def __init__(self, manager: "JobManager", job_id: str, job_type: str, *,
-                 auto_finalize: bool, auto_dismiss: bool) -> None:
+    def __init__(
+        self,
+        manager: "JobManager",
+        job_id: str,
+        job_type: str,
+        *,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+    ) -> None:
         self.id = job_id
         self.type = job_type
         self.auto_finalize = auto_finalize
@@ -149,7 +156,8 @@ class Job:
             return
         resume_to = self._status
         self._manager._transition(
-            self, states.STANDBY if resume_to == states.READY else states.PAUSED)
+            self, states.STANDBY if resume_to == states.READY else states.PAUSED
+        )
         try:
             while self._pause_count > 0 and not self._cancelled:
                 self._unpause = trio.Event()
@@ -208,20 +216,27 @@ class JobManager:
 
     # -- creating and finding jobs ---------------------------------------------
 
-    def start(self, job_id: str, job_type: str, body: JobBody, *,
-              auto_finalize: bool = True, auto_dismiss: bool = False) -> Job:
+    def start(
+        self,
+        job_id: str,
+        job_type: str,
+        body: JobBody,
+        *,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = False,
+    ) -> Job:
         """Create a job and start its body in a new task (QEMU's job_create + job_start).
 
         Emits 'created' and 'running' before returning. Defaults are those of
         QEMU's create and amend jobs (JOB_DEFAULT | JOB_MANUAL_DISMISS).
         """
-        job = self.create(job_id, job_type, auto_finalize=auto_finalize,
-                          auto_dismiss=auto_dismiss)
+        job = self.create(job_id, job_type, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.begin(job, body)
         return job
 
-    def create(self, job_id: str, job_type: str, *, auto_finalize: bool = True,
-               auto_dismiss: bool = False) -> Job:
+    def create(
+        self, job_id: str, job_type: str, *, auto_finalize: bool = True, auto_dismiss: bool = False
+    ) -> Job:
         """QEMU's job_create alone: the job exists ('created') but does not run.
 
         A command that has checks to make between creating and starting its
@@ -233,8 +248,7 @@ class JobManager:
         if job_type not in states.JOB_TYPES:
             raise ValueError(f"unknown job type {job_type!r}")
         self.check_new_id(job_id)
-        job = Job(self, job_id, job_type,
-                  auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        job = Job(self, job_id, job_type, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self._transition(job, states.CREATED)
         self._jobs.insert(0, job)
         return job

@@ -29,8 +29,17 @@ CONCLUDED = "concluded"
 NULL = "null"
 
 STATUSES: tuple[str, ...] = (
-    UNDEFINED, CREATED, RUNNING, PAUSED, READY, STANDBY,
-    WAITING, PENDING, ABORTING, CONCLUDED, NULL,
+    UNDEFINED,
+    CREATED,
+    RUNNING,
+    PAUSED,
+    READY,
+    STANDBY,
+    WAITING,
+    PENDING,
+    ABORTING,
+    CONCLUDED,
+    NULL,
 )
 
 # Verbs, in QEMU 7.2's JobVerb order ('change' arrived only in 8.2).
@@ -46,8 +55,15 @@ VERBS: tuple[str, ...] = (CANCEL, PAUSE, RESUME, SET_SPEED, COMPLETE, DISMISS, F
 
 #: Job types of QEMU 7.2's JobType enum; qmpd runs only 'create' and 'amend'.
 JOB_TYPES: tuple[str, ...] = (
-    "commit", "stream", "mirror", "backup", "create", "amend",
-    "snapshot-load", "snapshot-save", "snapshot-delete",
+    "commit",
+    "stream",
+    "mirror",
+    "backup",
+    "create",
+    "amend",
+    "snapshot-load",
+    "snapshot-save",
+    "snapshot-delete",
 )
 
 #: status -> the statuses it may move to.

@@ -13,16 +13,16 @@ from qmpd.nbd.protocol import NbdConnection
 from qmpd.nbd.server import NbdServer, fd_listener, tcp_listeners, unix_listener
 
 __all__ = [
-           "Disconnect",
-           "ExtentLike",
-           "NbdConnection",
-           "NbdExport",
-           "NbdProtocolError",
-           "NbdServer",
-           "Negotiated",
-           "Request",
-           "StartTls",
-           "fd_listener",
-           "tcp_listeners",
-           "unix_listener",
+    "Disconnect",
+    "ExtentLike",
+    "NbdConnection",
+    "NbdExport",
+    "NbdProtocolError",
+    "NbdServer",
+    "Negotiated",
+    "Request",
+    "StartTls",
+    "fd_listener",
+    "tcp_listeners",
+    "unix_listener",
 ]

@@ -56,8 +56,9 @@ class NbdExport(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
 
-    def read_now(self, ranges: Sequence[tuple[int, int]]
-                 ) -> Sequence[bytes | bytearray | memoryview] | None:
+    def read_now(
+        self, ranges: Sequence[tuple[int, int]]
+    ) -> Sequence[bytes | bytearray | memoryview] | None:
         """The reads done at once, on the server's thread, if none has to wait
         (for the disk, for a lock a thread holds); None: nothing was read,
         :meth:`read` each. A burst in one call lets the export decrypt it in
@@ -68,8 +69,9 @@ class NbdExport(Protocol):
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, fua: bool,
-                           fast: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool, fua: bool, fast: bool
+    ) -> None:
         """``fast``: raise ENOTSUP unless zeroing is cheaper than writing zeroes."""
 
     async def trim(self, offset: int, length: int) -> None: ...

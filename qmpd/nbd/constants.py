@@ -137,12 +137,16 @@ class NbdErrno(IntEnum):
 
 
 _ERRNO_TO_NBD = {
-    errno.EPERM: NbdErrno.EPERM, errno.EROFS: NbdErrno.EPERM,
+    errno.EPERM: NbdErrno.EPERM,
+    errno.EROFS: NbdErrno.EPERM,
     errno.EIO: NbdErrno.EIO,
     errno.ENOMEM: NbdErrno.ENOMEM,
-    errno.EDQUOT: NbdErrno.ENOSPC, errno.EFBIG: NbdErrno.ENOSPC, errno.ENOSPC: NbdErrno.ENOSPC,
+    errno.EDQUOT: NbdErrno.ENOSPC,
+    errno.EFBIG: NbdErrno.ENOSPC,
+    errno.ENOSPC: NbdErrno.ENOSPC,
     errno.EOVERFLOW: NbdErrno.EOVERFLOW,
-    errno.ENOTSUP: NbdErrno.ENOTSUP, errno.EOPNOTSUPP: NbdErrno.ENOTSUP,
+    errno.ENOTSUP: NbdErrno.ENOTSUP,
+    errno.EOPNOTSUPP: NbdErrno.ENOTSUP,
     errno.ESHUTDOWN: NbdErrno.ESHUTDOWN,
 }
 
@@ -153,14 +157,24 @@ def nbd_errno(system_errno: int | None) -> NbdErrno:
 
 
 _OPT_NAMES: dict[int, str] = {
-    Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
-    Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
-    Opt.STRUCTURED_REPLY: "structured reply", Opt.LIST_META_CONTEXT: "list meta context",
+    Opt.EXPORT_NAME: "export name",
+    Opt.ABORT: "abort",
+    Opt.LIST: "list",
+    Opt.STARTTLS: "starttls",
+    Opt.INFO: "info",
+    Opt.GO: "go",
+    Opt.STRUCTURED_REPLY: "structured reply",
+    Opt.LIST_META_CONTEXT: "list meta context",
     Opt.SET_META_CONTEXT: "set meta context",
 }
 _CMD_NAMES: dict[int, str] = {
-    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.DISC: "disconnect", Cmd.FLUSH: "flush",
-    Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.READ: "read",
+    Cmd.WRITE: "write",
+    Cmd.DISC: "disconnect",
+    Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim",
+    Cmd.CACHE: "cache",
+    Cmd.WRITE_ZEROES: "write zeroes",
     Cmd.BLOCK_STATUS: "block status",
 }
 

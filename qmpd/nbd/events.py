@@ -59,9 +59,17 @@ class Request:
         "sparse",
     )
 
-    def __init__(self, cookie: int, command: int, flags: int, offset: int, length: int,
-                 payload: bytes | memoryview | None = None, sparse: bool = False,
-                 contexts: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        cookie: int,
+        command: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload: bytes | memoryview | None = None,
+        sparse: bool = False,
+        contexts: tuple[int, ...] = (),
+    ) -> None:
         self.cookie = cookie
         self.command = command
         self.flags = flags
@@ -77,8 +85,10 @@ class Request:
 
     def __repr__(self) -> str:  # payloads are guest data: never shown
         name = Cmd(self.command).name if self.command in Cmd._value2member_map_ else self.command
-        return (f"Request({name}, cookie={self.cookie}, flags={self.flags:#x}, "
-                f"offset={self.offset}, length={self.length})")
+        return (
+            f"Request({name}, cookie={self.cookie}, flags={self.flags:#x}, "
+            f"offset={self.offset}, length={self.length})"
+        )
 
 
 Event = StartTls | Negotiated | Disconnect | Request

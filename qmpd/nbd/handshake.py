@@ -84,13 +84,20 @@ def transmission_flags(export: NbdExport, *, structured: bool, multi_conn: bool)
     server allows a single connection; READ_ONLY, or TRIM|WRITE_ZEROES|
     FAST_ZERO when writable; never ROTATIONAL.
     """
-    flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
-             | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE)
+    flags = (
+        TransmissionFlag.HAS_FLAGS
+        | TransmissionFlag.SEND_FLUSH
+        | TransmissionFlag.SEND_FUA
+        | TransmissionFlag.SEND_CACHE
+    )
     if multi_conn:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     if export.writable:
-        flags |= (TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
-                  | TransmissionFlag.SEND_FAST_ZERO)
+        flags |= (
+            TransmissionFlag.SEND_TRIM
+            | TransmissionFlag.SEND_WRITE_ZEROES
+            | TransmissionFlag.SEND_FAST_ZERO
+        )
     else:
         flags |= TransmissionFlag.READ_ONLY
     if structured:
@@ -200,8 +207,9 @@ class Negotiation:
             if magic != IHAVEOPT:
                 raise NbdProtocolError("Bad magic received")
             if self.optlen > MAX_BUFFER_SIZE:
-                raise NbdProtocolError(f"len ({self.optlen} ) is larger than max len "
-                                       f"({MAX_BUFFER_SIZE})")
+                raise NbdProtocolError(
+                    f"len ({self.optlen} ) is larger than max len ({MAX_BUFFER_SIZE})"
+                )
             try:
                 if self.tls_required and not self.tls_active:
                     outcome = yield from self._before_tls()
@@ -227,8 +235,9 @@ class Negotiation:
             return None
         if self.opt == Opt.EXPORT_NAME:
             raise NbdProtocolError(f"Option 0x{self.opt:x} not permitted before TLS")
-        yield from self._drop_and_error(Rep.ERR_TLS_REQD,
-                                        f"Option 0x{self.opt:x} not permitted before TLS")
+        yield from self._drop_and_error(
+            Rep.ERR_TLS_REQD, f"Option 0x{self.opt:x} not permitted before TLS"
+        )
         return Disconnect() if self.opt == Opt.ABORT else None
 
     def _start_tls(self) -> Wire[None]:
@@ -240,7 +249,8 @@ class Negotiation:
     # -- option handlers (QEMU's switch in nbd_negotiate_options) ----------
     def _unsupported(self) -> Wire[None]:
         yield from self._drop_and_error(
-            Rep.ERR_UNSUP, f"Unsupported option {self.opt} ({opt_name(self.opt)})")
+            Rep.ERR_UNSUP, f"Unsupported option {self.opt} ({opt_name(self.opt)})"
+        )
 
     def _list(self) -> Wire[None]:
         if self.optlen:
@@ -318,8 +328,10 @@ class Negotiation:
             self._info(Info.DESCRIPTION, export.description.encode("utf-8", "surrogateescape"))
         # Minimum 1 for old clients; the real alignment if the client will obey it.
         minimum = export.min_block if self.opt == Opt.INFO or block_size_requested else 1
-        self._info(Info.BLOCK_SIZE, struct.pack(">III", minimum, max(PREFERRED_BLOCK, minimum),
-                                                MAX_BUFFER_SIZE))
+        self._info(
+            Info.BLOCK_SIZE,
+            struct.pack(">III", minimum, max(PREFERRED_BLOCK, minimum), MAX_BUFFER_SIZE),
+        )
         flags = transmission_flags(export, structured=self.structured, multi_conn=self.multi_conn)
         self._info(Info.EXPORT, struct.pack(">QH", export.size, flags))
         if self.opt == Opt.INFO and not block_size_requested and export.min_block > 1:
@@ -332,16 +344,18 @@ class Negotiation:
         """QEMU's nbd_negotiate_meta_queries(), LIST and SET."""
         listing = self.opt == Opt.LIST_META_CONTEXT
         if not self.structured and not listing:
-            yield from self._invalid(f"request option '{opt_name(self.opt)}' when structured "
-                                     "reply is not negotiated")
+            yield from self._invalid(
+                f"request option '{opt_name(self.opt)}' when structured reply is not negotiated"
+            )
         meta = MetaContexts()
         if not listing:
             self.meta = meta  # SET forgets the old selection, even if it fails
         name = yield from self._read_name()
         meta.export = self.lookup(_decode(name))
         if meta.export is None:
-            yield from self._drop_and_error(Rep.ERR_UNKNOWN,
-                                            b"export '" + _sanitize(name) + b"' not present")
+            yield from self._drop_and_error(
+                Rep.ERR_UNKNOWN, b"export '" + _sanitize(name) + b"' not present"
+            )
             return None
         queries = yield from self._read_u32()
         if listing and not queries:

@@ -82,38 +82,53 @@ TRANSITIONS: dict[tuple[Phase, type], Phase] = {
     (Phase.TRANSMISSION, Disconnect): Phase.CLOSED,
 }
 
-GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
-                       HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+GREETING = struct.pack(
+    ">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+)
 _HEADER = struct.Struct(">IHHQQI")
 HEADER_SIZE = _HEADER.size
 
 _READ, _WRITE, _DISC, _CACHE = Cmd.READ, Cmd.WRITE, Cmd.DISC, Cmd.CACHE
 _BLOCK_STATUS, _WRITE_ZEROES, _TRIM = Cmd.BLOCK_STATUS, Cmd.WRITE_ZEROES, Cmd.TRIM
-_KNOWN = frozenset({Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
-                    Cmd.BLOCK_STATUS})
+_KNOWN = frozenset(
+    {Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS}
+)
 _SIZE_CAPPED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.CACHE})
 _WRITING = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
 # Plain ints: ~ of an IntFlag would only cover the flags it knows.
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
-_VALID_FLAGS: dict[int, int] = {Cmd.WRITE_ZEROES: _FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-                                Cmd.BLOCK_STATUS: _FUA | CmdFlag.REQ_ONE}
+_VALID_FLAGS: dict[int, int] = {
+    Cmd.WRITE_ZEROES: _FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: _FUA | CmdFlag.REQ_ONE,
+}
 _VALID_FLAGS = {cmd: int(flags) for cmd, flags in _VALID_FLAGS.items()}
 
 
 class NbdConnection:
     """One client, from greeting to goodbye."""
 
-    def __init__(self, lookup: ExportLookup, list_exports: ExportList, *,
-                 tls_available: bool = False, tls_required: bool = False,
-                 multi_conn: bool = True) -> None:
+    def __init__(
+        self,
+        lookup: ExportLookup,
+        list_exports: ExportList,
+        *,
+        tls_available: bool = False,
+        tls_required: bool = False,
+        multi_conn: bool = True,
+    ) -> None:
         if tls_required and not tls_available:
             raise ValueError("TLS cannot be required without TLS credentials")
         self.phase = Phase.HANDSHAKE
         self._out: list[bytes] = [GREETING]
         self._buf = bytearray()
-        self._negotiation = Negotiation(lookup, list_exports, self._out.append,
-                                        tls_available=tls_available, tls_required=tls_required,
-                                        multi_conn=multi_conn)
+        self._negotiation = Negotiation(
+            lookup,
+            list_exports,
+            self._out.append,
+            tls_available=tls_available,
+            tls_required=tls_required,
+            multi_conn=multi_conn,
+        )
         self._wire = self._negotiation.run()
         self._want: object = next(self._wire)
         self.export: NbdExport | None = None
@@ -268,8 +283,9 @@ class NbdConnection:
         elif pos < end:
             self._buf = bytearray(work[pos:])
 
-    def _check(self, magic: int, flags: int, command: int, cookie: int, offset: int,
-               length: int, payload) -> Event | None:
+    def _check(
+        self, magic: int, flags: int, command: int, cookie: int, offset: int, length: int, payload
+    ) -> Event | None:
         """QEMU 7.2's nbd_co_receive_request() and the front of nbd_handle_request()."""
         fail = None
         hang_up = False
@@ -297,14 +313,14 @@ class NbdConnection:
             else:
                 return Request(cookie, command, flags, offset, length, contexts=self._contexts)
         if fail is None:
-            sparse = (command == _READ and self.structured and length > 0
-                      and not flags & _DF)
+            sparse = command == _READ and self.structured and length > 0 and not flags & _DF
             return Request(cookie, command, flags, offset, length, payload, sparse)
         self._out.append(error_reply(self.structured, cookie, None, fail))
         if hang_up:
             self._move(Disconnect)
-            return Disconnect(fail if magic == REQUEST_MAGIC
-                              else "Request handling failed in intermediate state")
+            return Disconnect(
+                fail if magic == REQUEST_MAGIC else "Request handling failed in intermediate state"
+            )
         return None
 
     def _valid_flags(self, command: int) -> int:

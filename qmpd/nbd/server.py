@@ -94,7 +94,8 @@ async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply:
         except OSError as e:
             # QEMU has sent the chunks before this one already; the error ends the reply.
             return conn.reply_read(req, segments, done=False) + [
-                conn.reply_error(req, e.errno, f"unable to check for holes: {strerror(e.errno)}")]
+                conn.reply_error(req, e.errno, f"unable to check for holes: {strerror(e.errno)}")
+            ]
         for length, zero in runs:
             if zero:
                 segments.append((length, None))
@@ -108,8 +109,9 @@ async def _read(conn: NbdConnection, export: NbdExport, req: Request) -> Reply:
     return conn.reply_read(req, segments)
 
 
-def reads_now(conn: NbdConnection, export: NbdExport, reqs: Sequence[Request]
-              ) -> list[Reply | None]:
+def reads_now(
+    conn: NbdConnection, export: NbdExport, reqs: Sequence[Request]
+) -> list[Reply | None]:
     """_read() of a burst of READs at once, where the export can answer
     without waiting (page-cached data, free locks): the replies, None for
     each request left to a worker. One read_now() call for the whole burst
@@ -128,7 +130,7 @@ def reads_now(conn: NbdConnection, export: NbdExport, reqs: Sequence[Request]
             data = export.read_now(ranges)
         except OSError:
             data = None
-        if data is None and len(reqs) > 1:   # one uncached read must not hold back the others
+        if data is None and len(reqs) > 1:  # one uncached read must not hold back the others
             return [reads_now(conn, export, [req])[0] for req in reqs]
     if data is None:
         return [None] * len(reqs)
@@ -195,9 +197,13 @@ async def _write(conn, export, req):
 
 async def _write_zeroes(conn, export, req):
     try:
-        await export.write_zeroes(req.offset, req.length,
-                                  may_unmap=not req.flags & CmdFlag.NO_HOLE, fua=req.fua,
-                                  fast=bool(req.flags & CmdFlag.FAST_ZERO))
+        await export.write_zeroes(
+            req.offset,
+            req.length,
+            may_unmap=not req.flags & CmdFlag.NO_HOLE,
+            fua=req.fua,
+            fast=bool(req.flags & CmdFlag.FAST_ZERO),
+        )
     except OSError as e:
         return conn.reply_error(req, e.errno, "writing to file failed")
     return conn.reply_ok(req)
@@ -244,8 +250,13 @@ async def _block_status(conn, export, req):
 
 #: What each command does (the protocol only lets known commands through).
 COMMANDS: dict[int, Callable[[NbdConnection, NbdExport, Request], Awaitable[Reply]]] = {
-    Cmd.READ: _read, Cmd.WRITE: _write, Cmd.WRITE_ZEROES: _write_zeroes, Cmd.FLUSH: _flush,
-    Cmd.TRIM: _trim, Cmd.CACHE: _cache, Cmd.BLOCK_STATUS: _block_status,
+    Cmd.READ: _read,
+    Cmd.WRITE: _write,
+    Cmd.WRITE_ZEROES: _write_zeroes,
+    Cmd.FLUSH: _flush,
+    Cmd.TRIM: _trim,
+    Cmd.CACHE: _cache,
+    Cmd.BLOCK_STATUS: _block_status,
 }
 
 
@@ -256,6 +267,7 @@ async def execute(conn: NbdConnection, export: NbdExport, req: Request) -> Reply
 
 
 # -- listeners --------------------------------------------------------------------
+
 
 def unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
     """Listen on a unix socket path (a stale socket file is replaced, as QEMU does)."""
@@ -286,14 +298,21 @@ def fd_listener(fd: int) -> trio.SocketListener:
 
 # -- the server ---------------------------------------------------------------------
 
+
 class NbdServer:
     """Serves the exports that ``lookup``/``list_exports`` know to NBD clients."""
 
-    def __init__(self, lookup: ExportLookup, list_exports: ExportList, *,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 tls: ssl.SSLContext | None = None, tls_required: bool | None = None,
-                 on_export_unused: Callable[[NbdExport], None] | None = None) -> None:
+    def __init__(
+        self,
+        lookup: ExportLookup,
+        list_exports: ExportList,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool | None = None,
+        on_export_unused: Callable[[NbdExport], None] | None = None,
+    ) -> None:
         self.lookup = lookup
         self.list_exports = list_exports
         self.max_connections = max_connections  # 0: unlimited, as QEMU
@@ -333,8 +352,9 @@ class NbdServer:
             self._scope.cancel()
 
     # -- serving ------------------------------------------------------------------
-    async def serve(self, listeners: Sequence[trio.SocketListener], *,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, listeners: Sequence[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Accept and serve until cancelled or :meth:`stop`; closes the listeners."""
         with trio.CancelScope() as self._scope:
             try:
@@ -357,8 +377,10 @@ class NbdServer:
             try:
                 stream = await listener.accept()
             except OSError as e:  # EMFILE and friends: back off, keep serving
-                log.warning("NBD accept failed: %s",
-                            None if e.errno is None else errno.errorcode.get(e.errno, e.errno))
+                log.warning(
+                    "NBD accept failed: %s",
+                    None if e.errno is None else errno.errorcode.get(e.errno, e.errno),
+                )
                 await trio.sleep(0.1)
                 continue
             self._connections += 1
@@ -426,10 +448,13 @@ class _Client:
         self.transport = StreamTransport(stream)
         self.scope = trio.CancelScope()
         self.export: NbdExport | None = None
-        self.conn = NbdConnection(server.lookup, server.list_exports,
-                                  tls_available=server.tls is not None,
-                                  tls_required=server.tls_required,
-                                  multi_conn=server.max_connections != 1)
+        self.conn = NbdConnection(
+            server.lookup,
+            server.list_exports,
+            tls_available=server.tls is not None,
+            tls_required=server.tls_required,
+            multi_conn=server.max_connections != 1,
+        )
         self._pending: deque[Request] = deque()
         self._in_flight = 0  # taken by a worker and not yet sent (at most 16)
         self._outbox: list = []
@@ -448,7 +473,8 @@ class _Client:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 handshake = trio.CancelScope(
-                    deadline=trio.current_time() + self.server.handshake_timeout)
+                    deadline=trio.current_time() + self.server.handshake_timeout
+                )
                 with handshake:
                     await self._send_now(self.conn.data_to_send())
                     await self._read_loop(handshake)
@@ -563,15 +589,16 @@ class _Client:
         """Answer at once the READs the export can serve without waiting, as
         many as there are free slots; queue the rest for the workers."""
         room = MAX_REQUESTS_IN_FLIGHT - self._in_flight
-        now = [req for req in burst
-               if req.command == Cmd.READ and not req.flags & CmdFlag.FUA][:max(room, 0)]
+        now = [req for req in burst if req.command == Cmd.READ and not req.flags & CmdFlag.FUA][
+            : max(room, 0)
+        ]
         assert self.export is not None  # requests only follow Negotiated
         answered = dict(zip(map(id, now), reads_now(self.conn, self.export, now), strict=True))
         for req in burst:
             reply = answered.get(id(req))
             if reply is not None:
                 self._in_flight += 1
-                self._queue(reply, wake_writer=False)   # the reader sends it (_read_loop)
+                self._queue(reply, wake_writer=False)  # the reader sends it (_read_loop)
             else:
                 self._pending.append(req)
                 self._wake_worker()

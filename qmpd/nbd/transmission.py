@@ -54,13 +54,26 @@ def error_reply(structured: bool, cookie: int, system_errno: int | None, message
     if not structured:
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie)
     text = message.encode()
-    return _ERROR_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, cookie,
-                             6 + len(text), err, len(text)) + text
+    return (
+        _ERROR_CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE,
+            ReplyType.ERROR,
+            cookie,
+            6 + len(text),
+            err,
+            len(text),
+        )
+        + text
+    )
 
 
-def read_reply(structured: bool, request: Request,
-               segments: Sequence[tuple[int, bytes | bytearray | memoryview | None]],
-               done: bool = True) -> list:
+def read_reply(
+    structured: bool,
+    request: Request,
+    segments: Sequence[tuple[int, bytes | bytearray | memoryview | None]],
+    done: bool = True,
+) -> list:
     """The reply to a READ as buffers to send in order (header, payload...).
 
     ``segments``: ``(length, data)`` runs from the request's offset; data
@@ -68,23 +81,43 @@ def read_reply(structured: bool, request: Request,
     reads have those). ``done`` False: more chunks (an error) follow.
     """
     if not structured:
-        return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie),
-                *(data if data is not None else bytes(n) for n, data in segments)]
+        return [
+            _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie),
+            *(data if data is not None else bytes(n) for n, data in segments),
+        ]
     if not segments:
         if not done:
             return []
-        return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE,
-                            request.cookie, 0)]
+        return [
+            _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE, request.cookie, 0)
+        ]
     out: list = []
     offset, last = request.offset, len(segments) - 1
     for i, (length, data) in enumerate(segments):
         flags = REPLY_FLAG_DONE if done and i == last else 0
         if data is None:
-            out.append(_HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE,
-                                        request.cookie, 12, offset, length))
+            out.append(
+                _HOLE_CHUNK.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    flags,
+                    ReplyType.OFFSET_HOLE,
+                    request.cookie,
+                    12,
+                    offset,
+                    length,
+                )
+            )
         else:
-            out.append(_DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA,
-                                        request.cookie, 8 + length, offset))
+            out.append(
+                _DATA_CHUNK.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    flags,
+                    ReplyType.OFFSET_DATA,
+                    request.cookie,
+                    8 + length,
+                    offset,
+                )
+            )
             out.append(data)
         offset += length
     return out
@@ -103,8 +136,11 @@ class _ExtentArray:
 
     def __init__(self, context_id: int, capacity: int) -> None:
         self.context_id = context_id
-        self.flags_of = (base_allocation_flags if context_id == CONTEXT_IDS[BASE_ALLOCATION]
-                         else allocation_depth_flags)
+        self.flags_of = (
+            base_allocation_flags
+            if context_id == CONTEXT_IDS[BASE_ALLOCATION]
+            else allocation_depth_flags
+        )
         self.capacity = capacity
         self.lengths: list[int] = []
         self.flags: list[int] = []
@@ -163,10 +199,16 @@ class BlockStatusReply:
         chunks, last = [], len(self.arrays) - 1
         for i, arr in enumerate(self.arrays):
             payload = arr.payload()
-            chunks.append(_STATUS_CHUNK.pack(STRUCTURED_REPLY_MAGIC,
-                                             REPLY_FLAG_DONE if i == last else 0,
-                                             ReplyType.BLOCK_STATUS, self.request.cookie,
-                                             4 + len(payload), arr.context_id))
+            chunks.append(
+                _STATUS_CHUNK.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    REPLY_FLAG_DONE if i == last else 0,
+                    ReplyType.BLOCK_STATUS,
+                    self.request.cookie,
+                    4 + len(payload),
+                    arr.context_id,
+                )
+            )
             chunks.append(payload)
         return b"".join(chunks)
 

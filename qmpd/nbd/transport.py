@@ -74,7 +74,7 @@ class SocketTransport(StreamTransport):
         view = memoryview(data)
         while view:
             await trio.lowlevel.wait_writable(self._trio_socket)
-            view = view[self.try_send(view):]
+            view = view[self.try_send(view) :]
 
     async def send_buffers(self, buffers: list) -> None:
         """Gather-send (sendmsg): many replies, one system call, no joins."""
@@ -84,7 +84,7 @@ class SocketTransport(StreamTransport):
     def send_buffers_now(self, buffers: list) -> list:
         first = 0
         while first < len(buffers):
-            batch = buffers[first:first + _IOV_BATCH]
+            batch = buffers[first : first + _IOV_BATCH]
             try:
                 sent = self._sock.sendmsg(batch)
             except BlockingIOError:

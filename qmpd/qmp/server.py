@@ -43,6 +43,7 @@ class SessionHost(Protocol):
 
     async def execute(self, call: Call, session: Session, connection: Any) -> dict: ...
 
+
 log = logging.getLogger("qmpd.server")
 
 #: In-band requests queued per session before the reader stops reading
@@ -61,7 +62,9 @@ def prepare_socket_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ServerError(f"Could not listen on '{path}': a file that is not a socket is in the way")
+        raise ServerError(
+            f"Could not listen on '{path}': a file that is not a socket is in the way"
+        )
     probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -82,7 +85,9 @@ def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
         sock.bind(path)  # a local bind never blocks
     except OSError as exc:
         sock.close()
-        raise ServerError(f"Could not listen on '{path}': {os.strerror(exc.errno or errno.EIO)}") from None
+        raise ServerError(
+            f"Could not listen on '{path}': {os.strerror(exc.errno or errno.EIO)}"
+        ) from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
@@ -93,8 +98,9 @@ def open_unix_listener(path: str, backlog: int = 128) -> trio.SocketListener:
 class Connection:
     """One client: a QMP session plus the tasks that feed and drain it."""
 
-    def __init__(self, daemon: SessionHost, stream: trio.abc.Stream, number: int, *,
-                 pretty: bool = False) -> None:
+    def __init__(
+        self, daemon: SessionHost, stream: trio.abc.Stream, number: int, *, pretty: bool = False
+    ) -> None:
         self.daemon = daemon
         self.stream = stream
         self.number = number
@@ -158,8 +164,9 @@ class Connection:
                     else:
                         await self._inband_send.send(item)
                 if self.session.pending_bytes() > self.daemon.limits.max_message_bytes:
-                    self.send_message(Session.error_reply(QMPError.generic(
-                        "JSON token size limit exceeded")))
+                    self.send_message(
+                        Session.error_reply(QMPError.generic("JSON token size limit exceeded"))
+                    )
                     break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -204,8 +211,10 @@ class Connection:
 def event_message(name: str, data: Any | None) -> dict:
     now = time.time()
     seconds = int(now)
-    message: dict = {"timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)},
-                     "event": name}
+    message: dict = {
+        "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)},
+        "event": name,
+    }
     if data is not None:
         message["data"] = data
     return message

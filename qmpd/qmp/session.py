@@ -125,10 +125,13 @@ class Session:
         except QMPError:
             raise
         except Exception as exc:  # never its message: the arguments may hold secrets
-            log.error("checking the arguments of command '%s' failed: %s",
-                      command, describe_bug(exc))
-            raise QMPError.generic(f"The arguments of command '{command}' could not be "
-                                   "validated (an internal error in qmpd, see its log)") from None
+            log.error(
+                "checking the arguments of command '%s' failed: %s", command, describe_bug(exc)
+            )
+            raise QMPError.generic(
+                f"The arguments of command '{command}' could not be "
+                "validated (an internal error in qmpd, see its log)"
+            ) from None
 
     def _check_envelope(self, request: dict) -> tuple[str, bool]:
         allow_oob = self.oob_enabled
@@ -165,8 +168,9 @@ class Session:
     def negotiate(self, enable: list[str]) -> None:
         """qmp_capabilities: leave negotiation mode, enabling ``enable``."""
         if self.negotiated:
-            raise QMPError(COMMAND_NOT_FOUND,
-                           "Capabilities negotiation is already complete, command ignored")
+            raise QMPError(
+                COMMAND_NOT_FOUND, "Capabilities negotiation is already complete, command ignored"
+            )
         for capability in enable:
             if capability not in CAPABILITIES:  # the schema's enum stops this first
                 raise QMPError.generic(f"Parameter 'null' does not accept value '{capability}'")

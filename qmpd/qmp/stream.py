@@ -155,8 +155,7 @@ def _build_table() -> list[list[int]]:
         resync = (b < 0x20 and b != 0x09) or b >= 0xFE or b in b"[]{}:,"
         table[S.RECOVERY][b] = (S.START | _LOOKAHEAD) if resync else S.RECOVERY
 
-    for esc, string, quote in ((S.DQ_ESCAPE, S.DQ_STRING, b'"'),
-                               (S.SQ_ESCAPE, S.SQ_STRING, b"'")):
+    for esc, string, quote in ((S.DQ_ESCAPE, S.DQ_STRING, b'"'), (S.SQ_ESCAPE, S.SQ_STRING, b"'")):
         put(esc, body, string)
         put(string, body, string)
         put(string, b"\\", esc)
@@ -225,16 +224,26 @@ _STAY_RUN_BY_STATE = [_STAY_RUN.get(s) for s in _LexState]
 # accepts (no exponent right after a lone zero); the table ends numbers and
 # keywords only on seeing the next byte, hence the lookaheads.
 _DQ_STRING = rb'"[^\x00-\x1f\xfe\xff"\\]*(?:\\[\x20-\xfd][^\x00-\x1f\xfe\xff"\\]*)*"'
-_NUMBER = (rb"-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
-           rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)")
+_NUMBER = (
+    rb"-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
+    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
+)
 _NUMBER_END = rb"(?=[^0-9.eE])"
 _KEYWORD_END = rb"(?=[^a-z])"
 
 # One cleanly terminated token from the start state, after optional
 # whitespace.  Anything it does not match goes through the table.
 _QUICK_TOKEN = re.compile(
-    rb"[ \t\r\n]*(?:([{}\[\],:])|(" + _DQ_STRING + rb")|([a-z]+)" + _KEYWORD_END
-    + rb"|(" + _NUMBER + rb")" + _NUMBER_END + rb")")
+    rb"[ \t\r\n]*(?:([{}\[\],:])|("
+    + _DQ_STRING
+    + rb")|([a-z]+)"
+    + _KEYWORD_END
+    + rb"|("
+    + _NUMBER
+    + rb")"
+    + _NUMBER_END
+    + rb")"
+)
 
 # Bulk path: a run of whole tokens, with whitespace gaps of at most 8 bytes
 # (kept in the message buffer, so memory stays within the limits), scanned
@@ -245,14 +254,21 @@ _QUICK_TOKEN = re.compile(
 _BULK_WINDOW = 1 << 16
 _BULK_ITEM = rb"[{}\[\],:]|" + _DQ_STRING + rb"|[a-z]+%s|" + _NUMBER + rb"%s"
 _BULK_RUN = re.compile(
-    rb"(?:[ \t\r\n]{0,8}(?:" + _BULK_ITEM % (_KEYWORD_END, _NUMBER_END) + rb"))+")
+    rb"(?:[ \t\r\n]{0,8}(?:" + _BULK_ITEM % (_KEYWORD_END, _NUMBER_END) + rb"))+"
+)
 _BULK_TOKENS = re.compile(
-    rb"([ \t\r\n]*)(" + _BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)") + rb")")
+    rb"([ \t\r\n]*)(" + _BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)") + rb")"
+)
 _BULK_TOKENS_ONLY = re.compile(_BULK_ITEM % (rb"(?=[^a-z]|\Z)", rb"(?=[^0-9.eE]|\Z)"))
 
-_STRUCTURAL = {ord("{"): _Tok.LCURLY, ord("}"): _Tok.RCURLY,
-               ord("["): _Tok.LSQUARE, ord("]"): _Tok.RSQUARE,
-               ord(":"): _Tok.COLON, ord(","): _Tok.COMMA}
+_STRUCTURAL = {
+    ord("{"): _Tok.LCURLY,
+    ord("}"): _Tok.RCURLY,
+    ord("["): _Tok.LSQUARE,
+    ord("]"): _Tok.RSQUARE,
+    ord(":"): _Tok.COLON,
+    ord(","): _Tok.COMMA,
+}
 
 # Re-lexing a complete message: its tokens are all well formed, and where two
 # touch (as in "1true" or "0e5") the table split them where these greedy
@@ -261,7 +277,9 @@ _MESSAGE_TOKEN = re.compile(
     rb"[ \t\r\n]*(?:([{}\[\],:])"
     rb'|("[^"\\]*(?:\\.[^"\\]*)*"|\'[^\'\\]*(?:\\.[^\'\\]*)*\')'
     rb"|([a-z]+)"
-    rb"|(" + _NUMBER + rb"))", re.S)
+    rb"|(" + _NUMBER + rb"))",
+    re.S,
+)
 
 # \u escapes on which the C decoder is more lenient than QEMU: surrogates
 # (even well-paired ones go the exact way) and noncharacters.
@@ -270,8 +288,10 @@ _RISKY_ESCAPE = re.compile(rb"\\u(?:[dD][89a-fA-F]|[fF][dD][dDeE]|[fF]{3}[eEfF])
 
 # Unicode noncharacters, which QEMU refuses inside strings.
 _NONCHARACTER = re.compile(
-    "[\ufdd0-\ufdef" + "".join(
-        chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+    "[\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
 # What a decoded string must not contain for QEMU to accept it.
 _REFUSED_CHARACTER = re.compile(_NONCHARACTER.pattern[:-1] + "\ud800-\udfff]")
 
@@ -323,7 +343,9 @@ def _mod_utf8_codepoint(raw: bytes, i: int) -> tuple[int, int]:
         cp = cp << 6 | (nxt & 0x3F)
     if not _is_valid_codepoint(cp):
         return -1, p
-    if cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2] and not (cp == 0 and length == 2):
+    if cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2] and not (
+        cp == 0 and length == 2
+    ):
         return -1, p
     return cp, p
 
@@ -348,7 +370,7 @@ def _text_as_qemu_writes_it(raw: bytes) -> str:
 
 def _integer(text: str) -> int | float:
     """JSON_INTEGER: int64, else uint64, else double (as QEMU's QNum)."""
-    if len(text) < 19:          # at most 18 digits always fit int64
+    if len(text) < 19:  # at most 18 digits always fit int64
         return int(text)
     if len(text) <= 20:
         value = int(text)
@@ -392,8 +414,12 @@ def _refuse_constant(text: str):
     raise _RefuseFastPath  # NaN, Infinity
 
 
-_FAST_DECODER = json.JSONDecoder(object_pairs_hook=_fast_object, parse_int=_integer,
-                                 parse_float=_fast_float, parse_constant=_refuse_constant)
+_FAST_DECODER = json.JSONDecoder(
+    object_pairs_hook=_fast_object,
+    parse_int=_integer,
+    parse_float=_fast_float,
+    parse_constant=_refuse_constant,
+)
 
 
 def _parse_string(token: bytes) -> str:
@@ -433,7 +459,7 @@ def _parse_string(token: bytes) -> str:
             raise _ParseError("invalid escape sequence in string")
         cp = _hex4(token, pos)
         pos += 4
-        if 0xD800 <= cp <= 0xDBFF and token[pos:pos + 2] == b"\\u":
+        if 0xD800 <= cp <= 0xDBFF and token[pos : pos + 2] == b"\\u":
             trailing = _hex4(token, pos + 2)
             if 0xDC00 <= trailing <= 0xDFFF:
                 cp = 0x10000 + ((cp & 0x3FF) << 10) | (trailing & 0x3FF)
@@ -447,9 +473,17 @@ def _parse_string(token: bytes) -> str:
     return "".join(out)
 
 
-_SIMPLE_ESCAPES = {ord('"'): '"', ord("'"): "'", ord("\\"): "\\", ord("/"): "/",
-                   ord("b"): "\b", ord("f"): "\f", ord("n"): "\n", ord("r"): "\r",
-                   ord("t"): "\t"}
+_SIMPLE_ESCAPES = {
+    ord('"'): '"',
+    ord("'"): "'",
+    ord("\\"): "\\",
+    ord("/"): "/",
+    ord("b"): "\b",
+    ord("f"): "\f",
+    ord("n"): "\n",
+    ord("r"): "\r",
+    ord("t"): "\t",
+}
 _HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
 
 
@@ -640,9 +674,13 @@ class JSONStreamParser:
     report for it, and parsing resumes where QEMU's would.
     """
 
-    def __init__(self, *, max_token_size: int = MAX_TOKEN_SIZE,
-                 max_token_count: int = MAX_TOKEN_COUNT,
-                 max_nesting: int = MAX_NESTING) -> None:
+    def __init__(
+        self,
+        *,
+        max_token_size: int = MAX_TOKEN_SIZE,
+        max_token_count: int = MAX_TOKEN_COUNT,
+        max_nesting: int = MAX_NESTING,
+    ) -> None:
         self._max_token_size = max_token_size
         self._max_token_count = max_token_count
         self._max_nesting = max_nesting
@@ -682,8 +720,11 @@ class JSONStreamParser:
                     assert space is not None  # data[i] is whitespace
                     i = space.end()
                     continue
-                if (ascii_text is not None and (byte == 0x7B or byte == 0x5B)
-                        and self._token_count == 0):
+                if (
+                    ascii_text is not None
+                    and (byte == 0x7B or byte == 0x5B)
+                    and self._token_count == 0
+                ):
                     taken = self._take_whole_message(ascii_text, data, i)
                     if taken:
                         i = taken
@@ -725,7 +766,7 @@ class JSONStreamParser:
                         continue
                     room = self._max_token_size + 1 - len(self._token)
                     if j - i >= room:
-                        self._token += data[i:i + room]
+                        self._token += data[i : i + room]
                         i += room
                         self._cut_oversized_token()
                     else:
@@ -775,8 +816,9 @@ class JSONStreamParser:
     # -- streamer --------------------------------------------------------------
 
     def _process_error(self, text: bytes) -> None:
-        self._emit_and_reset(StreamError(
-            "JSON parse error, stray '" + _text_as_qemu_writes_it(text) + "'"))
+        self._emit_and_reset(
+            StreamError("JSON parse error, stray '" + _text_as_qemu_writes_it(text) + "'")
+        )
 
     def _process_token(self, kind: int, text: bytes) -> None:
         """json_message_process_token() for a token that is not an error."""
@@ -802,8 +844,7 @@ class JSONStreamParser:
         message.append(0x20)
         self._token_size += len(text)
         self._token_count += 1
-        if ((self._braces > 0 or self._brackets > 0)
-                and self._braces >= 0 and self._brackets >= 0):
+        if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
             return
         result = _parse_message(bytes(message))
         self._emit_and_reset(result)
@@ -820,15 +861,14 @@ class JSONStreamParser:
             value, end = _FAST_DECODER.raw_decode(text, start)
         except (ValueError, RecursionError, _RefuseFastPath):
             return 0
-        span = end - start          # bounds both token bytes and token count
+        span = end - start  # bounds both token bytes and token count
         if span + 1 > self._max_token_size or span > self._max_token_count:
             return 0
         # Nesting is checked here, not left to the decoder (whether it gives
         # up, and how deep, is the interpreter's business: 3.13 goes deeper
         # than 3.12).  Going deeper than the limit takes that many openers
         # and as many closers, so a shorter message cannot.
-        if (span > 2 * self._max_nesting
-                and _deeper_than(self._max_nesting, data, start, end)):
+        if span > 2 * self._max_nesting and _deeper_than(self._max_nesting, data, start, end):
             return 0
         if _RISKY_ESCAPE.search(data, start, end):
             return 0
@@ -847,8 +887,12 @@ class JSONStreamParser:
         max_nesting = self._max_nesting
         braces, brackets = self._braces, self._brackets
         size, count = self._token_size, self._token_count
-        if ((braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0
-                and not any(data.count(c, start, end) for c in (b"{", b"}", b"[", b"]"))):
+        if (
+            (braces > 0 or brackets > 0)
+            and braces >= 0
+            and brackets >= 0
+            and not any(data.count(c, start, end) for c in (b"{", b"}", b"[", b"]"))
+        ):
             # Inside a container and no brackets: no count the streamer
             # acts on changes, so only the totals need checking.
             tokens = _BULK_TOKENS_ONLY.findall(data, start, end)
@@ -860,8 +904,8 @@ class JSONStreamParser:
                 self._token_size = size + run_size
                 self._token_count = count + len(tokens)
                 return end
-        begun = count > 0           # tokens of the current message are buffered
-        first = -1                  # where the current message's bytes in data start
+        begun = count > 0  # tokens of the current message are buffered
+        first = -1  # where the current message's bytes in data start
         pos = start
         for gap, token in _BULK_TOKENS.findall(data, start, end):
             pos += len(gap)

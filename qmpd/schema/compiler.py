@@ -42,9 +42,13 @@ def _builtin_schema(typ: BuiltinType) -> dict:
     integers = typ.integer_range  # the model's, which the input visitor checks too
     if integers is not None:
         return {"type": "integer", "minimum": integers.low, "maximum": integers.high}
-    return {"str": {"type": "string"}, "bool": {"type": "boolean"},
-            "number": {"type": "number"}, "null": {"type": "null"},
-            "any": {}}[typ.name]
+    return {
+        "str": {"type": "string"},
+        "bool": {"type": "boolean"},
+        "number": {"type": "number"},
+        "null": {"type": "null"},
+        "any": {},
+    }[typ.name]
 
 
 def _referenced_types(typ: Type) -> list[Type]:
@@ -147,8 +151,11 @@ class _Compiler:
             required = [m.name for m in members if not m.optional]
             if required:
                 schema["required"] = required
-            either = [{"anyOf": [{"required": [m.name]}, {"required": [m.required_unless]}]}
-                      for m in members if m.required_unless is not None]
+            either = [
+                {"anyOf": [{"required": [m.name]}, {"required": [m.required_unless]}]}
+                for m in members
+                if m.required_unless is not None
+            ]
             if either:
                 schema["allOf"] = either
             return schema
@@ -159,9 +166,11 @@ class _Compiler:
         tag = variants_of.tag
         chain: dict | bool = False
         for variant in reversed(variants_of.variants):
-            chain = {"if": {"properties": {tag: {"const": variant.case}}},
-                     "then": self._object(members + variant.type.all_members(), variant.type),
-                     "else": chain}
+            chain = {
+                "if": {"properties": {tag: {"const": variant.case}}},
+                "then": self._object(members + variant.type.all_members(), variant.type),
+                "else": chain,
+            }
         assert isinstance(chain, dict)
         return {"type": "object", "required": [tag], **chain}
 

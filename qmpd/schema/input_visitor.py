@@ -44,8 +44,9 @@ class InvalidInput(Exception):
 
 def is_qnum_int(value: object) -> bool:
     """True when QEMU's JSON parser would make ``value`` an integer QNum."""
-    return (isinstance(value, int) and not isinstance(value, bool)
-            and INT64_MIN <= value <= UINT64_MAX)
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= UINT64_MAX
+    )
 
 
 def is_number(value: object) -> bool:
@@ -88,8 +89,9 @@ class InputVisitor:
         return name if name is not None else "null"
 
     def _type_error(self, name: str | None, expected: str) -> InvalidInput:
-        return InvalidInput(f"Invalid parameter type for '{self.full_name(name)}', "
-                            f"expected: {expected}")
+        return InvalidInput(
+            f"Invalid parameter type for '{self.full_name(name)}', expected: {expected}"
+        )
 
     # -- the walk
     def visit_root(self, typ: ObjectType, value: object) -> None:
@@ -104,8 +106,9 @@ class InputVisitor:
             if not isinstance(value, str):
                 raise self._type_error(name, "string")
             if value not in typ.value_names:
-                raise InvalidInput(f"Parameter '{self.bare_name(name)}' does not accept "
-                                   f"value '{value}'")
+                raise InvalidInput(
+                    f"Parameter '{self.bare_name(name)}' does not accept value '{value}'"
+                )
         elif isinstance(typ, ArrayType):
             self._visit_array(typ, name, value)
         else:
@@ -128,8 +131,9 @@ class InputVisitor:
             if member.name in value:
                 unvisited.discard(member.name)
                 self.visit(member.type, member.name, value[member.name])
-            elif not member.optional or (member.required_unless is not None
-                                         and member.required_unless not in value):
+            elif not member.optional or (
+                member.required_unless is not None and member.required_unless not in value
+            ):
                 raise InvalidInput(f"Parameter '{self.full_name(member.name)}' is missing")
         if typ.tag is not None:
             branch = typ.variant_for(value[typ.tag])
@@ -151,8 +155,9 @@ class InputVisitor:
             if _takes_json_type(branch.type, value):
                 self.visit(branch.type, name, value)
                 return
-        raise InvalidInput(f"Invalid parameter type for '{self.bare_name(name)}', "
-                           f"expected: {typ.name}")
+        raise InvalidInput(
+            f"Invalid parameter type for '{self.bare_name(name)}', expected: {typ.name}"
+        )
 
     def _visit_builtin(self, typ: BuiltinType, name: str | None, value: object) -> None:
         builtin = typ.name
@@ -160,14 +165,14 @@ class InputVisitor:
         if integers is not None:
             # QEMU's type_int64 or type_uint64, then the narrower type's range.
             low, high = INTEGER_BASES[integers.base]
-            if not (isinstance(value, int) and not isinstance(value, bool)
-                    and low <= value <= high):
+            if not (
+                isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+            ):
                 if integers.base == "int64":
                     raise self._type_error(name, "integer")
                 raise InvalidInput(f"Parameter '{self.full_name(name)}' expects uint64")
             if integers.c_type is not None and not integers.low <= value <= integers.high:
-                raise InvalidInput(f"Parameter '{self.bare_name(name)}' expects "
-                                   f"{integers.c_type}")
+                raise InvalidInput(f"Parameter '{self.bare_name(name)}' expects {integers.c_type}")
         elif builtin == "str":
             if not isinstance(value, str):
                 raise self._type_error(name, "string")

@@ -44,8 +44,11 @@ class _Introspector:
     def use(self, typ: Type) -> str:
         if isinstance(typ, BuiltinType) and typ.json_type == "int":
             typ = self.int_type
-        elif (isinstance(typ, ArrayType) and isinstance(typ.element, BuiltinType)
-              and typ.element.json_type == "int"):
+        elif (
+            isinstance(typ, ArrayType)
+            and isinstance(typ.element, BuiltinType)
+            and typ.element.json_type == "int"
+        ):
             typ = ArrayType(self.int_type)
         key = self._key(typ)
         if key not in self.used_keys:
@@ -64,15 +67,21 @@ class _Introspector:
         self.entries.append(entry)
 
     def command(self, command: CommandDef) -> None:
-        body: dict = {"arg-type": self.use(command.arg_type or self.empty),
-                      "ret-type": self.use(command.ret_type or self.empty)}
+        body: dict = {
+            "arg-type": self.use(command.arg_type or self.empty),
+            "ret-type": self.use(command.ret_type or self.empty),
+        }
         if command.allow_oob:
             body["allow-oob"] = True
         self._emit(command.name, "command", body, command.features)
 
     def event(self, event: EventDef) -> None:
-        self._emit(event.name, "event", {"arg-type": self.use(event.arg_type or self.empty)},
-                   event.features)
+        self._emit(
+            event.name,
+            "event",
+            {"arg-type": self.use(event.arg_type or self.empty)},
+            event.features,
+        )
 
     def finish(self) -> list[dict]:
         index = 0
@@ -94,13 +103,19 @@ class _Introspector:
                 if value.features:
                     member["features"] = list(value.features)
                 members.append(member)
-            self._emit(self._mask(typ.name), "enum",
-                       {"members": members, "values": [v.name for v in typ.values]},
-                       typ.features)
+            self._emit(
+                self._mask(typ.name),
+                "enum",
+                {"members": members, "values": [v.name for v in typ.values]},
+                typ.features,
+            )
         elif isinstance(typ, AlternateType):
-            self._emit(self._mask(typ.name), "alternate",
-                       {"members": [{"type": self.use(b.type)} for b in typ.branches]},
-                       typ.features)
+            self._emit(
+                self._mask(typ.name),
+                "alternate",
+                {"members": [{"type": self.use(b.type)} for b in typ.branches]},
+                typ.features,
+            )
         else:
             body: dict = {"members": []}
             for m in typ.all_members():
@@ -112,13 +127,15 @@ class _Introspector:
                 body["members"].append(member)
             if typ.tag is not None:
                 body["tag"] = typ.tag
-                body["variants"] = [{"case": v.case, "type": self.use(v.type)}
-                                    for v in typ.variants]
+                body["variants"] = [
+                    {"case": v.case, "type": self.use(v.type)} for v in typ.variants
+                ]
             self._emit(self._mask(typ.name), "object", body, typ.features)
 
 
-def introspect(declaration_order: list[CommandDef | EventDef],
-               int_type: BuiltinType, empty: ObjectType) -> list[dict]:
+def introspect(
+    declaration_order: list[CommandDef | EventDef], int_type: BuiltinType, empty: ObjectType
+) -> list[dict]:
     """The SchemaInfo list for commands and events in declaration order."""
     introspector = _Introspector(int_type, empty)
     for definition in declaration_order:

@@ -61,7 +61,9 @@ class LoadedSchema:
 
 
 _KIND_VALIDATORS = {
-    kind: jsonschema.Draft202012Validator({"$ref": f"#/$defs/{kind}", "$defs": META_SCHEMA["$defs"]})
+    kind: jsonschema.Draft202012Validator(
+        {"$ref": f"#/$defs/{kind}", "$defs": META_SCHEMA["$defs"]}
+    )
     for kind in KINDS
 }
 
@@ -83,8 +85,9 @@ def _read_entries(directory: pathlib.Path) -> list[_Entry]:
     for path in files:
         label = path.name
         try:
-            document = json.loads(path.read_text(encoding="utf-8"),
-                                  object_pairs_hook=_reject_duplicate_keys)
+            document = json.loads(
+                path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicate_keys
+            )
         except (ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"{label}: not valid JSON: {exc}") from None
         if not isinstance(document, list):
@@ -101,16 +104,19 @@ def _check_entry(label: str, index: int, raw: object) -> _Entry:
     kinds = [k for k in KINDS if k in raw]
     if len(kinds) != 1:
         found = ", ".join(kinds) if kinds else "none"
-        raise SchemaError(f"{position}: a definition needs exactly one of "
-                          f"{', '.join(KINDS)} (found: {found})")
+        raise SchemaError(
+            f"{position}: a definition needs exactly one of {', '.join(KINDS)} (found: {found})"
+        )
     kind = kinds[0]
     name = raw[kind]
     entry = _Entry(label, kind, name if isinstance(name, str) else repr(name), raw)
     error = jsonschema.exceptions.best_match(_KIND_VALIDATORS[kind].iter_errors(raw))
     if error is not None:
         at = "/".join(str(p) for p in error.absolute_path)
-        raise SchemaError(f"{entry.where()} (definition #{index}): {error.message}"
-                          + (f" (at {at})" if at else ""))
+        raise SchemaError(
+            f"{entry.where()} (definition #{index}): {error.message}"
+            + (f" (at {at})" if at else "")
+        )
     return entry
 
 
@@ -165,8 +171,11 @@ class _Resolver:
             if entry.kind == "enum":
                 values: list[EnumValue] = []
                 for item in raw["data"]:
-                    value = (EnumValue(item) if isinstance(item, str)
-                             else EnumValue(item["name"], list(item.get("features", []))))
+                    value = (
+                        EnumValue(item)
+                        if isinstance(item, str)
+                        else EnumValue(item["name"], list(item.get("features", [])))
+                    )
                     if any(v.name == value.name for v in values):
                         raise SchemaError(f"{entry.where()}: value '{value.name}' listed twice")
                     values.append(value)
@@ -192,8 +201,9 @@ class _Resolver:
             optional = key.startswith("*")
             name = key[1:] if optional else key
             if name in names:
-                raise SchemaError(f"{entry.where(name)}: member name used twice "
-                                  "(directly or through the base)")
+                raise SchemaError(
+                    f"{entry.where(name)}: member name used twice (directly or through the base)"
+                )
             names.add(name)
             features: list[str] = []
             required_unless = None
@@ -201,8 +211,9 @@ class _Resolver:
                 features = list(spec.get("features", []))
                 required_unless = spec.get("required-unless")
                 spec = spec["type"]
-            members.append(Member(name, self._type_ref(entry, spec, name), optional, features,
-                                  required_unless))
+            members.append(
+                Member(name, self._type_ref(entry, spec, name), optional, features, required_unless)
+            )
         return members
 
     def _named_object(self, entry: _Entry, name: str, role: str) -> ObjectType:
@@ -240,7 +251,9 @@ class _Resolver:
         if isinstance(raw["base"], str):
             union.base = self._named_object(entry, raw["base"], "base")
             if self.type_entries[union.base.name].kind != "struct":
-                raise SchemaError(f"{entry.where()}: base type '{union.base.name}' must be a struct")
+                raise SchemaError(
+                    f"{entry.where()}: base type '{union.base.name}' must be a struct"
+                )
         else:
             base = ObjectType(f"q_obj_{entry.name}-base", [], implicit=True)
             base.members = self._members(entry, raw["base"], [])
@@ -251,21 +264,24 @@ class _Resolver:
         if tag_member is None:
             raise SchemaError(f"{entry.where()}: discriminator '{tag}' is not a member of the base")
         if tag_member.optional or not isinstance(tag_member.type, EnumType):
-            raise SchemaError(f"{entry.where()}: discriminator '{tag}' must be a required "
-                              "member of an enum type")
+            raise SchemaError(
+                f"{entry.where()}: discriminator '{tag}' must be a required member of an enum type"
+            )
         union.tag = tag
         enum = tag_member.type
         variants = []
         for case, branch_name in raw["data"].items():
             if case not in enum.value_names:
-                raise SchemaError(f"{entry.where()}: branch '{case}' is not a value of "
-                                  f"enum '{enum.name}'")
+                raise SchemaError(
+                    f"{entry.where()}: branch '{case}' is not a value of enum '{enum.name}'"
+                )
             branch = self.types.get(branch_name)
             if branch is None:
                 raise SchemaError(f"{entry.where(case)}: unknown type '{branch_name}'")
             if not isinstance(branch, ObjectType):
-                raise SchemaError(f"{entry.where(case)}: branch type '{branch_name}' must be "
-                                  "a struct or union")
+                raise SchemaError(
+                    f"{entry.where(case)}: branch type '{branch_name}' must be a struct or union"
+                )
             variants.append(Variant(case, branch))
         # Values without a branch select the empty branch, listed after the
         # explicit ones as QEMU does.
@@ -283,8 +299,10 @@ class _Resolver:
             for variant in union.variants:
                 for member in variant.type.all_members():
                     if member.name in base_names:
-                        raise SchemaError(f"{entry.where(member.name)}: branch '{variant.case}' "
-                                          "redefines a member of the base")
+                        raise SchemaError(
+                            f"{entry.where(member.name)}: branch '{variant.case}' "
+                            "redefines a member of the base"
+                        )
 
     def _fill_alternate(self, entry: _Entry) -> None:
         alternate = self.types[entry.name]
@@ -294,11 +312,15 @@ class _Resolver:
             typ = self._type_ref(entry, ref, branch_name)
             category = _json_category(typ)
             if category is None:
-                raise SchemaError(f"{entry.where(branch_name)}: type '{typ.name}' cannot be "
-                                  "a branch of an alternate")
+                raise SchemaError(
+                    f"{entry.where(branch_name)}: type '{typ.name}' cannot be "
+                    "a branch of an alternate"
+                )
             if category in categories:
-                raise SchemaError(f"{entry.where(branch_name)}: branches '{categories[category]}' "
-                                  f"and '{branch_name}' both take a JSON {category}")
+                raise SchemaError(
+                    f"{entry.where(branch_name)}: branches '{categories[category]}' "
+                    f"and '{branch_name}' both take a JSON {category}"
+                )
             categories[category] = branch_name
             alternate.branches.append(AlternateBranch(branch_name, typ))
 
@@ -323,16 +345,25 @@ class _Resolver:
         raw = entry.raw
         ret = self._type_ref(entry, raw["returns"], None) if "returns" in raw else None
         self.commands[entry.name] = CommandDef(
-            entry.name, self._arg_type(entry), ret, boxed=raw.get("boxed", False),
-            allow_oob=raw.get("allow-oob", False), features=list(raw.get("features", [])),
-            doc=raw.get("doc", ""))
+            entry.name,
+            self._arg_type(entry),
+            ret,
+            boxed=raw.get("boxed", False),
+            allow_oob=raw.get("allow-oob", False),
+            features=list(raw.get("features", [])),
+            doc=raw.get("doc", ""),
+        )
         self.order.append(self.commands[entry.name])
 
     def _add_event(self, entry: _Entry) -> None:
         raw = entry.raw
         self.events[entry.name] = EventDef(
-            entry.name, self._arg_type(entry), boxed=raw.get("boxed", False),
-            features=list(raw.get("features", [])), doc=raw.get("doc", ""))
+            entry.name,
+            self._arg_type(entry),
+            boxed=raw.get("boxed", False),
+            features=list(raw.get("features", [])),
+            doc=raw.get("doc", ""),
+        )
         self.order.append(self.events[entry.name])
 
 
@@ -342,8 +373,13 @@ def _json_category(typ: Type) -> str | None:
     if isinstance(typ, EnumType):
         return "string"
     if isinstance(typ, BuiltinType):
-        return {"string": "string", "int": "number", "number": "number",
-                "boolean": "boolean", "null": "null"}.get(typ.json_type)
+        return {
+            "string": "string",
+            "int": "number",
+            "number": "number",
+            "boolean": "boolean",
+            "null": "null",
+        }.get(typ.json_type)
     return None
 
 

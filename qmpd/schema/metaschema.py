@@ -24,19 +24,28 @@ META_SCHEMA: dict = {
         "type-ref": {
             "oneOf": [
                 {"type": "string", "minLength": 1},
-                {"type": "array", "prefixItems": [{"type": "string", "minLength": 1}],
-                 "minItems": 1, "maxItems": 1},
+                {
+                    "type": "array",
+                    "prefixItems": [{"type": "string", "minLength": 1}],
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
             ],
         },
         "member": {
             "oneOf": [
                 {"$ref": "#/$defs/type-ref"},
-                {"type": "object",
-                 "properties": {"type": {"$ref": "#/$defs/type-ref"},
-                                "features": {"$ref": "#/$defs/features"},
-                                "required-unless": {"type": "string", "minLength": 1},
-                                "doc": {"$ref": "#/$defs/doc"}},
-                 "required": ["type"], "additionalProperties": False},
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"$ref": "#/$defs/type-ref"},
+                        "features": {"$ref": "#/$defs/features"},
+                        "required-unless": {"type": "string", "minLength": 1},
+                        "doc": {"$ref": "#/$defs/doc"},
+                    },
+                    "required": ["type"],
+                    "additionalProperties": False,
+                },
             ],
         },
         "members": {
@@ -62,15 +71,22 @@ META_SCHEMA: dict = {
                 "enum": {"type": "string", "pattern": _TYPE_NAME},
                 "doc": {"$ref": "#/$defs/doc"},
                 "data": {
-                    "type": "array", "minItems": 1,
-                    "items": {"oneOf": [
-                        {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
-                        {"type": "object",
-                         "properties": {"name": {"type": "string",
-                                                 "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
-                                        "features": {"$ref": "#/$defs/features"}},
-                         "required": ["name"], "additionalProperties": False},
-                    ]},
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "oneOf": [
+                            {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
+                                    "features": {"$ref": "#/$defs/features"},
+                                },
+                                "required": ["name"],
+                                "additionalProperties": False,
+                            },
+                        ]
+                    },
                 },
                 "features": {"$ref": "#/$defs/features"},
             },
@@ -82,11 +98,17 @@ META_SCHEMA: dict = {
             "properties": {
                 "union": {"type": "string", "pattern": _TYPE_NAME},
                 "doc": {"$ref": "#/$defs/doc"},
-                "base": {"oneOf": [{"type": "string", "pattern": _TYPE_NAME},
-                                   {"$ref": "#/$defs/members"}]},
+                "base": {
+                    "oneOf": [
+                        {"type": "string", "pattern": _TYPE_NAME},
+                        {"$ref": "#/$defs/members"},
+                    ]
+                },
                 "discriminator": {"type": "string", "pattern": r"^[a-z][a-z0-9_-]*$"},
-                "data": {"type": "object",
-                         "additionalProperties": {"type": "string", "pattern": _TYPE_NAME}},
+                "data": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string", "pattern": _TYPE_NAME},
+                },
                 "features": {"$ref": "#/$defs/features"},
             },
             "required": ["union", "base", "discriminator", "data"],
@@ -97,9 +119,12 @@ META_SCHEMA: dict = {
             "properties": {
                 "alternate": {"type": "string", "pattern": _TYPE_NAME},
                 "doc": {"$ref": "#/$defs/doc"},
-                "data": {"type": "object", "minProperties": 2,
-                         "propertyNames": {"pattern": r"^[a-z][a-z0-9_-]*$"},
-                         "additionalProperties": {"type": "string", "minLength": 1}},
+                "data": {
+                    "type": "object",
+                    "minProperties": 2,
+                    "propertyNames": {"pattern": r"^[a-z][a-z0-9_-]*$"},
+                    "additionalProperties": {"type": "string", "minLength": 1},
+                },
                 "features": {"$ref": "#/$defs/features"},
             },
             "required": ["alternate", "data"],
@@ -110,8 +135,12 @@ META_SCHEMA: dict = {
             "properties": {
                 "command": {"type": "string", "pattern": r"^[a-z][a-z0-9_-]*$"},
                 "doc": {"$ref": "#/$defs/doc"},
-                "data": {"oneOf": [{"type": "string", "pattern": _TYPE_NAME},
-                                   {"$ref": "#/$defs/members"}]},
+                "data": {
+                    "oneOf": [
+                        {"type": "string", "pattern": _TYPE_NAME},
+                        {"$ref": "#/$defs/members"},
+                    ]
+                },
                 "boxed": {"type": "boolean"},
                 "returns": {"$ref": "#/$defs/type-ref"},
                 "allow-oob": {"type": "boolean"},
@@ -125,8 +154,12 @@ META_SCHEMA: dict = {
             "properties": {
                 "event": {"type": "string", "pattern": r"^[A-Z][A-Z0-9_]*$"},
                 "doc": {"$ref": "#/$defs/doc"},
-                "data": {"oneOf": [{"type": "string", "pattern": _TYPE_NAME},
-                                   {"$ref": "#/$defs/members"}]},
+                "data": {
+                    "oneOf": [
+                        {"type": "string", "pattern": _TYPE_NAME},
+                        {"$ref": "#/$defs/members"},
+                    ]
+                },
                 "boxed": {"type": "boolean"},
                 "features": {"$ref": "#/$defs/features"},
             },

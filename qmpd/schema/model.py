@@ -49,9 +49,14 @@ _UINT64 = IntegerRange("uint64", *INTEGER_BASES["uint64"])
 
 #: Every integer built-in type and what it takes.
 INTEGER_RANGES: dict[str, IntegerRange] = {
-    "int": _INT64, "int8": _signed(8), "int16": _signed(16), "int32": _signed(32),
+    "int": _INT64,
+    "int8": _signed(8),
+    "int16": _signed(16),
+    "int32": _signed(32),
     "int64": _INT64,
-    "uint8": _unsigned(8), "uint16": _unsigned(16), "uint32": _unsigned(32),
+    "uint8": _unsigned(8),
+    "uint16": _unsigned(16),
+    "uint32": _unsigned(32),
     "uint64": _UINT64,
     "size": _UINT64,
 }

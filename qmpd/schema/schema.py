@@ -33,8 +33,9 @@ class ValidatorsDisagree(Exception):
 
 
 def _not_validated(what: str) -> QMPError:
-    return QMPError(GENERIC_ERROR, f"The {what} could not be validated "
-                                   "(an internal error in qmpd, see its log)")
+    return QMPError(
+        GENERIC_ERROR, f"The {what} could not be validated (an internal error in qmpd, see its log)"
+    )
 
 
 def bundled_schema_directory() -> pathlib.Path:
@@ -90,9 +91,14 @@ class _TypeCheck:
 class Schema:
     """The QMP API of qmpd: commands, events and their types."""
 
-    def __init__(self, commands: dict[str, CommandDef], events: dict[str, EventDef],
-                 types: dict[str, Type], empty: ObjectType,
-                 declaration_order: list[CommandDef | EventDef]) -> None:
+    def __init__(
+        self,
+        commands: dict[str, CommandDef],
+        events: dict[str, EventDef],
+        types: dict[str, Type],
+        empty: ObjectType,
+        declaration_order: list[CommandDef | EventDef],
+    ) -> None:
         self.commands = commands
         self.events = events
         self.types = types
@@ -105,10 +111,16 @@ class Schema:
     @classmethod
     def load(cls, directory: pathlib.Path | None = None) -> "Schema":
         """Load ``directory`` (default: the bundled schema); raises SchemaError."""
-        loaded = load_directory(pathlib.Path(directory) if directory is not None
-                                else bundled_schema_directory())
-        return cls(loaded.commands, loaded.events, loaded.types, loaded.empty_object,
-                   loaded.declaration_order)
+        loaded = load_directory(
+            pathlib.Path(directory) if directory is not None else bundled_schema_directory()
+        )
+        return cls(
+            loaded.commands,
+            loaded.events,
+            loaded.types,
+            loaded.empty_object,
+            loaded.declaration_order,
+        )
 
     def validate_arguments(self, command: str, arguments: dict | None) -> None:
         """Check a command's arguments (None: the request had none) like QEMU does.
@@ -122,8 +134,9 @@ class Schema:
         check = self._arguments.get(command)
         if check is None:
             raise QMPError(COMMAND_NOT_FOUND, f"The command {command} has not been found")
-        check.check_or_report({} if arguments is None else arguments,
-                              f"arguments of command '{command}'")
+        check.check_or_report(
+            {} if arguments is None else arguments, f"arguments of command '{command}'"
+        )
 
     def validate_event(self, event: str, data: dict | None) -> None:
         """Check an event's data against its declaration (self-checks, tests)."""

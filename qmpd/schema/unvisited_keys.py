@@ -17,10 +17,40 @@ from __future__ import annotations
 
 _QDICT_BUCKETS = 512
 _MIN_SHIFT = 3
-_PRIME_MOD = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381,
-              32749, 65521, 131071, 262139, 524287, 1048573, 2097143, 4194301,
-              8388593, 16777213, 33554393, 67108859, 134217689, 268435399,
-              536870909, 1073741789, 2147483647)
+_PRIME_MOD = (
+    1,
+    2,
+    3,
+    7,
+    13,
+    31,
+    61,
+    127,
+    251,
+    509,
+    1021,
+    2039,
+    4093,
+    8191,
+    16381,
+    32749,
+    65521,
+    131071,
+    262139,
+    524287,
+    1048573,
+    2097143,
+    4194301,
+    8388593,
+    16777213,
+    33554393,
+    67108859,
+    134217689,
+    268435399,
+    536870909,
+    1073741789,
+    2147483647,
+)
 _UNUSED, _TOMBSTONE = 0, 1
 _M32 = 0xFFFFFFFF
 
@@ -119,8 +149,9 @@ class UnvisitedKeys:
 
     def _maybe_resize(self) -> None:
         size = self._size
-        if ((size > self._nnodes * 4 and size > 1 << _MIN_SHIFT)
-                or size <= self._noccupied + self._noccupied // 16):
+        if (
+            size > self._nnodes * 4 and size > 1 << _MIN_SHIFT
+        ) or size <= self._noccupied + self._noccupied // 16:
             self._resize()
 
     def _resize(self) -> None:
@@ -160,8 +191,8 @@ class UnvisitedKeys:
                     break
                 node_hash, key = replaced_hash, replaced_key
         if self._size < old_size:
-            del self._hashes[self._size:]
-            del self._keys[self._size:]
+            del self._hashes[self._size :]
+            del self._keys[self._size :]
         self._noccupied = self._nnodes
 
     def first(self) -> str | None:

@@ -94,10 +94,18 @@ class QmpdProcess:
     directory. ``command`` defaults to :func:`default_command`.
     """
 
-    def __init__(self, args: Sequence[str] = (), *, command: Sequence[str] | None = None,
-                 workdir: str | os.PathLike | None = None, name: str = "qmpd",
-                 env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                 pretty: bool = False, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        command: Sequence[str] | None = None,
+        workdir: str | os.PathLike | None = None,
+        name: str = "qmpd",
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        pretty: bool = False,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
         self.command = list(command) if command is not None else default_command()
         self.args = list(args)
         self.name = name
@@ -131,9 +139,14 @@ class QmpdProcess:
     def argv(self) -> list[str]:
         monitor = "chardev=qmp,pretty=on" if self.pretty else "chardev=qmp"
         extra = [a.replace("{dir}", str(self.workdir)) for a in self.args]
-        return [*self.command, "--chardev",
-                f"socket,id=qmp,path={self.socket_path},server=on,wait=off",
-                "--monitor", monitor, *extra]
+        return [
+            *self.command,
+            "--chardev",
+            f"socket,id=qmp,path={self.socket_path},server=on,wait=off",
+            "--monitor",
+            monitor,
+            *extra,
+        ]
 
     # -- life -----------------------------------------------------------------------
     def start(self) -> Self:
@@ -141,19 +154,28 @@ class QmpdProcess:
             self.workdir = Path(tempfile.mkdtemp(prefix="qmpd-"))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.workdir if self.cwd is None else self.cwd)
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir if self.cwd is None else self.cwd,
+            )
         deadline = time.monotonic() + self.startup_timeout
         while not accepts(self.socket_path):
             code = self.process.poll()
             if code is not None:
                 self.returncode = code
-                raise StartupError(f"{self.describe()} exited with {code} during start-up",
-                                   self.log())
+                raise StartupError(
+                    f"{self.describe()} exited with {code} during start-up", self.log()
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise StartupError(f"{self.describe()} did not accept on {self.socket_path} "
-                                   f"within {self.startup_timeout} s", self.log())
+                raise StartupError(
+                    f"{self.describe()} did not accept on {self.socket_path} "
+                    f"within {self.startup_timeout} s",
+                    self.log(),
+                )
             time.sleep(0.02)
         return self
 

@@ -49,17 +49,24 @@ except ImportError:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qmpd", "qmpd daemon fixtures")
-    group.addoption("--qmpd-command", default=None,
-                    help="command that starts the daemon (default: python -m qmpd)")
-    parser.addini("qmpd_command", "command that starts the daemon for the qmpd fixtures",
-                  default="")
-    parser.addini("qmpd_args", "arguments added to every daemon the qmpd fixtures start",
-                  type="args", default=[])
+    group.addoption(
+        "--qmpd-command",
+        default=None,
+        help="command that starts the daemon (default: python -m qmpd)",
+    )
+    parser.addini(
+        "qmpd_command", "command that starts the daemon for the qmpd fixtures", default=""
+    )
+    parser.addini(
+        "qmpd_args",
+        "arguments added to every daemon the qmpd fixtures start",
+        type="args",
+        default=[],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "qmpd_args(*args): daemon arguments for the qmpd fixture")
+    config.addinivalue_line("markers", "qmpd_args(*args): daemon arguments for the qmpd fixture")
 
 
 def _command(config: pytest.Config) -> list[str]:
@@ -74,10 +81,18 @@ def qmpd_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., QmpdP
     daemons = request.node.stash.setdefault(_DAEMONS, [])
     mine: list[QmpdProcess] = []
 
-    def start(*args: str, pretty: bool = False, env: dict[str, str] | None = None,
-              command: list[str] | None = None) -> QmpdProcess:
-        daemon = QmpdProcess([*config.getini("qmpd_args"), *args],
-                             command=command or _command(config), pretty=pretty, env=env)
+    def start(
+        *args: str,
+        pretty: bool = False,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> QmpdProcess:
+        daemon = QmpdProcess(
+            [*config.getini("qmpd_args"), *args],
+            command=command or _command(config),
+            pretty=pretty,
+            env=env,
+        )
         daemons.append(daemon)
         mine.append(daemon)
         try:
@@ -123,6 +138,7 @@ def qmp(qmpd: QmpdProcess) -> Iterator:
 
 
 if pytest_asyncio is not None:  # pragma: no cover - depends on what is installed
+
     @pytest_asyncio.fixture
     async def qmp_client(qmpd: QmpdProcess):
         """A connected qemu.qmp.QMPClient to ``qmpd`` (pytest-asyncio's loop)."""
@@ -132,6 +148,7 @@ if pytest_asyncio is not None:  # pragma: no cover - depends on what is installe
         finally:
             await client.disconnect()
 else:
+
     class _PendingClient:
         """Stands in for the client until the test's own loop runs (see below)."""
 
@@ -141,11 +158,16 @@ else:
     @pytest.fixture
     def qmp_client(qmpd: QmpdProcess, request: pytest.FixtureRequest) -> _PendingClient:
         """A connected qemu.qmp.QMPClient to ``qmpd``, for ``async def`` tests."""
-        if not inspect.iscoroutinefunction(getattr(request.node, "obj", None)) or \
-                request.node.get_closest_marker("trio") is not None:
-            pytest.fail("qmp_client is an asyncio qemu.qmp.QMPClient for 'async def' tests "
-                        "run on asyncio; use the qmp fixture (sync) or "
-                        "qmpd.connect_sync() instead", pytrace=False)
+        if (
+            not inspect.iscoroutinefunction(getattr(request.node, "obj", None))
+            or request.node.get_closest_marker("trio") is not None
+        ):
+            pytest.fail(
+                "qmp_client is an asyncio qemu.qmp.QMPClient for 'async def' tests "
+                "run on asyncio; use the qmp fixture (sync) or "
+                "qmpd.connect_sync() instead",
+                pytrace=False,
+            )
         return _PendingClient(qmpd)
 
     @pytest.hookimpl(tryfirst=True)
@@ -177,5 +199,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if not report.failed:
         return
     for daemon in item.stash.get(_DAEMONS, []):
-        report.sections.append((f"qmpd log ({daemon.describe()}, {report.when})",
-                                daemon.log() or "(empty)"))
+        report.sections.append(
+            (f"qmpd log ({daemon.describe()}, {report.when})", daemon.log() or "(empty)")
+        )

@@ -6,4 +6,5 @@ from qmpd.block.drivers import file, luks, qcow2, raw
 from qmpd.block.drivers.base import BlockDriver
 
 DRIVERS: dict[str, BlockDriver] = {
-    driver.name: driver for driver in (file.DRIVER, luks.DRIVER, qcow2.DRIVER, raw.DRIVER)}
+    driver.name: driver for driver in (file.DRIVER, luks.DRIVER, qcow2.DRIVER, raw.DRIVER)
+}

@@ -31,9 +31,11 @@ class OpenFlags:
         base = inherited or cls()
         cache = dict(base.cache)
         cache.update(options.get("cache") or {})
-        return cls(read_only=options.get("read-only", base.read_only),
-                   auto_read_only=options.get("auto-read-only", base.auto_read_only),
-                   cache=cache)
+        return cls(
+            read_only=options.get("read-only", base.read_only),
+            auto_read_only=options.get("auto-read-only", base.auto_read_only),
+            cache=cache,
+        )
 
 
 ProtocolOpen = Callable[["BlockGraph", dict, "str | None", bool, OpenFlags], Awaitable["Node"]]

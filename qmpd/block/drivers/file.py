@@ -92,19 +92,25 @@ class FileOptions:
             raise QMPError.generic(f"Parameter 'locking' does not accept value '{locking}'")
         aio = opts.get("aio", "threads")
         if aio == "native" and not cache.get("direct", False):
-            raise QMPError.generic("aio=native was specified, but it requires "
-                                   "cache.direct=on, which was not specified.")
+            raise QMPError.generic(
+                "aio=native was specified, but it requires "
+                "cache.direct=on, which was not specified."
+            )
         if aio == "io_uring":
-            raise QMPError.generic("aio=io_uring was specified, but is not supported in this build.")
-        return cls(filename=opts["filename"],
-                   read_only=bool(opts.get("read-only", False)),
-                   auto_read_only=bool(opts.get("auto-read-only", False)),
-                   force_share=bool(opts.get("force-share", False)),
-                   locking=locking,
-                   cache_direct=bool(cache.get("direct", False)),
-                   cache_no_flush=bool(cache.get("no-flush", False)),
-                   discard=opts.get("discard", "ignore"),
-                   aio=aio)
+            raise QMPError.generic(
+                "aio=io_uring was specified, but is not supported in this build."
+            )
+        return cls(
+            filename=opts["filename"],
+            read_only=bool(opts.get("read-only", False)),
+            auto_read_only=bool(opts.get("auto-read-only", False)),
+            force_share=bool(opts.get("force-share", False)),
+            locking=locking,
+            cache_direct=bool(cache.get("direct", False)),
+            cache_no_flush=bool(cache.get("no-flush", False)),
+            discard=opts.get("discard", "ignore"),
+            aio=aio,
+        )
 
 
 class FileNode:
@@ -117,13 +123,13 @@ class FileNode:
         self.filename = options.filename
         self._mutex = threading.RLock()
         self.read_only = options.read_only
-        fd = self._open_fd(writable=not self.read_only,
-                           may_fall_back=options.auto_read_only)
+        fd = self._open_fd(writable=not self.read_only, may_fall_back=options.auto_read_only)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise QMPError.generic(
-                    f"'file' driver requires '{self.filename}' to be a regular file")
+                    f"'file' driver requires '{self.filename}' to be a regular file"
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -224,8 +230,10 @@ class FileNode:
         """Linux fallocate(2) with flags (punch hole, zero range); OSError
         EOPNOTSUPP where the filesystem has no such operation."""
         with self._io() as fd:
-            if _libc is None or _libc.fallocate(fd, mode, ctypes.c_long(offset),
-                                                 ctypes.c_long(length)) != 0:
+            if (
+                _libc is None
+                or _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0
+            ):
                 err = ctypes.get_errno() if _libc is not None else errno.EOPNOTSUPP
                 raise OSError(err, os.strerror(err))
 
@@ -239,7 +247,7 @@ class FileNode:
                 try:
                     data = os.lseek(fd, position, os.SEEK_DATA)
                 except OSError as err:
-                    if err.errno == errno.ENXIO:   # only a hole up to the end of file
+                    if err.errno == errno.ENXIO:  # only a hole up to the end of file
                         runs.append((end - position, False))
                         break
                     runs.append((end - position, True))  # no SEEK_DATA: all data
@@ -315,7 +323,9 @@ class NodeRegionIO:
     short and writes past it are refused with QEMU's text.
     """
 
-    def __init__(self, node: "FileBlockNode | Any", base: int = 0, limit: int | None = None) -> None:
+    def __init__(
+        self, node: "FileBlockNode | Any", base: int = 0, limit: int | None = None
+    ) -> None:
         self.node = node
         self.base = base
         self.limit = limit
@@ -378,11 +388,13 @@ class FileBlockNode(Node):
 
     def pread(self, offset: int, length: int) -> bytes:
         data = self.handle.pread(offset, length)
-        if len(data) < length:          # the sector-rounded tail, or past EOF
+        if len(data) < length:  # the sector-rounded tail, or past EOF
             data += bytes(length - len(data))
         return data
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         try:
             self.handle.pwrite(offset, data)
         except QMPError:
@@ -393,8 +405,15 @@ class FileBlockNode(Node):
     def flush(self) -> None:
         self.handle.flush()
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         """As file-posix: punch a hole when unmapping is allowed, else zero
         the range in place; write zeroes only where neither exists."""
         if self.read_only:
@@ -420,7 +439,7 @@ class FileBlockNode(Node):
             if fast:
                 raise OSError(errno.ENOTSUP, "no fast zeroes here")
             super().pwrite_zeroes(offset, inside)
-        if length > inside:     # past the end of the file: grow it with a hole
+        if length > inside:  # past the end of the file: grow it with a hole
             self.handle.truncate(offset + length)
         if fua:
             self.handle.flush()
@@ -442,7 +461,7 @@ class FileBlockNode(Node):
         if offset < size:
             for run, is_data in self.handle.seek_extents(offset, min(end, size)):
                 extents.append(Extent(run, data=is_data, zero=not is_data))
-        if end > size:   # the rounded tail reads as zeroes
+        if end > size:  # the rounded tail reads as zeroes
             extents.append(Extent(end - max(offset, size), data=False, zero=True))
         return extents
 
@@ -462,28 +481,44 @@ class FileBlockNode(Node):
             size, actual = self.length(), self.handle.allocated_size()
         except (OSError, ValueError):
             size = actual = 0
-        return {"filename": self.filename(), "format": "file", "actual-size": actual,
-                "dirty-flag": False, "virtual-size": size}
+        return {
+            "filename": self.filename(),
+            "format": "file",
+            "actual-size": actual,
+            "dirty-flag": False,
+            "virtual-size": size,
+        }
 
 
-async def open_file(graph: "BlockGraph", options: dict, name: str | None, implicit: bool,
-                    flags: OpenFlags) -> Node:
-    file_opts = FileOptions.from_qapi({**options, "read-only": flags.read_only,
-                                       "auto-read-only": flags.auto_read_only,
-                                       "cache": flags.cache})
+async def open_file(
+    graph: "BlockGraph", options: dict, name: str | None, implicit: bool, flags: OpenFlags
+) -> Node:
+    file_opts = FileOptions.from_qapi(
+        {
+            **options,
+            "read-only": flags.read_only,
+            "auto-read-only": flags.auto_read_only,
+            "cache": flags.cache,
+        }
+    )
     handle = await in_thread(FileNode, file_opts)
     try:
         node_name = graph.claim_name(name, implicit)
     except BaseException:
         await in_thread(handle.close)
         raise
-    node = FileBlockNode(node_name, handle, implicit=implicit,
-                         options={**options, "read-only": handle.read_only, "cache": flags.cache})
+    node = FileBlockNode(
+        node_name,
+        handle,
+        implicit=implicit,
+        options={**options, "read-only": handle.read_only, "cache": flags.cache},
+    )
     graph.register(node)
     return node
 
 
 # -- blockdev-create driver=file (a worker thread) ------------------------------------
+
 
 def preallocate(fd: int, start: int, end: int, mode: str) -> None:
     if end <= start or mode in ("off", "metadata"):
@@ -507,8 +542,9 @@ def create_file(options: dict) -> None:
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        raise QMPError.generic(f"Could not create '{filename}': "
-                               f"{os.strerror(err.errno or errno.EIO)}") from None
+        raise QMPError.generic(
+            f"Could not create '{filename}': {os.strerror(err.errno or errno.EIO)}"
+        ) from None
     try:
         lock = ImageLock(fd, enabled=True)
         lock.update(Perm.WRITE | Perm.RESIZE, ALL & ~Perm.RESIZE)

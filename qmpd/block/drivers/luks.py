@@ -94,7 +94,7 @@ class EncryptedNode(Node):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.volume: Any = None           # LuksVolume while open; close() wipes its key
+        self.volume: Any = None  # LuksVolume while open; close() wipes its key
         self.key_secret: str | None = None
         #: The secret the volume was unlocked with: what an add-key amend
         #: without 'secret' unlocks with (QEMU keeps it in its LUKS state),
@@ -127,8 +127,15 @@ class EncryptedNode(Node):
             shared &= ~(Perm.CONSISTENT_READ | Perm.WRITE)
         return perm, shared
 
-    async def unlock(self, graph: "BlockGraph", secret_id: str, *, payload_in_file: bool,
-                     luks2: bool = False, detached_header: bool = False) -> None:
+    async def unlock(
+        self,
+        graph: "BlockGraph",
+        secret_id: str,
+        *,
+        payload_in_file: bool,
+        luks2: bool = False,
+        detached_header: bool = False,
+    ) -> None:
         """Open the volume with the secret's passphrase, without the graph lock.
 
         A header may ask for billions of iterations: that open is slow, but
@@ -143,9 +150,15 @@ class EncryptedNode(Node):
             io = self.luks_io(self.key_node())
             async with graph.unlocked(self.name):
                 self.volume = await abandonable(
-                    lambda: open_volume(io, passphrase, payload_in_file=payload_in_file,
-                                        luks2=luks2, detached_header=detached_header),
-                    lambda volume: volume and volume.close())
+                    lambda: open_volume(
+                        io,
+                        passphrase,
+                        payload_in_file=payload_in_file,
+                        luks2=luks2,
+                        detached_header=detached_header,
+                    ),
+                    lambda volume: volume and volume.close(),
+                )
         finally:
             wipe(passphrase)
         self.key_secret = self.opened_secret = secret_id
@@ -165,8 +178,9 @@ class EncryptedNode(Node):
         """The error of an update that reaches a read-only image, if any."""
         return None
 
-    def amend_options(self, graph: "BlockGraph", opts: dict,
-                      force: bool) -> tuple[LuksAmendOptions, list[bytearray]]:
+    def amend_options(
+        self, graph: "BlockGraph", opts: dict, force: bool
+    ) -> tuple[LuksAmendOptions, list[bytearray]]:
         secrets: list[bytearray] = []
 
         def lazy(secret_id: str | None) -> Callable[[], bytearray] | None:
@@ -181,12 +195,18 @@ class EncryptedNode(Node):
 
             return lookup
 
-        amend = LuksAmendOptions(state=opts["state"], new_secret=lazy(opts.get("new-secret")),
-                                 old_secret=lazy(opts.get("old-secret")),
-                                 keyslot=opts.get("keyslot"), iter_time=opts.get("iter-time"),
-                                 secret=lazy(opts.get("secret")), force=force,
-                                 pbkdf=opts.get("pbkdf"), pbkdf_memory=opts.get("pbkdf-memory"),
-                                 pbkdf_parallel=opts.get("pbkdf-parallel"))
+        amend = LuksAmendOptions(
+            state=opts["state"],
+            new_secret=lazy(opts.get("new-secret")),
+            old_secret=lazy(opts.get("old-secret")),
+            keyslot=opts.get("keyslot"),
+            iter_time=opts.get("iter-time"),
+            secret=lazy(opts.get("secret")),
+            force=force,
+            pbkdf=opts.get("pbkdf"),
+            pbkdf_memory=opts.get("pbkdf-memory"),
+            pbkdf_parallel=opts.get("pbkdf-parallel"),
+        )
         if amend.state == "active" and amend.secret is None and self.opened_secret:
             amend.opened_secret = lazy(self.opened_secret)
         return amend, secrets
@@ -231,7 +251,7 @@ class LuksNode(EncryptedNode):
     def child_perms(self, child: Node) -> tuple[Perm, Perm]:
         perm, shared = self.parent_perms
         perm |= Perm.CONSISTENT_READ
-        if child is not self.key_node():     # the payload of a detached header
+        if child is not self.key_node():  # the payload of a detached header
             return perm, shared
         return self.key_update_perms(perm, shared)
 
@@ -240,13 +260,14 @@ class LuksNode(EncryptedNode):
         if not secret_id:
             raise QMPError.generic("Parameter 'key-secret' is required for cipher")
         detached = self.header is not None
-        await self.unlock(graph, secret_id, payload_in_file=True, luks2=True,
-                          detached_header=detached)
+        await self.unlock(
+            graph, secret_id, payload_in_file=True, luks2=True, detached_header=detached
+        )
         # The cipher's sector (512 bytes for LUKS1; LUKS2's segment sector size).
         self.request_alignment = self.volume.cipher.sector_size
         file = self.file
         assert file is not None
-        if detached:     # (a failure here: the generic open closes the node)
+        if detached:  # (a failure here: the generic open closes the node)
             await in_thread(lambda: self._check_payload_fits(file.size()))
         self._length = await in_thread(lambda: self._payload_length(file.length()))
 
@@ -255,11 +276,13 @@ class LuksNode(EncryptedNode):
         engine makes of an attached header's own image, same texts)."""
         offset, size = self._payload(), getattr(self.volume, "payload_size", None)
         if offset > file_size:
-            raise QMPError.generic(f"LUKS payload offset {offset} is beyond the end "
-                                   f"of the image ({file_size} bytes)")
+            raise QMPError.generic(
+                f"LUKS payload offset {offset} is beyond the end of the image ({file_size} bytes)"
+            )
         if size is not None and offset + size > file_size:
-            raise QMPError.generic(f"Device is too small. (LUKS2 requires at least "
-                                   f"{offset + size} bytes.)")
+            raise QMPError.generic(
+                f"Device is too small. (LUKS2 requires at least {offset + size} bytes.)"
+            )
 
     def amend_check_writable(self) -> None:
         if self.read_only or self.key_node().leaf().read_only:
@@ -297,7 +320,7 @@ class LuksNode(EncryptedNode):
 
     def pread(self, offset: int, length: int) -> bytes:
         assert self.file is not None
-        if self.unaligned(offset, length):          # from a parent node
+        if self.unaligned(offset, length):  # from a parent node
             return self._access.pread(offset, length)
         data = self.file.pread(self._payload() + offset, length)
         return self._crypt(self.volume.cipher.decrypt, offset, data)
@@ -311,18 +334,24 @@ class LuksNode(EncryptedNode):
         data = self.file.pread_many([(payload + offset, length) for offset, length in ranges])
         try:
             return self.volume.cipher.decrypt_many(
-                [(self._sector(offset), piece)
-                 for (offset, _), piece in zip(ranges, data, strict=True)])
+                [
+                    (self._sector(offset), piece)
+                    for (offset, _), piece in zip(ranges, data, strict=True)
+                ]
+            )
         except CryptoError:
             raise OSError(errno.EIO, "sector crypto failed") from None
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         assert self.file is not None
-        if self.unaligned(offset, len(data)):       # from a parent node
+        if self.unaligned(offset, len(data)):  # from a parent node
             self._access.pwrite(offset, data, fua=fua)
             return
-        self.file.pwrite(self._payload() + offset,
-                         self._crypt(self.volume.cipher.encrypt, offset, data), fua=fua)
+        self.file.pwrite(
+            self._payload() + offset, self._crypt(self.volume.cipher.encrypt, offset, data), fua=fua
+        )
 
     def _crypt(self, fn: Callable[[int, Any], bytes], offset: int, data: Any) -> bytes:
         try:
@@ -331,7 +360,7 @@ class LuksNode(EncryptedNode):
             raise OSError(errno.EIO, "sector crypto failed") from None
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        return [Extent(length)]   # encrypted zeroes are not zeroes: all data
+        return [Extent(length)]  # encrypted zeroes are not zeroes: all data
 
     def resize(self, size: int) -> None:
         """block/crypto.c: the file is truncated to the payload offset plus
@@ -347,12 +376,14 @@ class LuksNode(EncryptedNode):
 
     def _check_luks2_resize(self, size: int) -> None:
         if self.volume.payload_size is not None:
-            raise QMPError.generic("Resizing a LUKS2 image with a fixed segment size "
-                                   "is not supported by qmpd yet")
+            raise QMPError.generic(
+                "Resizing a LUKS2 image with a fixed segment size is not supported by qmpd yet"
+            )
         sector = self.volume.sector_size
         if size % sector:
-            raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
-                                   f"its sector size ({sector} bytes)")
+            raise QMPError.generic(
+                f"The size of a LUKS2 image must be a multiple of its sector size ({sector} bytes)"
+            )
 
     # -- queries --------------------------------------------------------------------
     def filename(self) -> str:
@@ -360,19 +391,28 @@ class LuksNode(EncryptedNode):
         QDict order; with a detached header that child's options too."""
         inner = {"driver": "file", "filename": self.leaf().filename()}
         if self.header is None:
-            return "json:" + json.dumps({"driver": "luks", "file": inner,
-                                         "key-secret": self.key_secret})
+            return "json:" + json.dumps(
+                {"driver": "luks", "file": inner, "key-secret": self.key_secret}
+            )
         members: dict[str, Any] = {
-            "driver": "luks", "key-secret": self.key_secret, "file": inner,
-            "header": {"driver": "file", "filename": self.header.leaf().filename()}}
+            "driver": "luks",
+            "key-secret": self.key_secret,
+            "file": inner,
+            "header": {"driver": "file", "filename": self.header.leaf().filename()},
+        }
         return "json:" + json.dumps({key: members[key] for key in qdict_order(tuple(members))})
 
     def image_info(self) -> dict:
         leaf = self.leaf()
         info = leaf.image_info()
-        info.update({"filename": self.filename(), "format": "luks",
-                     "virtual-size": self.length() if self.volume else 0,
-                     "encrypted": True})
+        info.update(
+            {
+                "filename": self.filename(),
+                "format": "luks",
+                "virtual-size": self.length() if self.volume else 0,
+                "encrypted": True,
+            }
+        )
         luks = self.luks_info()
         if luks is not None:
             info["format-specific"] = {"type": "luks", "data": luks}
@@ -391,33 +431,41 @@ LUKS2_ONLY = ("pbkdf-memory", "pbkdf-parallel", "sector-size", "label")
 CreateOptions = LuksCreateOptions | Luks2CreateOptions
 
 
-def luks_create_options(opts: dict, *, detached_header: bool = False,
-                        keyslots_size: int | None = None) -> CreateOptions:
+def luks_create_options(
+    opts: dict, *, detached_header: bool = False, keyslots_size: int | None = None
+) -> CreateOptions:
     """QCryptoBlockCreateOptionsLUKS (dashed keys) to the engine's options:
     LUKS1 (QEMU's, the default) or with ``luks-version`` 2 cryptsetup's LUKS2."""
     version = opts.get("luks-version", 1)
-    common = {"cipher_alg": opts.get("cipher-alg", "aes-256"),
-              "cipher_mode": opts.get("cipher-mode", "xts"),
-              "ivgen_alg": opts.get("ivgen-alg"),
-              "ivgen_hash_alg": opts.get("ivgen-hash-alg"),
-              "hash_alg": opts.get("hash-alg", "sha256"),
-              "iter_time": opts.get("iter-time", DEFAULT_ITER_TIME)}
+    common = {
+        "cipher_alg": opts.get("cipher-alg", "aes-256"),
+        "cipher_mode": opts.get("cipher-mode", "xts"),
+        "ivgen_alg": opts.get("ivgen-alg"),
+        "ivgen_hash_alg": opts.get("ivgen-hash-alg"),
+        "hash_alg": opts.get("hash-alg", "sha256"),
+        "iter_time": opts.get("iter-time", DEFAULT_ITER_TIME),
+    }
     if version == 1:
         given = [member for member in LUKS2_ONLY if member in opts]
         if given:
-            raise QMPError.generic(f"Parameter '{given[0]}' needs luks-version 2 "
-                                   f"(LUKS1 has no such field)")
+            raise QMPError.generic(
+                f"Parameter '{given[0]}' needs luks-version 2 (LUKS1 has no such field)"
+            )
         if opts.get("pbkdf", "pbkdf2") != "pbkdf2":
             raise QMPError.generic("Requested PBKDF type is not supported for LUKS1.")
         return LuksCreateOptions(**common)
     if version != 2:
         raise QMPError.generic(f"Unsupported LUKS version {version} (1 or 2)")
-    return Luks2CreateOptions(**common, pbkdf=opts.get("pbkdf"),
-                              pbkdf_memory=opts.get("pbkdf-memory"),
-                              pbkdf_parallel=opts.get("pbkdf-parallel"),
-                              sector_size=opts.get("sector-size", 512),
-                              label=opts.get("label", ""), detached_header=detached_header,
-                              keyslots_size=keyslots_size)
+    return Luks2CreateOptions(
+        **common,
+        pbkdf=opts.get("pbkdf"),
+        pbkdf_memory=opts.get("pbkdf-memory"),
+        pbkdf_parallel=opts.get("pbkdf-parallel"),
+        sector_size=opts.get("sector-size", 512),
+        label=opts.get("label", ""),
+        detached_header=detached_header,
+        keyslots_size=keyslots_size,
+    )
 
 
 def created_header_length(options: CreateOptions) -> int:
@@ -428,8 +476,14 @@ def created_header_length(options: CreateOptions) -> int:
     return header_length(options)
 
 
-def format_volume(io: NodeRegionIO, passphrase: bytearray, options: CreateOptions, *,
-                  payload_in_file: bool = True, detached_header: bool = False) -> None:
+def format_volume(
+    io: NodeRegionIO,
+    passphrase: bytearray,
+    options: CreateOptions,
+    *,
+    payload_in_file: bool = True,
+    detached_header: bool = False,
+) -> None:
     """Write a new LUKS1 or LUKS2 volume's header (CPU-heavy: a worker thread).
     ``detached_header``: LUKS1 records payload offset 0 (LUKS2 options say it
     themselves, see :func:`luks_create_options`)."""
@@ -437,19 +491,24 @@ def format_volume(io: NodeRegionIO, passphrase: bytearray, options: CreateOption
         if isinstance(options, Luks2CreateOptions):
             volume: Any = create_luks2_volume(io, passphrase, options)
         else:
-            volume = create_volume(io, passphrase, options, payload_in_file=payload_in_file,
-                                   detached_header=detached_header)
+            volume = create_volume(
+                io,
+                passphrase,
+                options,
+                payload_in_file=payload_in_file,
+                detached_header=detached_header,
+            )
     except CryptoError as err:
         raise QMPError.generic(str(err)) from None
     volume.close()
 
 
-CREATE_USE = PermissionUse("a blockdev-create job", "file", Perm.WRITE | Perm.RESIZE,
-                           ALL & ~Perm.RESIZE)
+CREATE_USE = PermissionUse(
+    "a blockdev-create job", "file", Perm.WRITE | Perm.RESIZE, ALL & ~Perm.RESIZE
+)
 
 
-async def create_on_node(graph: "BlockGraph", target: Node,
-                         write: Callable[[Node], None]) -> None:
+async def create_on_node(graph: "BlockGraph", target: Node, write: Callable[[Node], None]) -> None:
     """Run ``write`` on ``target`` holding a blockdev-create job's permissions."""
     async with graph.lock:
         await graph.refresh(target, [CREATE_USE])
@@ -489,8 +548,9 @@ def size_for_payload(node: Node, length: int, size: int) -> None:
         raise
 
 
-async def create(graph: "BlockGraph", options: dict, target: Node | None, *,
-                 open_ref: "OpenRef | None" = None) -> None:
+async def create(
+    graph: "BlockGraph", options: dict, target: Node | None, *, open_ref: "OpenRef | None" = None
+) -> None:
     """blockdev-create driver=luks; ``target`` is the node of ``file``, None
     when a detached ``header`` is given: this opens both then, with
     ``open_ref`` (qmpd.block.create.job_node)."""
@@ -513,13 +573,15 @@ async def create(graph: "BlockGraph", options: dict, target: Node | None, *,
             length = created_header_length(luks_opts)
             check_payload_size(length, size)
             if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
-                raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
-                                       f"its sector size ({luks_opts.sector_size} bytes)")
+                raise QMPError.generic(
+                    f"The size of a LUKS2 image must be a multiple of "
+                    f"its sector size ({luks_opts.sector_size} bytes)"
+                )
             node.truncate(0)
             size_for_payload(node, length, size)
             format_volume(NodeRegionIO(node), passphrase, luks_opts)
             prealloc = options.get("preallocation", "off")
-            if prealloc in ("falloc", "full"):      # passed down, as QEMU's truncate
+            if prealloc in ("falloc", "full"):  # passed down, as QEMU's truncate
                 node.preallocate(length, length + size, prealloc)
             node.flush()
         finally:
@@ -540,13 +602,16 @@ async def create_detached(graph: "BlockGraph", options: dict, open_ref: OpenRef)
     header written."""
     prealloc = options.get("preallocation", "off")
     if prealloc != "off" and "file" not in options:
-        raise QMPError.generic("Parameter 'preallocation' requires 'file' to be "
-                               "specified for formatting LUKS disk")
+        raise QMPError.generic(
+            "Parameter 'preallocation' requires 'file' to be specified for formatting LUKS disk"
+        )
     luks_opts = luks_create_options(options, detached_header=True)
     size = options["size"] & 0xFFFFFFFFFFFFFFFF
     if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
-        raise QMPError.generic(f"The size of a LUKS2 image must be a multiple of "
-                               f"its sector size ({luks_opts.sector_size} bytes)")
+        raise QMPError.generic(
+            f"The size of a LUKS2 image must be a multiple of "
+            f"its sector size ({luks_opts.sector_size} bytes)"
+        )
 
     def write_header(node: Node) -> None:
         passphrase = lookup_passphrase(graph, options)

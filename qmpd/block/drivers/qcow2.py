@@ -45,14 +45,30 @@ if TYPE_CHECKING:  # pragma: no cover
 class Qcow2Node(EncryptedNode):
     driver = "qcow2"
     #: QEMU 7.2's qcow2 mutable_opts: what a reopen may leave out or change.
-    reopen_mutable = frozenset({
-        "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-        "pass-discard-other", "overlap-check", "overlap-check.template",
-        "overlap-check.main-header", "overlap-check.active-l1", "overlap-check.active-l2",
-        "overlap-check.refcount-table", "overlap-check.refcount-block",
-        "overlap-check.snapshot-table", "overlap-check.inactive-l1",
-        "overlap-check.inactive-l2", "overlap-check.bitmap-directory", "cache-size",
-        "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"})
+    reopen_mutable = frozenset(
+        {
+            "lazy-refcounts",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "overlap-check",
+            "overlap-check.template",
+            "overlap-check.main-header",
+            "overlap-check.active-l1",
+            "overlap-check.active-l2",
+            "overlap-check.refcount-table",
+            "overlap-check.refcount-block",
+            "overlap-check.snapshot-table",
+            "overlap-check.inactive-l1",
+            "overlap-check.inactive-l2",
+            "overlap-check.bitmap-directory",
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+            "cache-clean-interval",
+        }
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -78,16 +94,19 @@ class Qcow2Node(EncryptedNode):
         read_write = not self.read_only
         size = await in_thread(file.size)
         self.meta = meta = await in_thread(
-            lambda: qcow2.read_metadata(file.pread, size, read_write=read_write))
+            lambda: qcow2.read_metadata(file.pread, size, read_write=read_write)
+        )
         encrypt = self.options.get("encrypt") or {}
         fmt = encrypt.get("format")
         crypt = meta.header.crypt_method
         if crypt == qcow2.CRYPT_NONE and fmt:
             raise QMPError.generic(
-                f"No encryption in image header, but options specified format '{fmt}'")
+                f"No encryption in image header, but options specified format '{fmt}'"
+            )
         if crypt == qcow2.CRYPT_LUKS and fmt and fmt != "luks":
             raise QMPError.generic(
-                f"Header reported 'luks' encryption format but options specify '{fmt}'")
+                f"Header reported 'luks' encryption format but options specify '{fmt}'"
+            )
         if crypt == qcow2.CRYPT_LUKS:
             secret_id = encrypt.get("key-secret")
             if not secret_id:
@@ -95,11 +114,14 @@ class Qcow2Node(EncryptedNode):
             await self.unlock(graph, secret_id, payload_in_file=False, luks2=True)
             if self.is_luks2() and self.volume.sector_size != LUKS2_SECTOR_SIZE:
                 self.close()
-                raise QMPError.generic(f"LUKS2 inside qcow2 uses 512-byte sectors only, "
-                                       f"this image's are {self.volume.sector_size} bytes")
+                raise QMPError.generic(
+                    f"LUKS2 inside qcow2 uses 512-byte sectors only, "
+                    f"this image's are {self.volume.sector_size} bytes"
+                )
         crypto = self.volume.cipher if self.volume is not None else None
         self.clusters = await in_thread(
-            lambda: Qcow2Clusters(file, meta, read_only=not read_write, crypto=crypto))
+            lambda: Qcow2Clusters(file, meta, read_only=not read_write, crypto=crypto)
+        )
         self.request_alignment = self.clusters.request_alignment
 
     def close(self) -> None:
@@ -107,7 +129,7 @@ class Qcow2Node(EncryptedNode):
             try:
                 self.clusters.close()
             except OSError:
-                pass   # the image stays dirty/leaky at worst, as after a crash
+                pass  # the image stays dirty/leaky at worst, as after a crash
             self.clusters = None
         super().close()
 
@@ -149,7 +171,7 @@ class Qcow2Node(EncryptedNode):
         return self._engine().length()
 
     def pread(self, offset: int, length: int) -> bytes:
-        if self.unaligned(offset, length):          # from a parent node (LUKS inside)
+        if self.unaligned(offset, length):  # from a parent node (LUKS inside)
             return self._access.pread(offset, length)
         return self._engine().pread(offset, length)
 
@@ -182,8 +204,15 @@ class Qcow2Node(EncryptedNode):
             return
         self._engine().pwrite(offset, data, fua=fua)
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         if self.unaligned(offset, length):
             self._access.pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua, fast=fast)
             return
@@ -216,22 +245,33 @@ class Qcow2Node(EncryptedNode):
             if err.errno != errno.EFBIG:
                 raise
             raise QMPError.generic(
-                f"Failed to grow the L1 table: {os.strerror(err.errno)}") from None
+                f"Failed to grow the L1 table: {os.strerror(err.errno)}"
+            ) from None
 
     # -- queries -----------------------------------------------------------------
     def filename(self) -> str:
         leaf = self.leaf().filename()
         if not self.key_secret:
             return leaf
-        return "json:" + json.dumps({"encrypt.key-secret": self.key_secret, "driver": "qcow2",
-                                     "file": {"driver": "file", "filename": leaf}})
+        return "json:" + json.dumps(
+            {
+                "encrypt.key-secret": self.key_secret,
+                "driver": "qcow2",
+                "file": {"driver": "file", "filename": leaf},
+            }
+        )
 
     def image_info(self) -> dict:
         info = self.leaf().image_info()
         assert self.meta is not None
-        info.update({"filename": self.filename(), "format": "qcow2",
-                     "virtual-size": self.meta.header.size,
-                     "cluster-size": self.meta.header.cluster_size})
+        info.update(
+            {
+                "filename": self.filename(),
+                "format": "qcow2",
+                "virtual-size": self.meta.header.size,
+                "cluster-size": self.meta.header.cluster_size,
+            }
+        )
         data = qcow2.format_specific_info(self.meta)
         luks = self.luks_info()
         if luks is not None:
@@ -247,6 +287,7 @@ class Qcow2Node(EncryptedNode):
 
 # -- blockdev-create driver=qcow2 ----------------------------------------------------------
 
+
 def check_create(options: dict) -> None:
     if options.get("backing-file") or options.get("backing-fmt"):
         raise QMPError.generic("qmpd does not create qcow2 images with a backing file")
@@ -256,12 +297,14 @@ def check_create(options: dict) -> None:
         raise QMPError.generic("qmpd does not create qcow2 images with extended L2 entries")
     prealloc = options.get("preallocation", "off")
     if prealloc != "off":
-        raise QMPError.generic(f"qmpd creates qcow2 images with preallocation=off only, "
-                               f"not '{prealloc}'")
+        raise QMPError.generic(
+            f"qmpd creates qcow2 images with preallocation=off only, not '{prealloc}'"
+        )
     encrypt = options.get("encrypt")
     if encrypt is not None and encrypt.get("format") != "luks":
-        raise QMPError.generic("Use of AES-CBC encrypted qcow2 images is no longer "
-                               "supported in system emulators")
+        raise QMPError.generic(
+            "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators"
+        )
 
 
 #: LUKS2 inside qcow2 (qmpd's extension): the header region holds the two
@@ -316,8 +359,9 @@ async def create(graph: "BlockGraph", options: dict, target: Node) -> None:
     def write_image(node: Node, passphrase: bytearray | None) -> None:
         crypto_length = created_header_length(luks_opts) if luks_opts is not None else 0
         layout = qcow2.plan_layout(size, cluster_size, refcount_bits, crypto_length)
-        writes = qcow2.metadata_writes(layout, size, version, lazy_refcounts=lazy,
-                                       crypto_length=crypto_length)
+        writes = qcow2.metadata_writes(
+            layout, size, version, lazy_refcounts=lazy, crypto_length=crypto_length
+        )
         node.truncate(0)
         for offset, data in writes[:-1]:
             node.pwrite(offset, data)

@@ -108,7 +108,7 @@ from qmpd.errors import QMPError
 
 log = logging.getLogger(__name__)
 
-OFFSET_MASK = 0x00FFFFFFFFFFFE00        # L1E_OFFSET_MASK == L2E_OFFSET_MASK
+OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK == L2E_OFFSET_MASK
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -190,7 +190,8 @@ class _Refblock:
     def __init__(self, order: int, raw: bytes) -> None:
         self.bits = 1 << order
         self.entries: array | bytearray = (
-            _be_array(_TYPECODES[self.bits], raw) if self.bits >= 8 else bytearray(raw))
+            _be_array(_TYPECODES[self.bits], raw) if self.bits >= 8 else bytearray(raw)
+        )
 
     def get(self, i: int) -> int:
         if self.bits >= 8:
@@ -215,7 +216,7 @@ class _Refblock:
                 return -1
         per_byte = 8 // self.bits
         i = start
-        while i < count and i % per_byte:                 # up to a byte boundary
+        while i < count and i % per_byte:  # up to a byte boundary
             if self.get(i) == 0:
                 return i
             i += 1
@@ -247,7 +248,7 @@ class _LRU(OrderedDict):
     def __init__(self, capacity: int, before_evict=None) -> None:
         super().__init__()
         self.capacity = capacity
-        self.before_evict = before_evict   # called with the key about to go
+        self.before_evict = before_evict  # called with the key about to go
 
     def get_fresh(self, key):
         value = self.get(key)
@@ -267,51 +268,63 @@ class _LRU(OrderedDict):
 class Qcow2Clusters:
     """The synchronous, thread-safe data path of an open qcow2 image."""
 
-    def __init__(self, child: Child, meta: Qcow2Metadata, *, read_only: bool,
-                 crypto: Cipher | None = None, l2_cache_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        child: Child,
+        meta: Qcow2Metadata,
+        *,
+        read_only: bool,
+        crypto: Cipher | None = None,
+        l2_cache_bytes: int | None = None,
+    ) -> None:
         h = meta.header
         if h.incompatible_features & INCOMPAT_EXTL2:
-            raise QMPError.generic("qcow2 images with extended L2 entries are not supported by qmpd")
+            raise QMPError.generic(
+                "qcow2 images with extended L2 entries are not supported by qmpd"
+            )
         if (h.crypt_method == CRYPT_LUKS) != (crypto is not None):
-            raise QMPError.generic("qcow2: the volume cipher must be given exactly for "
-                                   "LUKS-encrypted images")
+            raise QMPError.generic(
+                "qcow2: the volume cipher must be given exactly for LUKS-encrypted images"
+            )
         if not read_only and h.incompatible_features & INCOMPAT_CORRUPT:
             raise QMPError.generic("qcow2: Image is corrupt; cannot be opened read/write")
         if not read_only and h.incompatible_features & INCOMPAT_DIRTY:
             raise QMPError.generic(
                 "qcow2: the image's dirty bit is set (it was not closed cleanly with lazy "
                 "refcounts) and its refcounts need a rebuild, which qmpd does not do: repair it "
-                "with 'qemu-img check -r all' or open it read-only")
+                "with 'qemu-img check -r all' or open it read-only"
+            )
         self.child, self.meta, self.read_only, self.crypto = child, meta, read_only, crypto
         self.request_alignment = SECTOR if crypto else 1
         self.cluster_bits = cb = h.cluster_bits
         self.cluster_size = cs = 1 << cb
         self.l2_bits = cb - 3
         self.refcount_order = h.refcount_order
-        self.rb_bits = cb + 3 - h.refcount_order             # log2(entries per refcount block)
+        self.rb_bits = cb + 3 - h.refcount_order  # log2(entries per refcount block)
         self._max_refcount = (1 << h.refcount_bits) - 1
         self._csize_shift = 62 - (cb - 8)
         self._csize_mask = (1 << (cb - 8)) - 1
         self._coffset_mask = (1 << self._csize_shift) - 1
         self._l1 = _be_array("Q", self._read(h.l1_table_offset, h.l1_size * 8))
-        self._reftable = _be_array("Q", self._read(h.refcount_table_offset,
-                                                   h.refcount_table_clusters * cs))
-        if l2_cache_bytes is None:   # QEMU 7.2 on Linux: 32 MiB, or what covers the disk
+        self._reftable = _be_array(
+            "Q", self._read(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        )
+        if l2_cache_bytes is None:  # QEMU 7.2 on Linux: 32 MiB, or what covers the disk
             l2_cache_bytes = min(32 << 20, -(-h.size // (cs // 8)))
         self._l2_cache = _LRU(max(2, l2_cache_bytes // cs), self._before_l2_eviction)
         #: L2 table offset -> indexes changed in memory and not yet written
         #: (written by _sync_l2, after a flush: see the module text)
         self._dirty_l2: dict[int, list[int]] = {}
         self._rb_cache = _LRU(max(4, (256 << 10) // cs))
-        self._lock = threading.Lock()            # all metadata, every allocating request
-        self._idle = threading.Condition()       # lockless data I/O in flight
+        self._lock = threading.Lock()  # all metadata, every allocating request
+        self._idle = threading.Condition()  # lockless data I/O in flight
         self._in_flight = 0
-        self._allocating: set[int] = set()       # guest clusters a write is giving new clusters
+        self._allocating: set[int] = set()  # guest clusters a write is giving new clusters
         self._allocated = threading.Condition(self._lock)
-        self._free_index = 0                     # no free cluster below (QEMU's hint)
+        self._free_index = 0  # no free cluster below (QEMU's hint)
         self._broken: str | None = None
         self._dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
-        self._tables: dict[int, str] | None = None   # for the overlap check; None: stale
+        self._tables: dict[int, str] | None = None  # for the overlap check; None: stale
 
     # -- small helpers ---------------------------------------------------------------
     @property
@@ -333,11 +346,17 @@ class Qcow2Clusters:
         if self._broken is None:
             self._broken = text
             if self.read_only or self.header.version < 3:
-                log.error("qcow2: Image is corrupt: %s; further non-fatal corruption events "
-                          "will be suppressed", text)
+                log.error(
+                    "qcow2: Image is corrupt: %s; further non-fatal corruption events "
+                    "will be suppressed",
+                    text,
+                )
             else:
-                log.error("qcow2: Marking image as corrupt: %s; further corruption events "
-                          "will be suppressed", text)
+                log.error(
+                    "qcow2: Marking image as corrupt: %s; further corruption events "
+                    "will be suppressed",
+                    text,
+                )
                 flags = self.header.incompatible_features | INCOMPAT_CORRUPT
                 try:
                     self.child.pwrite(_INCOMPAT_AT, struct.pack(">Q", flags))
@@ -380,8 +399,11 @@ class Qcow2Clusters:
         table = self._l2_cache.get_fresh(offset)
         if table is None:
             cache = self._l2_cache
-            if (waiting_forbidden() and len(cache) >= cache.capacity
-                    and next(iter(cache)) in self._dirty_l2):
+            if (
+                waiting_forbidden()
+                and len(cache) >= cache.capacity
+                and next(iter(cache)) in self._dirty_l2
+            ):
                 # loading it would write back the oldest table: flushes, not for the loop
                 raise BlockingIOError(errno.EAGAIN, "L2 cache full of unwritten entries")
             table = _be_array("Q", self._read(offset, self.cluster_size))
@@ -395,9 +417,14 @@ class Qcow2Clusters:
         if not l2:
             return 0
         entry = self._l2_table(l2)[l2i]
-        if cluster_type(entry) in (NORMAL, ZERO_ALLOC) and (entry & OFFSET_MASK) % self.cluster_size:
-            raise self._corruption(f"Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned "
-                                   f"(L2 offset: {l2:#x}, L2 index: {l2i:#x})")
+        if (
+            cluster_type(entry) in (NORMAL, ZERO_ALLOC)
+            and (entry & OFFSET_MASK) % self.cluster_size
+        ):
+            raise self._corruption(
+                f"Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned "
+                f"(L2 offset: {l2:#x}, L2 index: {l2i:#x})"
+            )
         return entry
 
     def _pieces(self, offset: int, length: int):
@@ -412,8 +439,9 @@ class Qcow2Clusters:
     def _write_l1(self, indexes: list[int]) -> None:
         self._tables = None
         for first, end in _spans(indexes):
-            self.child.pwrite(self.header.l1_table_offset + first * 8,
-                              _be_bytes(self._l1[first:end]))
+            self.child.pwrite(
+                self.header.l1_table_offset + first * 8, _be_bytes(self._l1[first:end])
+            )
 
     def _set_l2(self, updates: dict[int, int]) -> list[int]:
         """Guest cluster -> new L2 entry (tables COPIED), in memory: written by
@@ -456,8 +484,9 @@ class Qcow2Clusters:
         self.child.flush()
         self._wait_idle()
 
-    def _prepare_l2(self, l1_indexes, hosts: list[int] | None = None, *,
-                    existing_only: bool = False) -> None:
+    def _prepare_l2(
+        self, l1_indexes, hosts: list[int] | None = None, *, existing_only: bool = False
+    ) -> None:
         """Give every L1 index an L2 table of its own (COPIED): new or copied.
 
         ``hosts``: clusters already allocated for the tables (else allocated
@@ -504,8 +533,9 @@ class Qcow2Clusters:
         if not offset:
             return None
         if offset % self.cluster_size:
-            raise self._corruption(f"Refblock offset {offset:#x} unaligned "
-                                   f"(reftable index: {index:#x})")
+            raise self._corruption(
+                f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
+            )
         block = self._rb_cache.get_fresh(offset)
         if block is None:
             block = _Refblock(self.refcount_order, self._read(offset, self.cluster_size))
@@ -526,7 +556,7 @@ class Qcow2Clusters:
             index = cluster >> self.rb_bits
             block = self._refblock(index)
             if block is None:
-                return cluster                     # not described: refcount 0
+                return cluster  # not described: refcount 0
             hit = block.find_zero(cluster & (per_block - 1), per_block)
             if hit >= 0:
                 return (index << self.rb_bits) + hit
@@ -541,8 +571,9 @@ class Qcow2Clusters:
                 return start
             start = self._find_free(busy + 1)
 
-    def _allocate(self, count: int, *, contiguous: bool = False, cover: bool = True,
-                  flush: bool = True) -> list[int]:
+    def _allocate(
+        self, count: int, *, contiguous: bool = False, cover: bool = True, flush: bool = True
+    ) -> list[int]:
         """Host offsets of ``count`` new clusters, their refcounts 1 and flushed.
 
         ``cover``: the file is extended over them (else the caller's write
@@ -555,12 +586,22 @@ class Qcow2Clusters:
         mask = (1 << self.rb_bits) - 1
         while len(found) < count:
             want = count - len(found)
-            start = (self._find_run(self._free_index, want) if contiguous
-                     else self._find_free(self._free_index))
-            missing = next((b for b in range(start >> self.rb_bits,
-                                             ((start + (want if contiguous else 1) - 1)
-                                              >> self.rb_bits) + 1)
-                            if self._refblock(b) is None), None)
+            start = (
+                self._find_run(self._free_index, want)
+                if contiguous
+                else self._find_free(self._free_index)
+            )
+            missing = next(
+                (
+                    b
+                    for b in range(
+                        start >> self.rb_bits,
+                        ((start + (want if contiguous else 1) - 1) >> self.rb_bits) + 1,
+                    )
+                    if self._refblock(b) is None
+                ),
+                None,
+            )
             if missing is not None:
                 self._new_refblock(missing)
                 continue
@@ -607,8 +648,10 @@ class Qcow2Clusters:
             block = self._refblock(index)
             value = block.get(cluster & mask) if block else 0
             if value == 0:
-                log.error("qcow2_free_clusters failed: refcount underflow at cluster %#x",
-                          cluster << self.cluster_bits)
+                log.error(
+                    "qcow2_free_clusters failed: refcount underflow at cluster %#x",
+                    cluster << self.cluster_bits,
+                )
                 continue
             assert block is not None  # else value is 0
             block.set(cluster & mask, value - 1)
@@ -653,7 +696,7 @@ class Qcow2Clusters:
     def _grow_reftable(self, need: int) -> None:
         """A bigger refcount table (and the blocks describing it) past the old coverage."""
         cs, old_entries = self.cluster_size, len(self._reftable)
-        start = old_entries << self.rb_bits          # nothing from here on is allocated
+        start = old_entries << self.rb_bits  # nothing from here on is allocated
         blocks, table_clusters = 1, 1
         while True:
             last = (start + blocks + table_clusters - 1) >> self.rb_bits
@@ -665,15 +708,18 @@ class Qcow2Clusters:
         if table_clusters * cs > MAX_REFTABLE_BYTES:
             raise OSError(errno.EFBIG, "qcow2: the refcount table would be too large")
         first_block = start >> self.rb_bits
-        table = array("Q", self._reftable) + array("Q", bytes((table_clusters * cs // 8
-                                                               - old_entries) * 8))
+        table = array("Q", self._reftable) + array(
+            "Q", bytes((table_clusters * cs // 8 - old_entries) * 8)
+        )
         per_block = 1 << self.rb_bits
         new_blocks = []
         for j in range(blocks):
             index = first_block + j
             block = _Refblock(self.refcount_order, bytes(cs))
-            lo, hi = max(start, index * per_block), min(start + blocks + table_clusters,
-                                                        (index + 1) * per_block)
+            lo, hi = (
+                max(start, index * per_block),
+                min(start + blocks + table_clusters, (index + 1) * per_block),
+            )
             for cluster in range(lo, hi):
                 block.set(cluster - index * per_block, 1)
             host = (start + j) << self.cluster_bits
@@ -685,7 +731,10 @@ class Qcow2Clusters:
         self.child.flush()
         self.child.pwrite(_REFTABLE_AT, struct.pack(">QI", table_offset, table_clusters))
         self.child.flush()
-        old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
+        old_offset, old_clusters = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters,
+        )
         self._reftable, self._tables = table, None
         self._set_header(refcount_table_offset=table_offset, refcount_table_clusters=table_clusters)
         for host, block in new_blocks:
@@ -696,24 +745,36 @@ class Qcow2Clusters:
     def _check_overlap(self, host: int, length: int) -> None:
         """QEMU's qcow2_pre_write_overlap_check for the cached metadata."""
         h, cs, end = self.header, self.cluster_size, host + length
-        ranges = [("qcow2_header", 0, cs),
-                  ("active L1 table", h.l1_table_offset, h.l1_size * 8),
-                  ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        ranges = [
+            ("qcow2_header", 0, cs),
+            ("active L1 table", h.l1_table_offset, h.l1_size * 8),
+            ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs),
+        ]
         if self.meta.crypto_header:
             ranges.append(("LUKS header", *self.meta.crypto_header))
         for name, start, size in ranges:
             if size and host < start + size and start < end:
-                raise self._corruption(f"Preventing invalid write on metadata "
-                                       f"(overlaps with {name})")
-        if self._tables is None:           # cluster index -> what table it holds
-            self._tables = {(e & OFFSET_MASK) >> self.cluster_bits: "active L2 table"
-                            for e in self._l1 if e & OFFSET_MASK}
-            self._tables.update({(e & REFT_OFFSET_MASK) >> self.cluster_bits: "refcount block"
-                                 for e in self._reftable if e & REFT_OFFSET_MASK})
+                raise self._corruption(
+                    f"Preventing invalid write on metadata (overlaps with {name})"
+                )
+        if self._tables is None:  # cluster index -> what table it holds
+            self._tables = {
+                (e & OFFSET_MASK) >> self.cluster_bits: "active L2 table"
+                for e in self._l1
+                if e & OFFSET_MASK
+            }
+            self._tables.update(
+                {
+                    (e & REFT_OFFSET_MASK) >> self.cluster_bits: "refcount block"
+                    for e in self._reftable
+                    if e & REFT_OFFSET_MASK
+                }
+            )
         for cluster in range(host >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1):
             if cluster in self._tables:
-                raise self._corruption(f"Preventing invalid write on metadata "
-                                       f"(overlaps with {self._tables[cluster]})")
+                raise self._corruption(
+                    f"Preventing invalid write on metadata (overlaps with {self._tables[cluster]})"
+                )
 
     def _mark_dirty(self) -> None:
         """QEMU's qcow2_mark_dirty: lazy-refcount images are dirty while written."""
@@ -734,11 +795,14 @@ class Qcow2Clusters:
 
     def _decompress(self, entry: int) -> bytes:
         if self.header.compression_type != 0:
-            raise OSError(errno.ENOTSUP, "qcow2: zstd-compressed clusters are not supported by qmpd")
+            raise OSError(
+                errno.ENOTSUP, "qcow2: zstd-compressed clusters are not supported by qmpd"
+            )
         offset, size = self._compressed_extent(entry)
         try:
-            out = zlib.decompressobj(-15).decompress(self.child.pread(offset, size),
-                                                     self.cluster_size)
+            out = zlib.decompressobj(-15).decompress(
+                self.child.pread(offset, size), self.cluster_size
+            )
         except zlib.error:
             out = b""
         if len(out) != self.cluster_size:
@@ -763,8 +827,9 @@ class Qcow2Clusters:
             end = host + len(data)
         joined = [(host, parts[0] if len(parts) == 1 else b"".join(parts)) for host, parts in runs]
         if self.crypto:
-            encrypted = self.crypto.encrypt_many([(host // SECTOR, bytes(data))
-                                                  for host, data in joined])
+            encrypted = self.crypto.encrypt_many(
+                [(host // SECTOR, bytes(data)) for host, data in joined]
+            )
             joined = [(host, data) for (host, _), data in zip(joined, encrypted, strict=True)]
         for host, data in joined:
             self.child.pwrite(host, data)
@@ -804,13 +869,18 @@ class Qcow2Clusters:
         # itself; the others a zeroed buffer the runs are copied into (made
         # only for them: zeroing a megabyte costs as much as reading it).
         outs: list[bytes | bytearray] = []
-        runs: list[list[int]] = []         # [request, host, position, bytes] of normal clusters
+        runs: list[list[int]] = []  # [request, host, position, bytes] of normal clusters
         for i, ((_, length), pieces) in enumerate(zip(ranges, plans, strict=True)):
-            whole = (len(pieces) > 0 and cluster_type(pieces[0][4]) == NORMAL
-                     and all(cluster_type(p[4]) == NORMAL
-                             and (p[4] & OFFSET_MASK) + p[1]
-                             == (pieces[0][4] & OFFSET_MASK) + pieces[0][1] + p[2]
-                             for p in pieces))
+            whole = (
+                len(pieces) > 0
+                and cluster_type(pieces[0][4]) == NORMAL
+                and all(
+                    cluster_type(p[4]) == NORMAL
+                    and (p[4] & OFFSET_MASK) + p[1]
+                    == (pieces[0][4] & OFFSET_MASK) + pieces[0][1] + p[2]
+                    for p in pieces
+                )
+            )
             out = b"" if whole else bytearray(length)
             outs.append(out)
             for _, inside, pos, n, entry in pieces:
@@ -818,28 +888,36 @@ class Qcow2Clusters:
                 if kind == NORMAL:
                     host = (entry & OFFSET_MASK) + inside
                     last = runs[-1] if runs else None
-                    if last and last[0] == i and last[1] + last[3] == host and last[2] + last[3] == pos:
+                    if (
+                        last
+                        and last[0] == i
+                        and last[1] + last[3] == host
+                        and last[2] + last[3] == pos
+                    ):
                         last[3] += n
                     else:
                         runs.append([i, host, pos, n])
                 elif kind == COMPRESSED_CLUSTER:
-                    if waiting_forbidden():   # inflating is CPU work for a thread
+                    if waiting_forbidden():  # inflating is CPU work for a thread
                         raise BlockingIOError(errno.EAGAIN, "compressed cluster")
                     assert isinstance(out, bytearray)  # not whole: a piece is compressed
-                    out[pos:pos + n] = self._decompress(entry)[inside:inside + n]
+                    out[pos : pos + n] = self._decompress(entry)[inside : inside + n]
         data = [self._read(host, n) for _, host, _, n in runs]
         if self.crypto:
-            data = self.crypto.decrypt_many([(run[1] // SECTOR, piece)
-                                             for run, piece in zip(runs, data, strict=True)])
+            data = self.crypto.decrypt_many(
+                [(run[1] // SECTOR, piece) for run, piece in zip(runs, data, strict=True)]
+            )
         for (i, _, pos, n), piece in zip(runs, data, strict=True):
             out = outs[i]
             if isinstance(out, bytearray):
-                out[pos:pos + n] = piece
+                out[pos : pos + n] = piece
             else:
-                outs[i] = piece              # one run covers the request
+                outs[i] = piece  # one run covers the request
         return [bytes(out) for out in outs]
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         data = memoryview(data).cast("B")
         self._check_write(offset, len(data))
         if not data:
@@ -850,13 +928,14 @@ class Qcow2Clusters:
                 pieces = list(self._pieces(offset, len(data)))
                 if not self._allocating or not any(p[0] in self._allocating for p in pieces):
                     break
-                self._allocated.wait()      # an earlier write is giving them clusters
+                self._allocated.wait()  # an earlier write is giving them clusters
             if all(cluster_type(e) == NORMAL and e & COPIED for *_, e in pieces):
                 for _, inside, _, n, entry in pieces:
                     self._check_overlap((entry & OFFSET_MASK) + inside, n)
                 writes: list[tuple[int, bytes | bytearray | memoryview]] = [
-                    ((entry & OFFSET_MASK) + inside, data[pos:pos + n])
-                    for _, inside, pos, n, entry in pieces]
+                    ((entry & OFFSET_MASK) + inside, data[pos : pos + n])
+                    for _, inside, pos, n, entry in pieces
+                ]
                 updates: dict[int, int] = {}
             else:
                 self._mark_dirty()
@@ -864,10 +943,10 @@ class Qcow2Clusters:
                 self._allocating.update(updates)
             self._begin_io()
         try:
-            self._write_hosts(writes)       # encrypted and written outside the lock
+            self._write_hosts(writes)  # encrypted and written outside the lock
         except BaseException:
             self._end_io()
-            if updates:                     # the new clusters leak, as after a crash
+            if updates:  # the new clusters leak, as after a crash
                 with self._lock:
                     self._allocating.difference_update(updates)
                     self._allocated.notify_all()
@@ -884,13 +963,12 @@ class Qcow2Clusters:
     def _wait_allocations(self, clusters=None) -> None:
         """(The lock held) until no write is giving any of these guest clusters
         (None: any cluster) new host clusters."""
-        while self._allocating and (clusters is None
-                                    or not self._allocating.isdisjoint(clusters)):
+        while self._allocating and (clusters is None or not self._allocating.isdisjoint(clusters)):
             self._allocated.wait()
 
-    def _plan_allocating(self, data: memoryview, pieces: list
-                         ) -> tuple[list[tuple[int, bytes | bytearray | memoryview]],
-                                    dict[int, int]]:
+    def _plan_allocating(
+        self, data: memoryview, pieces: list
+    ) -> tuple[list[tuple[int, bytes | bytearray | memoryview]], dict[int, int]]:
         """A write needing new clusters (or L2 tables), the order in the module
         text: tables and clusters allocated here, under the lock; the caller
         writes the data outside it (the guest clusters marked as allocating,
@@ -902,31 +980,36 @@ class Qcow2Clusters:
         self._prepare_l2([p[0] >> self.l2_bits for p in moving], self._allocate(len(tables)))
         # Data clusters: no flush and no file extension here; the data write
         # extends the file, and _sync_l2 flushes before their L2 entries go out.
-        host_of = dict(zip((p[0] for p in fresh),
-                           self._allocate(len(fresh), cover=False, flush=False), strict=False))
+        host_of = dict(
+            zip(
+                (p[0] for p in fresh),
+                self._allocate(len(fresh), cover=False, flush=False),
+                strict=False,
+            )
+        )
         updates: dict[int, int] = {}
         writes: list[tuple[int, bytes | bytearray | memoryview]] = []
         for cluster, inside, pos, n, entry in pieces:
             kind = cluster_type(entry)
             if kind == NORMAL and entry & COPIED:
                 self._check_overlap((entry & OFFSET_MASK) + inside, n)
-                writes.append(((entry & OFFSET_MASK) + inside, data[pos:pos + n]))
+                writes.append(((entry & OFFSET_MASK) + inside, data[pos : pos + n]))
                 continue
             host = host_of.get(cluster, entry & OFFSET_MASK)
             in_disk = min(cs, self.header.size - cluster * cs)
             buffer: bytes | bytearray | memoryview
             if inside == 0 and n == cs:
-                buffer = data[pos:pos + n]
+                buffer = data[pos : pos + n]
             elif inside == 0 and n >= in_disk:
-                buffer = bytearray(data[pos:pos + n]) + bytes(cs - n)
+                buffer = bytearray(data[pos : pos + n]) + bytes(cs - n)
             else:
                 if kind == COMPRESSED_CLUSTER:
                     buffer = bytearray(self._decompress(entry))
-                elif kind == NORMAL:                  # shared: copy the old contents
+                elif kind == NORMAL:  # shared: copy the old contents
                     buffer = bytearray(self._read_host(entry & OFFSET_MASK, cs))
                 else:
                     buffer = bytearray(cs)
-                buffer[inside:inside + n] = data[pos:pos + n]
+                buffer[inside : inside + n] = data[pos : pos + n]
             self._check_overlap(host, cs)
             writes.append((host, buffer))
             updates[cluster] = host | COPIED
@@ -936,8 +1019,12 @@ class Qcow2Clusters:
         """(The lock held) the written clusters into the L2 tables; the clusters
         they replaced freed once that is durable."""
         old = self._set_l2(updates)
-        replaced = [e for e in old if cluster_type(e) in (NORMAL, COMPRESSED_CLUSTER)
-                    or (cluster_type(e) == ZERO_ALLOC and not e & COPIED)]
+        replaced = [
+            e
+            for e in old
+            if cluster_type(e) in (NORMAL, COMPRESSED_CLUSTER)
+            or (cluster_type(e) == ZERO_ALLOC and not e & COPIED)
+        ]
         if replaced:
             self._sync_before_free()
             for entry in replaced:
@@ -973,31 +1060,47 @@ class Qcow2Clusters:
             for entry in frees:
                 self._free_entry(entry)
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         self._check_write(offset, length)
         cs, v3 = self.cluster_size, self.header.version >= 3
         first, last = self._whole_clusters(offset, length)
         end = offset + length
-        parts = ([(offset, length)] if first == last else
-                 [(offset, first * cs - offset), (last * cs, end - last * cs)])
+        parts = (
+            [(offset, length)]
+            if first == last
+            else [(offset, first * cs - offset), (last * cs, end - last * cs)]
+        )
         with self._lock:
             self._check_usable()
             self._wait_allocations(range(offset // cs, -(-end // cs)))
             # bytes outside whole clusters, in clusters that do not read as zeroes
-            partial = [(cluster * cs + inside, n)
-                       for p_off, p_len in parts if p_len > 0
-                       for cluster, inside, _, n, entry in self._pieces(p_off, p_len)
-                       if not _reads_zero(entry)]
-            data_clusters = [] if v3 or may_unmap else [
-                c for c in range(first, last) if not _reads_zero(self._entry(c))]
+            partial = [
+                (cluster * cs + inside, n)
+                for p_off, p_len in parts
+                if p_len > 0
+                for cluster, inside, _, n, entry in self._pieces(p_off, p_len)
+                if not _reads_zero(entry)
+            ]
+            data_clusters = (
+                []
+                if v3 or may_unmap
+                else [c for c in range(first, last) if not _reads_zero(self._entry(c))]
+            )
             if fast and (partial or data_clusters):
                 raise OSError(errno.ENOTSUP, "zeroing this range needs writing zeroes")
 
             def zeroize(entry: int):
                 kind = cluster_type(entry)
                 if kind in (UNALLOCATED, ZERO_PLAIN):
-                    return None                     # reads as zeroes already (no backing)
+                    return None  # reads as zeroes already (no backing)
                 if not v3:
                     return (0, True) if may_unmap else None
                 unmap = kind == COMPRESSED_CLUSTER or (may_unmap and kind in (NORMAL, ZERO_ALLOC))
@@ -1044,15 +1147,21 @@ class Qcow2Clusters:
         with _held(self._lock):
             self._check_usable()
             while pos < end:
-                if not self._l2_offset(pos >> span_bits):      # no L2 table: a whole span
+                if not self._l2_offset(pos >> span_bits):  # no L2 table: a whole span
                     n = min(end, ((pos >> span_bits) + 1) << span_bits) - pos
                     status = (False, True, False)
                 else:
                     n = min(end - pos, cs - pos % cs)
                     kind = cluster_type(self._entry(pos // cs))
-                    status = {UNALLOCATED: (False, True, False), ZERO_PLAIN: (False, True, True),
-                              ZERO_ALLOC: (False, True, True)}.get(kind, (True, False, True))
-                if extents and (extents[-1].data, extents[-1].zero, extents[-1].allocated) == status:
+                    status = {
+                        UNALLOCATED: (False, True, False),
+                        ZERO_PLAIN: (False, True, True),
+                        ZERO_ALLOC: (False, True, True),
+                    }.get(kind, (True, False, True))
+                if (
+                    extents
+                    and (extents[-1].data, extents[-1].zero, extents[-1].allocated) == status
+                ):
                     extents[-1] = replace(extents[-1], length=extents[-1].length + n)
                 else:
                     extents.append(Extent(n, *status))
@@ -1081,7 +1190,7 @@ class Qcow2Clusters:
                 clusters = -(-l1_size * 8 // self.cluster_size)
                 host = self._allocate(clusters, contiguous=True, cover=False)[0]
                 table = array("Q", self._l1) + array("Q", bytes((l1_size - h.l1_size) * 8))
-                self.child.pwrite(host, _be_bytes(table))     # the entries only, as QEMU
+                self.child.pwrite(host, _be_bytes(table))  # the entries only, as QEMU
                 self.child.flush()
                 self.child.pwrite(_L1_AT, struct.pack(">IQ", l1_size, host))
                 self.child.flush()
@@ -1115,8 +1224,9 @@ class Qcow2Clusters:
             self._prepare_l2([keep - 1])
         for l1i in range(first // per_l2, min(len(self._l1), -(-last // per_l2))):
             if self._l2_offset(l1i):
-                self._update_entries(max(first, l1i * per_l2), min(last, (l1i + 1) * per_l2),
-                                     lambda entry: (0, True))
+                self._update_entries(
+                    max(first, l1i * per_l2), min(last, (l1i + 1) * per_l2), lambda entry: (0, True)
+                )
         drop = [i for i in range(keep, len(self._l1)) if self._l1[i] & OFFSET_MASK]
         if drop:
             self._mark_dirty()
@@ -1140,8 +1250,10 @@ class Qcow2Clusters:
             try:
                 self.child.truncate((used + 1) * cs)
             except OSError as err:
-                log.warning("Failed to truncate the tail of the image: %s", os.strerror(
-                    err.errno or errno.EIO))
+                log.warning(
+                    "Failed to truncate the tail of the image: %s",
+                    os.strerror(err.errno or errno.EIO),
+                )
 
     def close(self) -> None:
         """Flush, and clear the dirty bit this node set (QEMU's qcow2_mark_clean)."""

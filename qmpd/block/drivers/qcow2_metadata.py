@@ -26,8 +26,8 @@ MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 HEADER_V2_LENGTH = 72
-HEADER_V3_LENGTH = 104   # without the compression type byte
-HEADER_LENGTH = 112      # what QEMU writes: + compression type, padded
+HEADER_V3_LENGTH = 104  # without the compression type byte
+HEADER_LENGTH = 112  # what QEMU writes: + compression type, padded
 
 CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
 
@@ -70,8 +70,8 @@ MAX_SNAPSHOTS = 65536
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
 
-_HEADER = struct.Struct(">IIQIIQIIQQIIQ")          # the 72 bytes of version 2
-_HEADER_V3 = struct.Struct(">QQQII")                # bytes 72..104
+_HEADER = struct.Struct(">IIQIIQIIQQIIQ")  # the 72 bytes of version 2
+_HEADER_V3 = struct.Struct(">QQQII")  # bytes 72..104
 _EXT = struct.Struct(">II")
 _FDE = struct.Struct(">QQ")
 
@@ -115,7 +115,7 @@ class Qcow2Metadata:
     """What an open qcow2 node knows about its image."""
 
     header: Qcow2Header
-    crypto_header: tuple[int, int] | None = None      # (offset, length) of the LUKS header
+    crypto_header: tuple[int, int] | None = None  # (offset, length) of the LUKS header
     backing_format: str | None = None
     data_file: str | None = None
     backing_file: str | None = None
@@ -130,8 +130,21 @@ def parse_header(raw: bytes) -> Qcow2Header:
         if len(raw) >= 4 and struct.unpack(">I", raw[:4])[0] == MAGIC:
             raise _fail("Could not read qcow2 header: Input/output error")
         raise _fail("Image is not in qcow2 format")
-    (magic, version, backing_off, backing_size, cluster_bits, size, crypt,
-     l1_size, l1_off, rt_off, rt_clusters, nb_snap, snap_off) = _HEADER.unpack_from(raw)
+    (
+        magic,
+        version,
+        backing_off,
+        backing_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+    ) = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise _fail("Image is not in qcow2 format")
     if version < 2 or version > 3:
@@ -145,30 +158,57 @@ def parse_header(raw: bytes) -> Qcow2Header:
     else:
         if len(raw) < HEADER_V3_LENGTH:
             raise _fail("qcow2 header too short")
-        incompat, compat, autoclear, refcount_order, header_length = \
-            _HEADER_V3.unpack_from(raw, _HEADER.size)
+        incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(
+            raw, _HEADER.size
+        )
         if header_length < HEADER_V3_LENGTH:
             raise _fail("qcow2 header too short")
     if header_length > cluster_size:
         raise _fail("qcow2 header exceeds cluster size")
     if backing_off > cluster_size:
         raise _fail("Invalid backing file offset")
-    compression = raw[HEADER_V3_LENGTH] if header_length > HEADER_V3_LENGTH and len(raw) > HEADER_V3_LENGTH else 0
-    return Qcow2Header(version, backing_off, backing_size, cluster_bits, size, crypt,
-                       l1_size, l1_off, rt_off, rt_clusters, nb_snap, snap_off,
-                       incompat, compat, autoclear, refcount_order, header_length, compression)
+    compression = (
+        raw[HEADER_V3_LENGTH]
+        if header_length > HEADER_V3_LENGTH and len(raw) > HEADER_V3_LENGTH
+        else 0
+    )
+    return Qcow2Header(
+        version,
+        backing_off,
+        backing_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+        incompat,
+        compat,
+        autoclear,
+        refcount_order,
+        header_length,
+        compression,
+    )
 
 
-def _validate_table(header: Qcow2Header, offset: int, entries: int, entry_len: int,
-                    max_bytes: int, name: str) -> None:
+def _validate_table(
+    header: Qcow2Header, offset: int, entries: int, entry_len: int, max_bytes: int, name: str
+) -> None:
     if entries > max_bytes // entry_len:
         raise _fail(f"{name} too large")
     if INT64_MAX - entries * entry_len < offset or offset % header.cluster_size:
         raise _fail(f"{name} offset invalid")
 
 
-def validate_header(header: Qcow2Header, *, read_write: bool,
-                    feature_names: dict[tuple[int, int], str] | None = None) -> None:
+def validate_header(
+    header: Qcow2Header,
+    *,
+    read_write: bool,
+    feature_names: dict[tuple[int, int], str] | None = None,
+) -> None:
     """The checks of qcow2_do_open after the fixed fields, in its order."""
     if header.compression_type not in (0, 1):
         raise _fail(f"qcow2: unknown compression type: {header.compression_type}")
@@ -195,18 +235,32 @@ def validate_header(header: Qcow2Header, *, read_write: bool,
     if header.refcount_order > 6:
         raise _fail("Reference count entry width too large; may not exceed 64 bits")
     if header.crypt_method == CRYPT_AES:
-        raise _fail("Use of AES-CBC encrypted qcow2 images is no longer "
-                    "supported in system emulators")
+        raise _fail(
+            "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators"
+        )
     if header.crypt_method not in (CRYPT_NONE, CRYPT_LUKS):
         raise _fail(f"Unsupported encryption method {header.crypt_method}")
     if header.refcount_table_clusters == 0:
         raise _fail("Image does not contain a reference count table")
-    _validate_table(header, header.refcount_table_offset, header.refcount_table_clusters,
-                    header.cluster_size, MAX_REFTABLE_BYTES, "Reference count table")
-    _validate_table(header, header.snapshots_offset, header.nb_snapshots,
-                    SNAPSHOT_HEADER_SIZE, SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, "Snapshot table")
-    _validate_table(header, header.l1_table_offset, header.l1_size, 8, MAX_L1_BYTES,
-                    "Active L1 table")
+    _validate_table(
+        header,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        header.cluster_size,
+        MAX_REFTABLE_BYTES,
+        "Reference count table",
+    )
+    _validate_table(
+        header,
+        header.snapshots_offset,
+        header.nb_snapshots,
+        SNAPSHOT_HEADER_SIZE,
+        SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
+        "Snapshot table",
+    )
+    _validate_table(
+        header, header.l1_table_offset, header.l1_size, 8, MAX_L1_BYTES, "Active L1 table"
+    )
     l2_entries = header.cluster_size // (16 if extended_l2 else 8)
     span = header.cluster_size * l2_entries
     l1_needed = -(-header.size // span)
@@ -231,7 +285,7 @@ def parse_extensions(header: Qcow2Header, cluster0: bytes, meta: Qcow2Metadata) 
         offset += _EXT.size
         if offset > end or length > end - offset:
             raise _fail("Header extension too large")
-        data = cluster0[offset:offset + length]
+        data = cluster0[offset : offset + length]
         if magic == EXT_END:
             return
         if magic == EXT_BACKING_FORMAT:
@@ -240,7 +294,7 @@ def parse_extensions(header: Qcow2Header, cluster0: bytes, meta: Qcow2Metadata) 
             meta.backing_format = data.decode("utf-8", "replace")
         elif magic == EXT_FEATURE_TABLE:
             for i in range(length // 48):
-                entry = data[i * 48:(i + 1) * 48]
+                entry = data[i * 48 : (i + 1) * 48]
                 name = entry[2:].split(b"\0", 1)[0].decode("utf-8", "replace")
                 meta.feature_names[(entry[0], entry[1])] = name
         elif magic == EXT_CRYPTO_HEADER:
@@ -250,8 +304,10 @@ def parse_extensions(header: Qcow2Header, cluster0: bytes, meta: Qcow2Metadata) 
                 raise _fail(f"CRYPTO header extension size {length}, but expected size {_FDE.size}")
             fde_offset, fde_length = _FDE.unpack(data)
             if fde_offset % header.cluster_size:
-                raise _fail(f"Encryption header offset '{fde_offset}' is not a multiple "
-                            f"of cluster size '{header.cluster_size}'")
+                raise _fail(
+                    f"Encryption header offset '{fde_offset}' is not a multiple "
+                    f"of cluster size '{header.cluster_size}'"
+                )
             meta.crypto_header = (fde_offset, fde_length)
         elif magic == EXT_BITMAPS:
             if length != 24:
@@ -264,8 +320,9 @@ def parse_extensions(header: Qcow2Header, cluster0: bytes, meta: Qcow2Metadata) 
         offset += (length + 7) & ~7
 
 
-def read_metadata(read: Callable[[int, int], bytes], file_size: int, *,
-                  read_write: bool) -> Qcow2Metadata:
+def read_metadata(
+    read: Callable[[int, int], bytes], file_size: int, *, read_write: bool
+) -> Qcow2Metadata:
     """Parse and validate a qcow2 image through ``read(offset, length)``.
 
     Refuses what this daemon cannot honour: legacy AES, external data files,
@@ -296,10 +353,13 @@ def read_metadata(read: Callable[[int, int], bytes], file_size: int, *,
         length = header.backing_file_size
         if length > min(1023, header.cluster_size - header.backing_file_offset):
             raise _fail("Backing file name too long")
-        meta.backing_file = cluster0[header.backing_file_offset:
-                                     header.backing_file_offset + length].decode("utf-8", "replace")
-        raise _fail(f"qcow2 images with a backing file are not supported by qmpd "
-                    f"(backing file '{meta.backing_file}')")
+        meta.backing_file = cluster0[
+            header.backing_file_offset : header.backing_file_offset + length
+        ].decode("utf-8", "replace")
+        raise _fail(
+            f"qcow2 images with a backing file are not supported by qmpd "
+            f"(backing file '{meta.backing_file}')"
+        )
     return meta
 
 
@@ -321,6 +381,7 @@ def format_specific_info(meta: Qcow2Metadata) -> dict:
 
 
 # -- creation ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Qcow2CreateLayout:
@@ -354,23 +415,33 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_create_options(size: int, cluster_size: int, refcount_bits: int, version: str,
-                         lazy_refcounts: bool) -> None:
+def check_create_options(
+    size: int, cluster_size: int, refcount_bits: int, version: str, lazy_refcounts: bool
+) -> None:
     """qcow2_co_create's checks, with its texts."""
     if size % 512:
         raise _fail("Image size must be a multiple of 512 bytes")
-    if (cluster_size & (cluster_size - 1) or cluster_size < (1 << MIN_CLUSTER_BITS)
-            or cluster_size > (1 << MAX_CLUSTER_BITS)):
-        raise _fail(f"Cluster size must be a power of two between {1 << MIN_CLUSTER_BITS} "
-                    f"and {1 << (MAX_CLUSTER_BITS - 10)}k")
+    if (
+        cluster_size & (cluster_size - 1)
+        or cluster_size < (1 << MIN_CLUSTER_BITS)
+        or cluster_size > (1 << MAX_CLUSTER_BITS)
+    ):
+        raise _fail(
+            f"Cluster size must be a power of two between {1 << MIN_CLUSTER_BITS} "
+            f"and {1 << (MAX_CLUSTER_BITS - 10)}k"
+        )
     if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
         raise _fail("Refcount width must be a power of two and may not exceed 64 bits")
     if version == "v2" and refcount_bits != 16:
-        raise _fail("Different refcount widths than 16 bits require compatibility level 1.1 "
-                    "or above (use version=v3 or greater)")
+        raise _fail(
+            "Different refcount widths than 16 bits require compatibility level 1.1 "
+            "or above (use version=v3 or greater)"
+        )
     if version == "v2" and lazy_refcounts:
-        raise _fail("Lazy refcounts only supported with compatibility level 1.1 and above "
-                    "(use version=v3 or greater)")
+        raise _fail(
+            "Lazy refcounts only supported with compatibility level 1.1 and above "
+            "(use version=v3 or greater)"
+        )
 
 
 def check_create_size(size: int, cluster_size: int) -> None:
@@ -378,7 +449,7 @@ def check_create_size(size: int, cluster_size: int) -> None:
     blk_truncate: bdrv_co_truncate's checks, then qcow2_grow_l1_table's
     cap of 32 MiB of L1 table), before anything is written."""
     prefix = "Could not resize image: "
-    if size > INT64_MAX:                # a uint64 QEMU passes on as a negative int64
+    if size > INT64_MAX:  # a uint64 QEMU passes on as a negative int64
         raise _fail(prefix + "Image size cannot be negative")
     if size > BDRV_MAX_LENGTH:
         raise _fail(prefix + f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
@@ -386,8 +457,9 @@ def check_create_size(size: int, cluster_size: int) -> None:
         raise _fail(prefix + "Failed to grow the L1 table: File too large")
 
 
-def plan_layout(size: int, cluster_size: int, refcount_bits: int,
-                crypto_length: int = 0) -> Qcow2CreateLayout:
+def plan_layout(
+    size: int, cluster_size: int, refcount_bits: int, crypto_length: int = 0
+) -> Qcow2CreateLayout:
     cluster_bits = cluster_size.bit_length() - 1
     l1_size = _ceil_div(size, cluster_size * (cluster_size // 8))
     # QEMU allocates the L1 table when it grows the new image to its size:
@@ -405,12 +477,18 @@ def plan_layout(size: int, cluster_size: int, refcount_bits: int,
         refblocks, reftable_clusters = need_blocks, need_table
     del cluster_bits
     return Qcow2CreateLayout(
-        cluster_size=cluster_size, refcount_order=refcount_bits.bit_length() - 1,
-        reftable_cluster=1, reftable_clusters=reftable_clusters,
-        refblock_cluster=1 + reftable_clusters, refblocks=refblocks,
-        l1_cluster=1 + reftable_clusters + refblocks, l1_size=l1_size, l1_clusters=l1_clusters,
+        cluster_size=cluster_size,
+        refcount_order=refcount_bits.bit_length() - 1,
+        reftable_cluster=1,
+        reftable_clusters=reftable_clusters,
+        refblock_cluster=1 + reftable_clusters,
+        refblocks=refblocks,
+        l1_cluster=1 + reftable_clusters + refblocks,
+        l1_size=l1_size,
+        l1_clusters=l1_clusters,
         crypto_cluster=1 + reftable_clusters + refblocks + l1_clusters,
-        crypto_clusters=crypto_clusters)
+        crypto_clusters=crypto_clusters,
+    )
 
 
 def _refcount_block_bytes(count: int, refcount_bits: int, cluster_size: int) -> bytes:
@@ -424,7 +502,7 @@ def _refcount_block_bytes(count: int, refcount_bits: int, cluster_size: int) -> 
         width = refcount_bits // 8
         one = (1).to_bytes(width, "big")
         for i in range(count):
-            block[i * width:(i + 1) * width] = one
+            block[i * width : (i + 1) * width] = one
     else:
         per_byte = 8 // refcount_bits
         for i in range(count):
@@ -432,39 +510,60 @@ def _refcount_block_bytes(count: int, refcount_bits: int, cluster_size: int) -> 
     return bytes(block)
 
 
-def build_header_cluster(layout: Qcow2CreateLayout, size: int, version: str, *,
-                         lazy_refcounts: bool, crypto_length: int) -> bytes:
+def build_header_cluster(
+    layout: Qcow2CreateLayout, size: int, version: str, *, lazy_refcounts: bool, crypto_length: int
+) -> bytes:
     """Cluster 0: the header, then FDE pointer, feature table, end marker."""
     v3 = version != "v2"
     cluster_bits = layout.cluster_size.bit_length() - 1
     crypt = CRYPT_LUKS if crypto_length else CRYPT_NONE
     out = bytearray(layout.cluster_size)
-    _HEADER.pack_into(out, 0, MAGIC, 3 if v3 else 2, 0, 0, cluster_bits, size, crypt,
-                      layout.l1_size,
-                      layout.l1_cluster * layout.cluster_size if layout.l1_size else 0,
-                      layout.reftable_cluster * layout.cluster_size, layout.reftable_clusters,
-                      0, 0)
+    _HEADER.pack_into(
+        out,
+        0,
+        MAGIC,
+        3 if v3 else 2,
+        0,
+        0,
+        cluster_bits,
+        size,
+        crypt,
+        layout.l1_size,
+        layout.l1_cluster * layout.cluster_size if layout.l1_size else 0,
+        layout.reftable_cluster * layout.cluster_size,
+        layout.reftable_clusters,
+        0,
+        0,
+    )
     offset = HEADER_V2_LENGTH
     if v3:
-        _HEADER_V3.pack_into(out, _HEADER.size, 0,
-                             COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0, 0,
-                             layout.refcount_order, HEADER_LENGTH)
+        _HEADER_V3.pack_into(
+            out,
+            _HEADER.size,
+            0,
+            COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+            0,
+            layout.refcount_order,
+            HEADER_LENGTH,
+        )
         offset = HEADER_LENGTH
     if crypto_length:
         _EXT.pack_into(out, offset, EXT_CRYPTO_HEADER, _FDE.size)
         _FDE.pack_into(out, offset + 8, layout.crypto_cluster * layout.cluster_size, crypto_length)
         offset += 8 + _FDE.size
     if v3 and layout.cluster_size >= FEATURE_TABLE_MIN_CLUSTER:
-        table = b"".join(struct.pack(">BB46s", kind, bit, name.encode())
-                         for kind, bit, name in FEATURE_TABLE)
+        table = b"".join(
+            struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_TABLE
+        )
         _EXT.pack_into(out, offset, EXT_FEATURE_TABLE, len(table))
-        out[offset + 8:offset + 8 + len(table)] = table
+        out[offset + 8 : offset + 8 + len(table)] = table
     # the end marker is the zeros that follow
     return bytes(out)
 
 
-def metadata_writes(layout: Qcow2CreateLayout, size: int, version: str, *,
-                    lazy_refcounts: bool, crypto_length: int) -> list[tuple[int, bytes]]:
+def metadata_writes(
+    layout: Qcow2CreateLayout, size: int, version: str, *, lazy_refcounts: bool, crypto_length: int
+) -> list[tuple[int, bytes]]:
     """(offset, bytes) for every metadata region but the LUKS header, header last."""
     cs = layout.cluster_size
     writes: list[tuple[int, bytes]] = []
@@ -477,10 +576,20 @@ def metadata_writes(layout: Qcow2CreateLayout, size: int, version: str, *,
     for i in range(layout.refblocks):
         count = min(per_block, remaining)
         remaining -= count
-        writes.append(((layout.refblock_cluster + i) * cs,
-                       _refcount_block_bytes(count, 1 << layout.refcount_order, cs)))
+        writes.append(
+            (
+                (layout.refblock_cluster + i) * cs,
+                _refcount_block_bytes(count, 1 << layout.refcount_order, cs),
+            )
+        )
     if layout.l1_size:
         writes.append((layout.l1_cluster * cs, bytes(layout.l1_size * 8)))
-    writes.append((0, build_header_cluster(layout, size, version, lazy_refcounts=lazy_refcounts,
-                                           crypto_length=crypto_length)))
+    writes.append(
+        (
+            0,
+            build_header_cluster(
+                layout, size, version, lazy_refcounts=lazy_refcounts, crypto_length=crypto_length
+            ),
+        )
+    )
     return writes

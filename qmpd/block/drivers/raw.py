@@ -30,12 +30,12 @@ class RawNode(Node):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.offset = 0
-        self.fixed_size: int | None = None   # "size": the window is fixed
+        self.fixed_size: int | None = None  # "size": the window is fixed
 
     def child_perms(self, child: Node) -> tuple[Perm, Perm]:
         perm, shared = self.parent_perms
         if self.offset or self.fixed_size is not None:
-            shared &= ~Perm.RESIZE   # a window must not move under us
+            shared &= ~Perm.RESIZE  # a window must not move under us
         return perm, shared
 
     @staticmethod
@@ -44,7 +44,8 @@ class RawNode(Node):
         for key in ("offset", "size"):
             if options.get(key, 0) < 0:
                 raise QMPError.generic(
-                    f"Parameter '{key}' expects a non-negative number below 2^64")
+                    f"Parameter '{key}' expects a non-negative number below 2^64"
+                )
 
     async def open_image(self, graph: "BlockGraph") -> None:
         """raw_apply_options: its checks in its order, with its texts."""
@@ -54,12 +55,14 @@ class RawNode(Node):
         size = self.options.get("size")
         real = await in_thread(file.length)
         if offset > real:
-            raise QMPError.generic(f"Offset ({offset}) cannot be greater than size of the "
-                                   f"containing file ({real})")
+            raise QMPError.generic(
+                f"Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            )
         if size is not None and real - offset < size:
             raise QMPError.generic(
                 f"The sum of offset ({offset}) and size ({size}) has to be smaller or "
-                f"equal to the  actual size of the containing file ({real})")
+                f"equal to the  actual size of the containing file ({real})"
+            )
         if size is not None and size % 512:
             raise QMPError.generic("Specified size is not multiple of 512")
         self.offset, self.fixed_size = offset, size
@@ -93,11 +96,19 @@ class RawNode(Node):
         assert self.file is not None
         self.file.pwrite(self.offset + offset, data, fua=fua)
 
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                      fua: bool = False, fast: bool = False) -> None:
+    def pwrite_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         assert self.file is not None
-        self.file.pwrite_zeroes(self.offset + offset, length, may_unmap=may_unmap, fua=fua,
-                                fast=fast)
+        self.file.pwrite_zeroes(
+            self.offset + offset, length, may_unmap=may_unmap, fua=fua, fast=fast
+        )
 
     def pdiscard(self, offset: int, length: int) -> None:
         assert self.file is not None
@@ -137,8 +148,7 @@ class RawNode(Node):
 
     def image_info(self) -> dict:
         info = self.leaf().image_info()
-        info.update({"format": "raw", "virtual-size": self.length(),
-                     "filename": self.filename()})
+        info.update({"format": "raw", "virtual-size": self.length(), "filename": self.filename()})
         return info
 
 

@@ -133,13 +133,20 @@ class LuksAmendOptions:
     pbkdf_parallel: int | None = None
 
     def __repr__(self) -> str:
-        given = [name for name in ("new_secret", "old_secret", "secret", "opened_secret")
-                 if getattr(self, name) is not None]
-        kdf = "".join(f", {name}={getattr(self, name)!r}"
-                      for name in ("pbkdf", "pbkdf_memory", "pbkdf_parallel")
-                      if getattr(self, name) is not None)
-        return (f"LuksAmendOptions(state={self.state!r}, keyslot={self.keyslot}, "
-                f"iter_time={self.iter_time}, force={self.force}{kdf}, given={given})")
+        given = [
+            name
+            for name in ("new_secret", "old_secret", "secret", "opened_secret")
+            if getattr(self, name) is not None
+        ]
+        kdf = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name in ("pbkdf", "pbkdf_memory", "pbkdf_parallel")
+            if getattr(self, name) is not None
+        )
+        return (
+            f"LuksAmendOptions(state={self.state!r}, keyslot={self.keyslot}, "
+            f"iter_time={self.iter_time}, force={self.force}{kdf}, given={given})"
+        )
 
 
 PBKDF_TYPES = ("pbkdf2", "argon2i", "argon2id")
@@ -160,10 +167,10 @@ class AmendPlan:
     """What :func:`apply_amend` will do: ordered writes and syncs, nothing secret."""
 
     volume: LuksVolume
-    expected_header: bytes                       # the header the plan was made against
-    steps: list[tuple[int, bytes] | None]        # (offset, data) or None for sync
+    expected_header: bytes  # the header the plan was made against
+    steps: list[tuple[int, bytes] | None]  # (offset, data) or None for sync
     new_header: LuksHeader
-    description: str                             # e.g. "add keyslot 1"
+    description: str  # e.g. "add keyslot 1"
 
     def __repr__(self) -> str:
         return f"AmendPlan({self.description}, {len(self.steps)} steps)"
@@ -175,8 +182,12 @@ def _c_int(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _entry_writes(header: LuksHeader, index: int, *, activating: bool,
-                  ) -> list[tuple[int, bytes] | None]:
+def _entry_writes(
+    header: LuksHeader,
+    index: int,
+    *,
+    activating: bool,
+) -> list[tuple[int, bytes] | None]:
     """Steps writing slot ``index``'s entry so that no crash leaves it half-made.
 
     An entry within one sector is one write. Slot 6's entry straddles the
@@ -191,8 +202,8 @@ def _entry_writes(header: LuksHeader, index: int, *, activating: bool,
     boundary = (offset // SECTOR_SIZE + 1) * SECTOR_SIZE
     if offset + len(data) <= boundary:
         return [(offset, data)]
-    head = (offset, data[:boundary - offset])
-    tail = (boundary, data[boundary - offset:])
+    head = (offset, data[: boundary - offset])
+    tail = (boundary, data[boundary - offset :])
     return [tail, None, head] if activating else [head, None, tail]
 
 
@@ -204,7 +215,7 @@ class _Session:
         header, spec = parse_header_bytes(raw, detached_header=volume.detached_header)
         if volume.payload_in_file:
             check_payload_in_file(header, io.size())
-        if header.pack()[:slot_entry_offset(0)] != volume.header.pack()[:slot_entry_offset(0)]:
+        if header.pack()[: slot_entry_offset(0)] != volume.header.pack()[: slot_entry_offset(0)]:
             raise CryptoError("The LUKS header changed on disk since the volume was opened")
         self.volume = volume
         self.io = io
@@ -235,8 +246,9 @@ class _Session:
             return False
         if self.witnessed(passphrase, index):
             return True
-        key = try_slot(self.header, self.spec, self.hash_name, index, passphrase,
-                       self.material(index))
+        key = try_slot(
+            self.header, self.spec, self.hash_name, index, passphrase, self.material(index)
+        )
         if key is None:
             return False
         wipe(key)
@@ -245,8 +257,11 @@ class _Session:
     def unlock(self, passphrase: bytes | bytearray) -> None:
         """QEMU's find_key: succeed if any slot opens, else its error."""
         witness = self.volume.witness
-        if witness is not None and self.witnessed(passphrase, witness.slot_index) \
-                and self.header.slots[witness.slot_index].is_active:
+        if (
+            witness is not None
+            and self.witnessed(passphrase, witness.slot_index)
+            and self.header.slots[witness.slot_index].is_active
+        ):
             return
         key, _, _ = find_key(self.io, self.header, self.spec, passphrase)
         wipe(key)
@@ -262,20 +277,20 @@ def _check_add(header: LuksHeader, options: LuksAmendOptions) -> tuple[int, Secr
     if options.keyslot is not None:
         keyslot = _c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
-            raise CryptoError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
-                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+            raise CryptoError(
+                f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
+                f"must be between 0 and {NUM_KEY_SLOTS - 1}"
+            )
     else:
         free = [i for i, slot in enumerate(header.slots) if not slot.is_active]
         if not free:
             raise CryptoError("Can't add a keyslot - all keyslots are in use")
         keyslot = free[0]
     if not options.force and header.slots[keyslot].is_active:
-        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
-                          "please erase it first")
+        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - please erase it first")
     unlock_secret = options.secret if options.secret is not None else options.opened_secret
     if unlock_secret is None:
-        raise CryptoError("The passphrase to unlock the volume is not available: "
-                          "give 'secret'")
+        raise CryptoError("The passphrase to unlock the volume is not available: give 'secret'")
     return keyslot, unlock_secret
 
 
@@ -290,7 +305,7 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     no_active_slot = not any(slot.is_active for slot in header.slots)
     if options.state == "active":
         _resolve(_check_add(header, options)[1])
-        if no_active_slot:     # QEMU's find_key has no slot to read: fails at once
+        if no_active_slot:  # QEMU's find_key has no slot to read: fails at once
             raise CryptoError("Invalid password, cannot unlock any keyslot")
         return
     if options.state != "inactive":
@@ -306,29 +321,41 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     if options.keyslot is not None:
         keyslot = _c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
-            raise CryptoError(f"Invalid keyslot {keyslot} specified, "
-                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+            raise CryptoError(
+                f"Invalid keyslot {keyslot} specified, must be between 0 and {NUM_KEY_SLOTS - 1}"
+            )
         if options.old_secret is not None:
             if not header.slots[keyslot].is_active:
                 # QEMU's load_key answers an inactive slot without reading it
-                raise CryptoError(f"Given keyslot {keyslot} doesn't contain the given "
-                                  "old password for erase operation")
-            return    # the slot is read next
+                raise CryptoError(
+                    f"Given keyslot {keyslot} doesn't contain the given "
+                    "old password for erase operation"
+                )
+            return  # the slot is read next
         if not options.force and not header.slots[keyslot].is_active:
             raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
         if not options.force and sum(s.is_active for s in header.slots) == 1:
-            raise CryptoError(f"Attempt to erase the only active keyslot {keyslot} "
-                              "which will erase all the data in the image "
-                              "irreversibly - refusing operation")
+            raise CryptoError(
+                f"Attempt to erase the only active keyslot {keyslot} "
+                "which will erase all the data in the image "
+                "irreversibly - refusing operation"
+            )
     elif options.old_secret is None:
-        raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
-                          "password currently contained in them must be given")
-    elif no_active_slot:        # no slot to try the old password on: no read
+        raise CryptoError(
+            "To erase keyslot(s), either explicit keyslot index or the "
+            "password currently contained in them must be given"
+        )
+    elif no_active_slot:  # no slot to try the old password on: no read
         raise CryptoError("No keyslots match given (old) password for erase operation")
 
 
-def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,
-                  random_bytes: Callable[[int], bytes] = os.urandom) -> AmendPlan:
+def prepare_amend(
+    volume: LuksVolume,
+    io: ImageIO,
+    options: LuksAmendOptions,
+    *,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> AmendPlan:
     """Check ``options`` against the image and compute the writes; writes nothing."""
     check_luks1_pbkdf(options)
     session = _Session(volume, io)
@@ -339,8 +366,9 @@ def prepare_amend(volume: LuksVolume, io: ImageIO, options: LuksAmendOptions, *,
     raise CryptoError(f"Invalid keyslot state '{options.state}'")
 
 
-def _prepare_add(session: _Session, options: LuksAmendOptions,
-                 random_bytes: Callable[[int], bytes]) -> AmendPlan:
+def _prepare_add(
+    session: _Session, options: LuksAmendOptions, random_bytes: Callable[[int], bytes]
+) -> AmendPlan:
     header = session.header
     keyslot, unlock_secret = _check_add(header, options)
     was_active = header.slots[keyslot].is_active
@@ -351,8 +379,16 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     iter_time = options.iter_time if options.iter_time is not None else DEFAULT_ITER_TIME
     check_iter_time(iter_time)
     iterations = pbkdf.iterations_for_time(session.hash_name, iter_time, header.key_bytes)
-    slot = build_slot(header, session.spec, session.hash_name, keyslot, new_secret,
-                      session.volume.volume_key, iterations, random_bytes)
+    slot = build_slot(
+        header,
+        session.spec,
+        session.hash_name,
+        keyslot,
+        new_secret,
+        session.volume.volume_key,
+        iterations,
+        random_bytes,
+    )
     new_header = header.with_slot(keyslot, slot.entry)
     material_offset = slot.entry.key_offset * SECTOR_SIZE
     steps: list[tuple[int, bytes] | None] = []
@@ -367,12 +403,14 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
 
 def _inactive(header: LuksHeader, index: int) -> LuksHeader:
     old = header.slots[index]
-    return header.with_slot(index, KeySlot(SLOT_INACTIVE, 0, bytes(SALT_LEN),
-                                           old.key_offset, old.stripes))
+    return header.with_slot(
+        index, KeySlot(SLOT_INACTIVE, 0, bytes(SALT_LEN), old.key_offset, old.stripes)
+    )
 
 
-def _prepare_erase(session: _Session, options: LuksAmendOptions,
-                   random_bytes: Callable[[int], bytes]) -> AmendPlan:
+def _prepare_erase(
+    session: _Session, options: LuksAmendOptions, random_bytes: Callable[[int], bytes]
+) -> AmendPlan:
     header = session.header
     if options.new_secret is not None:
         raise CryptoError("'new-secret' must not be given when erasing keyslots")
@@ -384,29 +422,38 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
     if options.keyslot is not None:
         keyslot = _c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
-            raise CryptoError(f"Invalid keyslot {keyslot} specified, "
-                              f"must be between 0 and {NUM_KEY_SLOTS - 1}")
+            raise CryptoError(
+                f"Invalid keyslot {keyslot} specified, must be between 0 and {NUM_KEY_SLOTS - 1}"
+            )
         if old_secret is not None and not session.opens(old_secret, keyslot):
-            raise CryptoError(f"Given keyslot {keyslot} doesn't contain the given "
-                              "old password for erase operation")
+            raise CryptoError(
+                f"Given keyslot {keyslot} doesn't contain the given "
+                "old password for erase operation"
+            )
         if not options.force and not header.slots[keyslot].is_active:
             raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
         if not options.force and session.active_count() == 1:
-            raise CryptoError(f"Attempt to erase the only active keyslot {keyslot} "
-                              "which will erase all the data in the image "
-                              "irreversibly - refusing operation")
+            raise CryptoError(
+                f"Attempt to erase the only active keyslot {keyslot} "
+                "which will erase all the data in the image "
+                "irreversibly - refusing operation"
+            )
         targets = [keyslot]
     elif old_secret is not None:
         targets = [i for i in range(NUM_KEY_SLOTS) if session.opens(old_secret, i)]
         if not targets:
             raise CryptoError("No keyslots match given (old) password for erase operation")
         if not options.force and len(targets) == session.active_count():
-            raise CryptoError("All the active keyslots match the (old) password that "
-                              "was given and erasing them will erase all the data in "
-                              "the image irreversibly - refusing operation")
+            raise CryptoError(
+                "All the active keyslots match the (old) password that "
+                "was given and erasing them will erase all the data in "
+                "the image irreversibly - refusing operation"
+            )
     else:
-        raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
-                          "password currently contained in them must be given")
+        raise CryptoError(
+            "To erase keyslot(s), either explicit keyslot index or the "
+            "password currently contained in them must be given"
+        )
 
     new_header = header
     for index in targets:
@@ -427,8 +474,9 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
 def apply_amend(plan: AmendPlan, io: ImageIO) -> None:
     """Perform the plan's writes and syncs in order; then the volume shows the new header."""
     if io.read(0, HEADER_SIZE) != plan.expected_header:
-        raise CryptoError("The LUKS header changed on disk since the amend was "
-                          "prepared; nothing was written")
+        raise CryptoError(
+            "The LUKS header changed on disk since the amend was prepared; nothing was written"
+        )
     for step in plan.steps:
         if step is None:
             io.sync()

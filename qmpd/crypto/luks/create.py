@@ -56,8 +56,8 @@ class LuksCreateOptions:
 
     cipher_alg: str = "aes-256"
     cipher_mode: str = "xts"
-    ivgen_alg: str | None = None          # plain64
-    ivgen_hash_alg: str | None = None     # sha256 with essiv, else absent
+    ivgen_alg: str | None = None  # plain64
+    ivgen_hash_alg: str | None = None  # sha256 with essiv, else absent
     hash_alg: str = "sha256"
     iter_time: int = DEFAULT_ITER_TIME
 
@@ -96,9 +96,15 @@ def header_length(options: LuksCreateOptions) -> int:
     return _layout(options.cipher_spec().key_length())[1] * SECTOR_SIZE
 
 
-def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreateOptions,
-                  *, payload_in_file: bool = True, detached_header: bool = False,
-                  random_bytes: Callable[[int], bytes] = os.urandom) -> LuksVolume:
+def create_volume(
+    io: ImageIO,
+    passphrase: bytes | bytearray,
+    options: LuksCreateOptions,
+    *,
+    payload_in_file: bool = True,
+    detached_header: bool = False,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> LuksVolume:
     """Format ``io`` as LUKS1 with ``passphrase`` in slot 0; returns the open volume.
 
     ``payload_in_file`` says whether the payload follows the header in the
@@ -125,20 +131,34 @@ def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreat
     try:
         mk_salt = bytes(random_bytes(SALT_LEN))
         uuid_text = str(uuid.UUID(bytes=bytes(random_bytes(16)), version=4))
-        slots = tuple(KeySlot(SLOT_INACTIVE, 0, bytes(SALT_LEN), HEADER_SECTORS + i * per_slot,
-                              STRIPES) for i in range(NUM_KEY_SLOTS))
-        header = LuksHeader(MAGIC, VERSION, make_fixed_string(name), make_fixed_string(mode),
-                            make_fixed_string(hash_name), 0 if detached_header else payload,
-                            key_bytes, b"\0" * 20,
-                            mk_salt, digest_iterations, make_uuid_field(uuid_text), slots)
+        slots = tuple(
+            KeySlot(SLOT_INACTIVE, 0, bytes(SALT_LEN), HEADER_SECTORS + i * per_slot, STRIPES)
+            for i in range(NUM_KEY_SLOTS)
+        )
+        header = LuksHeader(
+            MAGIC,
+            VERSION,
+            make_fixed_string(name),
+            make_fixed_string(mode),
+            make_fixed_string(hash_name),
+            0 if detached_header else payload,
+            key_bytes,
+            b"\0" * 20,
+            mk_salt,
+            digest_iterations,
+            make_uuid_field(uuid_text),
+            slots,
+        )
         header = dataclasses.replace(
-            header, mk_digest=volume_key_digest(hash_name, header, volume_key))
-        slot0 = build_slot(header, spec, hash_name, 0, passphrase, volume_key,
-                           slot_iterations, random_bytes)
+            header, mk_digest=volume_key_digest(hash_name, header, volume_key)
+        )
+        slot0 = build_slot(
+            header, spec, hash_name, 0, passphrase, volume_key, slot_iterations, random_bytes
+        )
         header = header.with_slot(0, slot0.entry)
 
         area = bytearray((payload - HEADER_SECTORS) * SECTOR_SIZE)
-        area[:len(slot0.material)] = slot0.material
+        area[: len(slot0.material)] = slot0.material
         io.write(0, bytes(KEY_SLOT_OFFSET))
         io.sync()
         io.write(KEY_SLOT_OFFSET, bytes(area))
@@ -149,5 +169,11 @@ def create_volume(io: ImageIO, passphrase: bytes | bytearray, options: LuksCreat
         wipe(volume_key)
         raise
     witness = PassphraseWitness(passphrase, 0, slot_state_digest(header, 0, slot0.material))
-    return LuksVolume(header, spec, volume_key, witness, payload_in_file=payload_in_file,
-                      detached_header=detached_header)
+    return LuksVolume(
+        header,
+        spec,
+        volume_key,
+        witness,
+        payload_in_file=payload_in_file,
+        detached_header=detached_header,
+    )

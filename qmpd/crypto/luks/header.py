@@ -77,7 +77,7 @@ class KeySlot:
     active: int
     iterations: int
     salt: bytes
-    key_offset: int     # in 512-byte sectors from the header start
+    key_offset: int  # in 512-byte sectors from the header start
     stripes: int
 
     @property
@@ -85,8 +85,7 @@ class KeySlot:
         return self.active == SLOT_ACTIVE
 
     def pack(self) -> bytes:
-        return _SLOT.pack(self.active, self.iterations, self.salt,
-                          self.key_offset, self.stripes)
+        return _SLOT.pack(self.active, self.iterations, self.salt, self.key_offset, self.stripes)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "KeySlot":
@@ -94,24 +93,27 @@ class KeySlot:
 
     def __repr__(self) -> str:  # the salt is not secret, but it is noise
         state = {SLOT_ACTIVE: "active", SLOT_INACTIVE: "inactive"}.get(
-            self.active, hex(self.active))
-        return (f"KeySlot({state}, iterations={self.iterations}, "
-                f"key_offset={self.key_offset}, stripes={self.stripes})")
+            self.active, hex(self.active)
+        )
+        return (
+            f"KeySlot({state}, iterations={self.iterations}, "
+            f"key_offset={self.key_offset}, stripes={self.stripes})"
+        )
 
 
 @dataclass(frozen=True)
 class LuksHeader:
     magic: bytes
     version: int
-    cipher_name: bytes          # raw 32 bytes
-    cipher_mode: bytes          # raw 32 bytes
-    hash_spec: bytes            # raw 32 bytes
-    payload_offset: int         # sectors
+    cipher_name: bytes  # raw 32 bytes
+    cipher_mode: bytes  # raw 32 bytes
+    hash_spec: bytes  # raw 32 bytes
+    payload_offset: int  # sectors
     key_bytes: int
     mk_digest: bytes
     mk_digest_salt: bytes
     mk_digest_iterations: int
-    uuid: bytes                 # raw 40 bytes
+    uuid: bytes  # raw 40 bytes
     slots: tuple[KeySlot, ...]
 
     # -- what QEMU reads from the strings
@@ -145,11 +147,19 @@ class LuksHeader:
         return dataclasses.replace(self, slots=tuple(slots))
 
     def pack(self) -> bytes:
-        return _FIXED.pack(self.magic, self.version, self.cipher_name,
-                           self.cipher_mode, self.hash_spec, self.payload_offset,
-                           self.key_bytes, self.mk_digest, self.mk_digest_salt,
-                           self.mk_digest_iterations, self.uuid) + b"".join(
-            slot.pack() for slot in self.slots)
+        return _FIXED.pack(
+            self.magic,
+            self.version,
+            self.cipher_name,
+            self.cipher_mode,
+            self.hash_spec,
+            self.payload_offset,
+            self.key_bytes,
+            self.mk_digest,
+            self.mk_digest_salt,
+            self.mk_digest_iterations,
+            self.uuid,
+        ) + b"".join(slot.pack() for slot in self.slots)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "LuksHeader":
@@ -158,15 +168,19 @@ class LuksHeader:
         # The fields before ``slots``, as _FIXED lays them out.
         fixed: tuple[bytes, int, bytes, bytes, bytes, int, int, bytes, bytes, int, bytes]
         fixed = _FIXED.unpack_from(raw, 0)
-        slots = tuple(KeySlot.unpack(raw[slot_entry_offset(i):slot_entry_offset(i + 1)])
-                      for i in range(NUM_KEY_SLOTS))
+        slots = tuple(
+            KeySlot.unpack(raw[slot_entry_offset(i) : slot_entry_offset(i + 1)])
+            for i in range(NUM_KEY_SLOTS)
+        )
         return cls(*fixed, slots=slots)
 
     def __repr__(self) -> str:
-        return (f"LuksHeader({self.cipher_name_str}/{self.cipher_mode_str}/"
-                f"{self.hash_spec_str}, key_bytes={self.key_bytes}, "
-                f"payload_offset={self.payload_offset}, uuid={self.uuid_str!r}, "
-                f"slots={list(self.slots)!r})")
+        return (
+            f"LuksHeader({self.cipher_name_str}/{self.cipher_mode_str}/"
+            f"{self.hash_spec_str}, key_bytes={self.key_bytes}, "
+            f"payload_offset={self.payload_offset}, uuid={self.uuid_str!r}, "
+            f"slots={list(self.slots)!r})"
+        )
 
 
 def slot_entry_offset(index: int) -> int:
@@ -209,9 +223,11 @@ def check_header(header: LuksHeader, *, detached_header: bool = False) -> None:
         raise CryptoError("Volume is not in LUKS format")
     if header.version != VERSION:
         raise CryptoError(f"LUKS version {header.version} is not supported")
-    for raw, what in ((header.cipher_name, "cipher name"),
-                      (header.cipher_mode, "cipher mode"),
-                      (header.hash_spec, "hash spec")):
+    for raw, what in (
+        (header.cipher_name, "cipher name"),
+        (header.cipher_mode, "cipher mode"),
+        (header.hash_spec, "hash spec"),
+    ):
         if b"\0" not in raw:
             raise CryptoError(f"LUKS header {what} is not NUL terminated")
     if not detached_header and header.payload_offset < HEADER_SECTORS:
@@ -223,7 +239,8 @@ def check_header(header: LuksHeader, *, detached_header: bool = False) -> None:
         length = material_sectors(header.key_bytes, slot.stripes)
         if slot.stripes != STRIPES:
             raise CryptoError(
-                f"Keyslot {i} is corrupted (stripes {_c_int(slot.stripes)} != {STRIPES})")
+                f"Keyslot {i} is corrupted (stripes {_c_int(slot.stripes)} != {STRIPES})"
+            )
         if slot.active not in (SLOT_ACTIVE, SLOT_INACTIVE):
             raise CryptoError(f"Keyslot {i} state (active/disable) is corrupted")
         if slot.active == SLOT_ACTIVE and slot.iterations == 0:

@@ -33,7 +33,7 @@ class MemoryImageIO:
         self.data = bytearray(data)
 
     def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset:offset + length])
+        return bytes(self.data[offset : offset + length])
 
     def write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)

@@ -34,15 +34,21 @@ from qmpd.crypto.secrets import wipe  # noqa: F401  (re-exported for the engine)
 def read_exact(io: ImageIO, offset: int, length: int, what: str) -> bytes:
     data = io.read(offset, length)
     if len(data) != length:
-        raise CryptoError(f"Cannot read {what}: the image ends at "
-                          f"{offset + len(data)} bytes, {offset + length} needed")
+        raise CryptoError(
+            f"Cannot read {what}: the image ends at "
+            f"{offset + len(data)} bytes, {offset + length} needed"
+        )
     return data
 
 
 def read_material(io: ImageIO, header: LuksHeader, index: int) -> bytes:
     slot = header.slots[index]
-    return read_exact(io, slot.key_offset * SECTOR_SIZE, header.material_length(),
-                      f"the key material of keyslot {index}")
+    return read_exact(
+        io,
+        slot.key_offset * SECTOR_SIZE,
+        header.material_length(),
+        f"the key material of keyslot {index}",
+    )
 
 
 # OpenSSL's PKCS5_PBKDF2_HMAC takes the count as a C int (cryptography panics
@@ -53,22 +59,26 @@ MAX_PBKDF2_ITERATIONS = 2**31 - 1
 
 def check_iterations(iterations: int, what: str) -> None:
     if iterations > MAX_PBKDF2_ITERATIONS:
-        raise CryptoError(f"{what} iteration count {iterations} is larger than "
-                          f"{MAX_PBKDF2_ITERATIONS}, which this PBKDF2 cannot compute")
+        raise CryptoError(
+            f"{what} iteration count {iterations} is larger than "
+            f"{MAX_PBKDF2_ITERATIONS}, which this PBKDF2 cannot compute"
+        )
 
 
 def volume_key_digest(hash_name: str, header: LuksHeader, volume_key: bytes | bytearray) -> bytes:
     check_iterations(header.mk_digest_iterations, "LUKS key")
-    digest = pbkdf.pbkdf2(hash_name, volume_key, header.mk_digest_salt,
-                          header.mk_digest_iterations, DIGEST_LEN)
+    digest = pbkdf.pbkdf2(
+        hash_name, volume_key, header.mk_digest_salt, header.mk_digest_iterations, DIGEST_LEN
+    )
     try:
         return bytes(digest)
     finally:
         wipe(digest)
 
 
-def _crypt_material(spec: CipherSpec, slot_key: bytearray, data: bytes | bytearray,
-                    encrypt: bool) -> bytearray:
+def _crypt_material(
+    spec: CipherSpec, slot_key: bytearray, data: bytes | bytearray, encrypt: bool
+) -> bytearray:
     cipher = SectorCipher(spec, slot_key)
     try:
         out = cipher.encrypt(0, data) if encrypt else cipher.decrypt(0, data)
@@ -77,8 +87,14 @@ def _crypt_material(spec: CipherSpec, slot_key: bytearray, data: bytes | bytearr
     return out if isinstance(out, bytearray) else bytearray(out)
 
 
-def try_slot(header: LuksHeader, spec: CipherSpec, hash_name: str, index: int,
-             passphrase: bytes | bytearray, material: bytes) -> bytearray | None:
+def try_slot(
+    header: LuksHeader,
+    spec: CipherSpec,
+    hash_name: str,
+    index: int,
+    passphrase: bytes | bytearray,
+    material: bytes,
+) -> bytearray | None:
     """The volume key if ``passphrase`` opens slot ``index``, else None.
 
     Inactive slots open with nothing (QEMU's load_key returns 0 for them).
@@ -87,15 +103,13 @@ def try_slot(header: LuksHeader, spec: CipherSpec, hash_name: str, index: int,
     if slot.active != SLOT_ACTIVE:
         return None
     check_iterations(slot.iterations, f"Keyslot {index}")
-    slot_key = pbkdf.pbkdf2(hash_name, passphrase, slot.salt, slot.iterations,
-                            header.key_bytes)
+    slot_key = pbkdf.pbkdf2(hash_name, passphrase, slot.salt, slot.iterations, header.key_bytes)
     split = None
     candidate = None
     try:
         split = _crypt_material(spec, slot_key, material, encrypt=False)
         candidate = afsplit.af_merge(hash_name, split, header.key_bytes, slot.stripes)
-        if hmac.compare_digest(volume_key_digest(hash_name, header, candidate),
-                               header.mk_digest):
+        if hmac.compare_digest(volume_key_digest(hash_name, header, candidate), header.mk_digest):
             found, candidate = candidate, None
             return found
         return None
@@ -110,13 +124,19 @@ class SlotMaterial:
     """A slot entry and its encrypted key material, ready to be written."""
 
     entry: KeySlot
-    material: bytes           # encrypted AF-split volume key; not secret once encrypted
+    material: bytes  # encrypted AF-split volume key; not secret once encrypted
 
 
-def build_slot(header: LuksHeader, spec: CipherSpec, hash_name: str, index: int,
-               passphrase: bytes | bytearray, volume_key: bytes | bytearray,
-               iterations: int, random_bytes: Callable[[int], bytes] = os.urandom,
-               ) -> SlotMaterial:
+def build_slot(
+    header: LuksHeader,
+    spec: CipherSpec,
+    hash_name: str,
+    index: int,
+    passphrase: bytes | bytearray,
+    volume_key: bytes | bytearray,
+    iterations: int,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> SlotMaterial:
     """Encrypt ``volume_key`` for slot ``index`` under ``passphrase`` (CPU-heavy)."""
     old = header.slots[index]
     salt = bytes(random_bytes(SALT_LEN))

@@ -106,12 +106,12 @@ from qmpd.crypto.secrets import wipe
 #: argon2_costs(kind, iter_time_ms, memory_kib, parallel) -> (time, memory_kib)
 Argon2Costs = Callable[[str, int, int, int], tuple[int, int]]
 
-DEFAULT_PBKDF = "argon2id"                    # cryptsetup 2.6 DEFAULT_LUKS2_PBKDF
-DEFAULT_ARGON2_MEMORY = 1024 * 1024           # KiB, DEFAULT_LUKS2_MEMORY_KB
-DEFAULT_ARGON2_PARALLEL = 4                   # DEFAULT_LUKS2_PARALLEL_THREADS
-MAX_ARGON2_MEMORY = 4 * 1024 * 1024           # KiB, cryptsetup's argon2 limit
+DEFAULT_PBKDF = "argon2id"  # cryptsetup 2.6 DEFAULT_LUKS2_PBKDF
+DEFAULT_ARGON2_MEMORY = 1024 * 1024  # KiB, DEFAULT_LUKS2_MEMORY_KB
+DEFAULT_ARGON2_PARALLEL = 4  # DEFAULT_LUKS2_PARALLEL_THREADS
+MAX_ARGON2_MEMORY = 4 * 1024 * 1024  # KiB, cryptsetup's argon2 limit
 MAX_ARGON2_PARALLEL = 4
-KDF_SALT_SIZE = 32                            # LUKS_SALTSIZE
+KDF_SALT_SIZE = 32  # LUKS_SALTSIZE
 AREA_ALIGN = 4096
 SECTOR_SIZE = 512
 UPDATE_KEYS = "update keys of this image"
@@ -131,41 +131,51 @@ def _c_int(value: int) -> int:
 
 # -- KDF parameters ------------------------------------------------------------
 
+
 def check_kdf_options(options: LuksAmendOptions) -> None:
     """cryptsetup's checks of a requested KDF, for an amend's options."""
     check_kdf_params(options.pbkdf, options.pbkdf_memory, options.pbkdf_parallel)
 
 
-def check_kdf_params(pbkdf_type: str | None, memory: int | None,
-                     parallel: int | None) -> None:
+def check_kdf_params(pbkdf_type: str | None, memory: int | None, parallel: int | None) -> None:
     """cryptsetup's checks of a requested KDF (verify_pbkdf_params), its texts."""
     kind = pbkdf_type if pbkdf_type is not None else DEFAULT_PBKDF
     if kind not in PBKDF_TYPES:
         raise CryptoError(f"Unknown PBKDF type {kind}.")
     if kind == "pbkdf2":
         if memory is not None or parallel is not None:
-            raise CryptoError("PBKDF max memory or parallel threads must not be set "
-                              "with pbkdf2.")
+            raise CryptoError("PBKDF max memory or parallel threads must not be set with pbkdf2.")
         return
     if memory is not None:
         if memory > MAX_ARGON2_MEMORY:
-            raise CryptoError(f"Requested maximum PBKDF memory cost is too high "
-                              f"(maximum is {MAX_ARGON2_MEMORY} kilobytes).")
+            raise CryptoError(
+                f"Requested maximum PBKDF memory cost is too high "
+                f"(maximum is {MAX_ARGON2_MEMORY} kilobytes)."
+            )
         if memory <= 0:
             raise CryptoError("Requested maximum PBKDF memory cannot be zero.")
     if parallel is not None:
         if parallel > MAX_ARGON2_PARALLEL:
-            raise CryptoError(f"Requested maximum PBKDF parallel cost is too high "
-                              f"(maximum is {MAX_ARGON2_PARALLEL}).")
+            raise CryptoError(
+                f"Requested maximum PBKDF parallel cost is too high "
+                f"(maximum is {MAX_ARGON2_PARALLEL})."
+            )
         if parallel <= 0:
             raise CryptoError("Requested PBKDF parallel threads cannot be zero.")
 
 
-def choose_kdf(pbkdf_type: str | None, iter_time: int | None, memory: int | None,
-               parallel: int | None, hash_name: str, key_size: int, *,
-               argon2_costs: Argon2Costs | None = None,
-               memory_cap_kib: int | None = None,
-               cpus: int | None = None) -> dict[str, Any]:
+def choose_kdf(
+    pbkdf_type: str | None,
+    iter_time: int | None,
+    memory: int | None,
+    parallel: int | None,
+    hash_name: str,
+    key_size: int,
+    *,
+    argon2_costs: Argon2Costs | None = None,
+    memory_cap_kib: int | None = None,
+    cpus: int | None = None,
+) -> dict[str, Any]:
     """A new keyslot's "kdf" object, salt not yet in it (calibrates: CPU-heavy).
 
     None means cryptsetup 2.6's default: argon2id, iter-time 2000 ms,
@@ -193,6 +203,7 @@ def choose_kdf(pbkdf_type: str | None, iter_time: int | None, memory: int | None
 
 # -- areas and keyslot JSON ------------------------------------------------------
 
+
 def area_size(key_size: int) -> int:
     """Bytes cryptsetup allocates for a keyslot's area (AF material, 4 KiB aligned)."""
     return -(-key_size * STRIPES // AREA_ALIGN) * AREA_ALIGN
@@ -202,8 +213,7 @@ def find_area_gap(header: Luks2Header, key_size: int) -> tuple[int, int] | None:
     """(offset, size) of the first free gap for a new area, cryptsetup's first fit."""
     length = area_size(key_size)
     offset = header.keyslots_offset
-    for area in sorted((slot.area for slot in header.keyslots.values()),
-                       key=lambda a: a.offset):
+    for area in sorted((slot.area for slot in header.keyslots.values()), key=lambda a: a.offset):
         if offset < area.offset and offset + length <= area.offset:
             break
         offset = max(offset, area.offset + area.size)
@@ -225,8 +235,9 @@ def _encryption_spec(encryption: str, key_size: int, what: str) -> CipherSpec:
 def _kdf_value(kdf: dict[str, Any], salt: bytes) -> Pbkdf2 | Argon2:
     if kdf["type"] == "pbkdf2":
         return Pbkdf2(hash=kdf["hash"], iterations=kdf["iterations"], salt=salt)
-    return Argon2(type=kdf["type"], time=kdf["time"], memory=kdf["memory"],
-                  cpus=kdf["cpus"], salt=salt)
+    return Argon2(
+        type=kdf["type"], time=kdf["time"], memory=kdf["memory"], cpus=kdf["cpus"], salt=salt
+    )
 
 
 @dataclass
@@ -238,10 +249,17 @@ class NewKeyslot:
     material: bytes = field(repr=False)
 
 
-def build_keyslot(index: int, passphrase: bytes | bytearray, volume_key: bytes | bytearray,
-                  *, kdf: dict[str, Any], af_hash: str, encryption: str,
-                  area: tuple[int, int],
-                  random_bytes: Callable[[int], bytes] = os.urandom) -> NewKeyslot:
+def build_keyslot(
+    index: int,
+    passphrase: bytes | bytearray,
+    volume_key: bytes | bytearray,
+    *,
+    kdf: dict[str, Any],
+    af_hash: str,
+    encryption: str,
+    area: tuple[int, int],
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> NewKeyslot:
     """Encrypt ``volume_key`` for keyslot ``index`` under ``passphrase`` (CPU-heavy).
 
     The area key is ``len(volume_key)`` bytes from the KDF; the material is
@@ -252,11 +270,14 @@ def build_keyslot(index: int, passphrase: bytes | bytearray, volume_key: bytes |
     offset, size = area
     spec = _encryption_spec(encryption, key_size, f"LUKS2 keyslot {index} area")
     salt = bytes(random_bytes(KDF_SALT_SIZE))
-    slot = Keyslot(key_size=key_size,
-                   area=KeyslotArea(offset=offset, size=size, encryption=encryption,
-                                    key_size=key_size),
-                   kdf=_kdf_value(kdf, salt), af_stripes=STRIPES, af_hash=af_hash,
-                   priority=None)
+    slot = Keyslot(
+        key_size=key_size,
+        area=KeyslotArea(offset=offset, size=size, encryption=encryption, key_size=key_size),
+        kdf=_kdf_value(kdf, salt),
+        af_stripes=STRIPES,
+        af_hash=af_hash,
+        priority=None,
+    )
     sectors = -(-key_size * STRIPES // SECTOR_SIZE)
     area_key = derive_area_key(slot, passphrase, index)
     split = None
@@ -277,8 +298,13 @@ def build_keyslot(index: int, passphrase: bytes | bytearray, volume_key: bytes |
         "type": "luks2",
         "key_size": key_size,
         "af": {"type": "luks1", "stripes": STRIPES, "hash": af_hash},
-        "area": {"type": "raw", "offset": str(offset), "size": str(size),
-                 "encryption": encryption, "key_size": key_size},
+        "area": {
+            "type": "raw",
+            "offset": str(offset),
+            "size": str(size),
+            "encryption": encryption,
+            "key_size": key_size,
+        },
         "kdf": kdf_json,
     }
     return NewKeyslot(json_value, offset, material)
@@ -309,18 +335,26 @@ def _forget(metadata: dict[str, Any], index: int) -> None:
 
 # -- the session: one amend's view of the image --------------------------------------
 
+
 class _Session:
     def __init__(self, volume: Luks2Volume, io: ImageIO) -> None:
-        header = read_checked(io, payload_in_file=not volume.detached_header,
-                              detached_header=volume.detached_header, action=UPDATE_KEYS)
+        header = read_checked(
+            io,
+            payload_in_file=not volume.detached_header,
+            detached_header=volume.detached_header,
+            action=UPDATE_KEYS,
+        )
         self.digest_id = _segment_digest_id(header)
         old = volume.header
         old_digest = old.digests[_segment_digest_id(old)]
         new_digest = header.digests[self.digest_id]
-        if (header.uuid != old.uuid or data_segment(header) != volume.segment_id
-                or header.segments[volume.segment_id] != old.segments[volume.segment_id]
-                or new_digest.digest != old_digest.digest
-                or new_digest.salt != old_digest.salt):
+        if (
+            header.uuid != old.uuid
+            or data_segment(header) != volume.segment_id
+            or header.segments[volume.segment_id] != old.segments[volume.segment_id]
+            or new_digest.digest != old_digest.digest
+            or new_digest.salt != old_digest.salt
+        ):
             raise CryptoError(HEADER_CHANGED)
         self.volume = volume
         self.io = io
@@ -347,12 +381,14 @@ class _Session:
         finally:
             wipe(key)
 
-    def write_metadata(self, metadata: dict[str, Any],
-                       random_bytes: Callable[[int], bytes]):
-        return plan_metadata_write(self.header, metadata,
-                                   other_salt=other_copy_salt(self.header, self.io.read),
-                                   detached_header=self.volume.detached_header,
-                                   random_bytes=random_bytes)
+    def write_metadata(self, metadata: dict[str, Any], random_bytes: Callable[[int], bytes]):
+        return plan_metadata_write(
+            self.header,
+            metadata,
+            other_salt=other_copy_salt(self.header, self.io.read),
+            detached_header=self.volume.detached_header,
+            random_bytes=random_bytes,
+        )
 
 
 def _segment_digest_id(header: Luks2Header) -> int:
@@ -369,12 +405,14 @@ def _bound(header: Luks2Header) -> list[int]:
 
 # -- checks ----------------------------------------------------------------------
 
+
 def _check_keyslot_range(value: int, *, unsigned: bool) -> int:
     keyslot = _c_int(value)
     if not 0 <= keyslot < MAX_KEYSLOTS:
         shown = keyslot & 0xFFFFFFFF if unsigned else keyslot
-        raise CryptoError(f"Invalid keyslot {shown} specified, "
-                          f"must be between 0 and {MAX_KEYSLOTS - 1}")
+        raise CryptoError(
+            f"Invalid keyslot {shown} specified, must be between 0 and {MAX_KEYSLOTS - 1}"
+        )
     return keyslot
 
 
@@ -391,13 +429,11 @@ def _check_add(header: Luks2Header, options: LuksAmendOptions) -> tuple[int, Sec
             raise CryptoError("Can't add a keyslot - all keyslots are in use")
         keyslot = free[0]
     if not options.force and keyslot in header.keyslots:
-        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - "
-                          "please erase it first")
+        raise CryptoError(f"Refusing to overwrite active keyslot {keyslot} - please erase it first")
     check_kdf_options(options)
     unlock_secret = options.secret if options.secret is not None else options.opened_secret
     if unlock_secret is None:
-        raise CryptoError("The passphrase to unlock the volume is not available: "
-                          "give 'secret'")
+        raise CryptoError("The passphrase to unlock the volume is not available: give 'secret'")
     return keyslot, unlock_secret
 
 
@@ -410,14 +446,15 @@ def _check_erase_options(options: LuksAmendOptions) -> None:
         raise CryptoError("'secret' must not be given when erasing keyslots")
     for name in ("pbkdf", "pbkdf_memory", "pbkdf_parallel"):
         if getattr(options, name) is not None:
-            raise CryptoError(f"'{name.replace('_', '-')}' must not be given when "
-                              f"erasing keyslots")
+            raise CryptoError(f"'{name.replace('_', '-')}' must not be given when erasing keyslots")
 
 
 def _only_bound(keyslot: int) -> CryptoError:
-    return CryptoError(f"Attempt to erase the only active keyslot {keyslot} "
-                       "which will erase all the data in the image "
-                       "irreversibly - refusing operation")
+    return CryptoError(
+        f"Attempt to erase the only active keyslot {keyslot} "
+        "which will erase all the data in the image "
+        "irreversibly - refusing operation"
+    )
 
 
 def precheck_luks2_amend(header: Luks2Header, options: LuksAmendOptions) -> None:
@@ -439,8 +476,10 @@ def precheck_luks2_amend(header: Luks2Header, options: LuksAmendOptions) -> None
         keyslot = _check_keyslot_range(options.keyslot, unsigned=False)
         if options.old_secret is not None:
             if keyslot not in header.keyslots:
-                raise CryptoError(f"Given keyslot {keyslot} doesn't contain the given "
-                                  "old password for erase operation")
+                raise CryptoError(
+                    f"Given keyslot {keyslot} doesn't contain the given "
+                    "old password for erase operation"
+                )
             return
         if not options.force and keyslot not in header.keyslots:
             raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
@@ -448,18 +487,21 @@ def precheck_luks2_amend(header: Luks2Header, options: LuksAmendOptions) -> None
         if not options.force and bound == [keyslot]:
             raise _only_bound(keyslot)
     elif options.old_secret is None:
-        raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
-                          "password currently contained in them must be given")
+        raise CryptoError(
+            "To erase keyslot(s), either explicit keyslot index or the "
+            "password currently contained in them must be given"
+        )
 
 
 # -- plans -------------------------------------------------------------------------
+
 
 @dataclass
 class Luks2AmendPlan:
     """What :func:`apply_luks2_amend` will do: ordered writes and syncs, nothing secret."""
 
     volume: Luks2Volume
-    expected_metadata: bytes = field(repr=False)   # both copies as prepared against
+    expected_metadata: bytes = field(repr=False)  # both copies as prepared against
     steps: list[Step] = field(repr=False)
     new_header: Luks2Header = field(repr=False)
     description: str = ""
@@ -468,9 +510,14 @@ class Luks2AmendPlan:
         return f"Luks2AmendPlan({self.description}, {len(self.steps)} steps)"
 
 
-def prepare_luks2_amend(volume: Luks2Volume, io: ImageIO, options: LuksAmendOptions, *,
-                        random_bytes: Callable[[int], bytes] = os.urandom,
-                        argon2_costs: Argon2Costs | None = None) -> Luks2AmendPlan:
+def prepare_luks2_amend(
+    volume: Luks2Volume,
+    io: ImageIO,
+    options: LuksAmendOptions,
+    *,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+    argon2_costs: Argon2Costs | None = None,
+) -> Luks2AmendPlan:
     """Check ``options`` against the image and compute the writes; writes nothing.
 
     CPU-heavy (unlock, calibration, KDF): call from a worker thread.
@@ -485,13 +532,16 @@ def prepare_luks2_amend(volume: Luks2Volume, io: ImageIO, options: LuksAmendOpti
     raise CryptoError(f"Invalid keyslot state '{options.state}'")
 
 
-def _prepare_add(session: _Session, options: LuksAmendOptions,
-                 random_bytes: Callable[[int], bytes],
-                 argon2_costs: Argon2Costs | None) -> Luks2AmendPlan:
+def _prepare_add(
+    session: _Session,
+    options: LuksAmendOptions,
+    random_bytes: Callable[[int], bytes],
+    argon2_costs: Argon2Costs | None,
+) -> Luks2AmendPlan:
     header = session.header
     keyslot, unlock_secret = _check_add(header, options)
     session.unlock(_resolve(unlock_secret))
-    assert options.new_secret is not None   # _check_add() refused an add without it
+    assert options.new_secret is not None  # _check_add() refused an add without it
     new_secret = _resolve(options.new_secret)
 
     volume_key = session.volume.volume_key
@@ -501,10 +551,25 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     area = find_area_gap(header, key_size)
     if area is None:
         raise CryptoError(NO_SPACE)
-    kdf = choose_kdf(options.pbkdf, options.iter_time, options.pbkdf_memory,
-                     options.pbkdf_parallel, hash_name, key_size, argon2_costs=argon2_costs)
-    new = build_keyslot(keyslot, new_secret, volume_key, kdf=kdf, af_hash=hash_name,
-                        encryption=segment.encryption, area=area, random_bytes=random_bytes)
+    kdf = choose_kdf(
+        options.pbkdf,
+        options.iter_time,
+        options.pbkdf_memory,
+        options.pbkdf_parallel,
+        hash_name,
+        key_size,
+        argon2_costs=argon2_costs,
+    )
+    new = build_keyslot(
+        keyslot,
+        new_secret,
+        volume_key,
+        kdf=kdf,
+        af_hash=hash_name,
+        encryption=segment.encryption,
+        area=area,
+        random_bytes=random_bytes,
+    )
 
     metadata = copy.deepcopy(header.metadata)
     metadata["keyslots"][str(keyslot)] = new.json
@@ -516,20 +581,24 @@ def _prepare_add(session: _Session, options: LuksAmendOptions,
     old = header.keyslots.get(keyslot)
     if old is not None:
         steps += [(old.area.offset, bytes(random_bytes(old.area.size))), None]
-    return Luks2AmendPlan(session.volume, session.raw, steps, write.header,
-                          f"add keyslot {keyslot}")
+    return Luks2AmendPlan(
+        session.volume, session.raw, steps, write.header, f"add keyslot {keyslot}"
+    )
 
 
-def _prepare_erase(session: _Session, options: LuksAmendOptions,
-                   random_bytes: Callable[[int], bytes]) -> Luks2AmendPlan:
+def _prepare_erase(
+    session: _Session, options: LuksAmendOptions, random_bytes: Callable[[int], bytes]
+) -> Luks2AmendPlan:
     header = session.header
     _check_erase_options(options)
     old_secret = None if options.old_secret is None else _resolve(options.old_secret)
     if options.keyslot is not None:
         keyslot = _check_keyslot_range(options.keyslot, unsigned=False)
         if old_secret is not None and not session.opens(old_secret, keyslot):
-            raise CryptoError(f"Given keyslot {keyslot} doesn't contain the given "
-                              "old password for erase operation")
+            raise CryptoError(
+                f"Given keyslot {keyslot} doesn't contain the given "
+                "old password for erase operation"
+            )
         if not options.force and keyslot not in header.keyslots:
             raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
         if not options.force and session.bound == [keyslot]:
@@ -540,17 +609,26 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
         if not targets:
             raise CryptoError("No keyslots match given (old) password for erase operation")
         if not options.force and len(targets) == len(session.bound):
-            raise CryptoError("All the active keyslots match the (old) password that "
-                              "was given and erasing them will erase all the data in "
-                              "the image irreversibly - refusing operation")
+            raise CryptoError(
+                "All the active keyslots match the (old) password that "
+                "was given and erasing them will erase all the data in "
+                "the image irreversibly - refusing operation"
+            )
     else:
-        raise CryptoError("To erase keyslot(s), either explicit keyslot index or the "
-                          "password currently contained in them must be given")
+        raise CryptoError(
+            "To erase keyslot(s), either explicit keyslot index or the "
+            "password currently contained in them must be given"
+        )
 
     names = ", ".join(str(i) for i in targets)
-    if not targets:     # forced erase of a keyslot that does not exist: nothing to do
-        return Luks2AmendPlan(session.volume, session.raw, [], header,
-                              f"erase keyslot {options.keyslot} (already inactive)")
+    if not targets:  # forced erase of a keyslot that does not exist: nothing to do
+        return Luks2AmendPlan(
+            session.volume,
+            session.raw,
+            [],
+            header,
+            f"erase keyslot {options.keyslot} (already inactive)",
+        )
     metadata = copy.deepcopy(header.metadata)
     for index in targets:
         _forget(metadata, index)
@@ -560,15 +638,17 @@ def _prepare_erase(session: _Session, options: LuksAmendOptions,
         area = header.keyslots[index].area
         steps.append((area.offset, bytes(random_bytes(area.size))))
     steps.append(None)
-    return Luks2AmendPlan(session.volume, session.raw, steps, write.header,
-                          f"erase keyslot {names}")
+    return Luks2AmendPlan(
+        session.volume, session.raw, steps, write.header, f"erase keyslot {names}"
+    )
 
 
 def apply_luks2_amend(plan: Luks2AmendPlan, io: ImageIO) -> Luks2Header:
     """Perform the plan's writes and syncs in order; the volume adopts the new header."""
     if io.read(0, len(plan.expected_metadata)) != plan.expected_metadata:
-        raise CryptoError("The LUKS header changed on disk since the amend was "
-                          "prepared; nothing was written")
+        raise CryptoError(
+            "The LUKS header changed on disk since the amend was prepared; nothing was written"
+        )
     apply_steps(plan.steps, io.write, io.sync)
     plan.volume.adopt_header(plan.new_header)
     return plan.new_header

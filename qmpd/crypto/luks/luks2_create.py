@@ -58,10 +58,10 @@ from qmpd.crypto.luks.luks2_volume import Luks2Volume
 from qmpd.crypto.luks.luks2_write import HDR_SALT_SIZE, LABEL_SIZE, plan_metadata_write
 from qmpd.crypto.secrets import wipe
 
-HDR_SIZE = 16 * 1024                                 # LUKS2_HDR_16K_LEN
+HDR_SIZE = 16 * 1024  # LUKS2_HDR_16K_LEN
 DEFAULT_KEYSLOTS_SIZE = 16 * 1024 * 1024 - 2 * HDR_SIZE
-DATA_ALIGNMENT = 1024 * 1024                         # cryptsetup's default alignment
-DIGEST_ITER_TIME = 125                               # LUKS_MKD_ITERATIONS_MS
+DATA_ALIGNMENT = 1024 * 1024  # cryptsetup's default alignment
+DIGEST_ITER_TIME = 125  # LUKS_MKD_ITERATIONS_MS
 SECTOR_SIZES = (512, 4096)
 
 
@@ -71,24 +71,28 @@ class Luks2CreateOptions:
 
     cipher_alg: str = "aes-256"
     cipher_mode: str = "xts"
-    ivgen_alg: str | None = None          # plain64
-    ivgen_hash_alg: str | None = None     # sha256 with essiv
+    ivgen_alg: str | None = None  # plain64
+    ivgen_hash_alg: str | None = None  # sha256 with essiv
     hash_alg: str = "sha256"
     iter_time: int = DEFAULT_ITER_TIME
-    pbkdf: str | None = None              # argon2id
-    pbkdf_memory: int | None = None       # KiB
+    pbkdf: str | None = None  # argon2id
+    pbkdf_memory: int | None = None  # KiB
     pbkdf_parallel: int | None = None
     sector_size: int = 512
     label: str = ""
     detached_header: bool = False
-    keyslots_size: int | None = None      # bytes (--luks2-keyslots-size)
+    keyslots_size: int | None = None  # bytes (--luks2-keyslots-size)
 
     def cipher_spec(self) -> CipherSpec:
         """The data cipher, checked as LUKS1 create checks it."""
-        return LuksCreateOptions(cipher_alg=self.cipher_alg, cipher_mode=self.cipher_mode,
-                                 ivgen_alg=self.ivgen_alg, ivgen_hash_alg=self.ivgen_hash_alg,
-                                 hash_alg=self.hash_alg, iter_time=self.iter_time,
-                                 ).cipher_spec()
+        return LuksCreateOptions(
+            cipher_alg=self.cipher_alg,
+            cipher_mode=self.cipher_mode,
+            ivgen_alg=self.ivgen_alg,
+            ivgen_hash_alg=self.ivgen_hash_alg,
+            hash_alg=self.hash_alg,
+            iter_time=self.iter_time,
+        ).cipher_spec()
 
     def encryption(self) -> str:
         name, mode = format_luks_cipher(self.cipher_spec())
@@ -96,11 +100,12 @@ class Luks2CreateOptions:
 
     def layout(self) -> tuple[int, int]:
         """(keyslots_size, data offset); the offset is 0 with a detached header."""
-        keyslots_size = (DEFAULT_KEYSLOTS_SIZE if self.keyslots_size is None
-                         else self.keyslots_size)
+        keyslots_size = DEFAULT_KEYSLOTS_SIZE if self.keyslots_size is None else self.keyslots_size
         if keyslots_size <= 0 or keyslots_size % 4096 or keyslots_size > MAX_KEYSLOTS_SIZE:
-            raise CryptoError(f"LUKS2 keyslots area size {keyslots_size} must be a "
-                              f"positive multiple of 4096 of at most {MAX_KEYSLOTS_SIZE}")
+            raise CryptoError(
+                f"LUKS2 keyslots area size {keyslots_size} must be a "
+                f"positive multiple of 4096 of at most {MAX_KEYSLOTS_SIZE}"
+            )
         if self.detached_header:
             return keyslots_size, 0
         end = 2 * HDR_SIZE + keyslots_size
@@ -118,8 +123,9 @@ def _check(options: Luks2CreateOptions) -> tuple[CipherSpec, str]:
     spec = options.cipher_spec()
     hashes.hash_algorithm(options.hash_alg)
     if options.sector_size not in SECTOR_SIZES:
-        raise CryptoError(f"Unsupported encryption sector size {options.sector_size}, "
-                          f"must be 512 or 4096")
+        raise CryptoError(
+            f"Unsupported encryption sector size {options.sector_size}, must be 512 or 4096"
+        )
     if len(options.label.encode("utf-8")) >= LABEL_SIZE or "\0" in options.label:
         raise CryptoError(f"Label is too long (at most {LABEL_SIZE - 1} bytes)")
     if options.iter_time == 0:
@@ -127,11 +133,15 @@ def _check(options: Luks2CreateOptions) -> tuple[CipherSpec, str]:
     return spec, options.encryption()
 
 
-def create_luks2_volume(io: ImageIO, passphrase: bytes | bytearray,
-                        options: Luks2CreateOptions, *,
-                        random_bytes: Callable[[int], bytes] = os.urandom,
-                        argon2_costs: Argon2Costs | None = None,
-                        digest_iter_time: int = DIGEST_ITER_TIME) -> Luks2Volume:
+def create_luks2_volume(
+    io: ImageIO,
+    passphrase: bytes | bytearray,
+    options: Luks2CreateOptions,
+    *,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+    argon2_costs: Argon2Costs | None = None,
+    digest_iter_time: int = DIGEST_ITER_TIME,
+) -> Luks2Volume:
     """Format ``io`` as LUKS2 with ``passphrase`` in keyslot 0; the open volume.
 
     Writes exactly :func:`luks2_header_length` bytes and nothing of the
@@ -143,18 +153,35 @@ def create_luks2_volume(io: ImageIO, passphrase: bytes | bytearray,
     keyslots_size, data_offset = options.layout()
     key_size = spec.key_length()
     hash_name = options.hash_alg
-    kdf = choose_kdf(options.pbkdf, options.iter_time, options.pbkdf_memory,
-                     options.pbkdf_parallel, hash_name, key_size, argon2_costs=argon2_costs)
+    kdf = choose_kdf(
+        options.pbkdf,
+        options.iter_time,
+        options.pbkdf_memory,
+        options.pbkdf_parallel,
+        hash_name,
+        key_size,
+        argon2_costs=argon2_costs,
+    )
     digest_iterations = pbkdf.iterations_for_time(hash_name, digest_iter_time, key_size)
     digest_size = hashes.hash_digest_size(hash_name)
 
     template = Luks2Header(
-        seqid=0, hdr_size=HDR_SIZE, label=options.label, subsystem="",
+        seqid=0,
+        hdr_size=HDR_SIZE,
+        label=options.label,
+        subsystem="",
         uuid=str(uuid.UUID(bytes=bytes(random_bytes(16)), version=4)),
-        checksum_alg="sha256", copy=Copy.PRIMARY, other_copy=CopyState.MISSING,
-        keyslots={}, segments={}, digests={}, tokens={},
-        config=Config(HDR_SIZE - BINARY_HEADER_SIZE, keyslots_size), metadata={},
-        hdr_salt=bytes(random_bytes(HDR_SALT_SIZE)))
+        checksum_alg="sha256",
+        copy=Copy.PRIMARY,
+        other_copy=CopyState.MISSING,
+        keyslots={},
+        segments={},
+        digests={},
+        tokens={},
+        config=Config(HDR_SIZE - BINARY_HEADER_SIZE, keyslots_size),
+        metadata={},
+        hdr_salt=bytes(random_bytes(HDR_SALT_SIZE)),
+    )
     area = find_area_gap(template, key_size)
     if area is None:
         raise CryptoError("No space for new keyslot.")
@@ -162,35 +189,63 @@ def create_luks2_volume(io: ImageIO, passphrase: bytes | bytearray,
     volume_key = bytearray(random_bytes(key_size))
     try:
         digest_salt = bytes(random_bytes(KDF_SALT_SIZE))
-        digest = pbkdf.pbkdf2(hash_name, volume_key, digest_salt, digest_iterations,
-                              digest_size)
+        digest = pbkdf.pbkdf2(hash_name, volume_key, digest_salt, digest_iterations, digest_size)
         try:
             digest_b64 = base64.b64encode(bytes(digest)).decode("ascii")
         finally:
             wipe(digest)
-        slot = build_keyslot(0, passphrase, volume_key, kdf=kdf, af_hash=hash_name,
-                             encryption=encryption, area=area, random_bytes=random_bytes)
+        slot = build_keyslot(
+            0,
+            passphrase,
+            volume_key,
+            kdf=kdf,
+            af_hash=hash_name,
+            encryption=encryption,
+            area=area,
+            random_bytes=random_bytes,
+        )
         metadata = {
             "keyslots": {"0": slot.json},
             "tokens": {},
-            "segments": {"0": {"type": "crypt", "offset": str(data_offset), "size": "dynamic",
-                               "iv_tweak": "0", "encryption": encryption,
-                               "sector_size": options.sector_size}},
-            "digests": {"0": {"type": "pbkdf2", "keyslots": ["0"], "segments": ["0"],
-                              "hash": hash_name, "iterations": digest_iterations,
-                              "salt": base64.b64encode(digest_salt).decode("ascii"),
-                              "digest": digest_b64}},
-            "config": {"json_size": str(HDR_SIZE - BINARY_HEADER_SIZE),
-                       "keyslots_size": str(keyslots_size)},
+            "segments": {
+                "0": {
+                    "type": "crypt",
+                    "offset": str(data_offset),
+                    "size": "dynamic",
+                    "iv_tweak": "0",
+                    "encryption": encryption,
+                    "sector_size": options.sector_size,
+                }
+            },
+            "digests": {
+                "0": {
+                    "type": "pbkdf2",
+                    "keyslots": ["0"],
+                    "segments": ["0"],
+                    "hash": hash_name,
+                    "iterations": digest_iterations,
+                    "salt": base64.b64encode(digest_salt).decode("ascii"),
+                    "digest": digest_b64,
+                }
+            },
+            "config": {
+                "json_size": str(HDR_SIZE - BINARY_HEADER_SIZE),
+                "keyslots_size": str(keyslots_size),
+            },
         }
-        write = plan_metadata_write(template, metadata, other_salt=None, seqid=1,
-                                    detached_header=options.detached_header,
-                                    random_bytes=random_bytes)
+        write = plan_metadata_write(
+            template,
+            metadata,
+            other_salt=None,
+            seqid=1,
+            detached_header=options.detached_header,
+            random_bytes=random_bytes,
+        )
 
         keyslots_start = 2 * HDR_SIZE
         keyslots = bytearray(random_bytes(keyslots_size))
         start = slot.offset - keyslots_start
-        keyslots[start:start + len(slot.material)] = slot.material
+        keyslots[start : start + len(slot.material)] = slot.material
         keyslots_end = keyslots_start + keyslots_size
         for offset in (0, *SECONDARY_PROBE_OFFSETS):
             if offset < keyslots_end:
@@ -205,9 +260,7 @@ def create_luks2_volume(io: ImageIO, passphrase: bytes | bytearray,
                 io.sync()
             else:
                 io.write(*step)
-        return Luks2Volume(write.header, volume_key, 0,
-                           detached_header=options.detached_header)
+        return Luks2Volume(write.header, volume_key, 0, detached_header=options.detached_header)
     except BaseException:
         wipe(volume_key)
         raise
-

@@ -103,7 +103,7 @@ SECONDARY_PROBE_OFFSETS = HDR_SIZES
 MAX_KEYSLOTS = 32
 MAX_TOKENS = 32
 KEYSLOTS_ALIGN = 4096
-MAX_KEYSLOTS_SIZE = 128 * 1024 * 1024     # LUKS2_MAX_KEYSLOTS_SIZE
+MAX_KEYSLOTS_SIZE = 128 * 1024 * 1024  # LUKS2_MAX_KEYSLOTS_SIZE
 STRIPES = 4000
 SECTOR_SIZE = 512
 SECTOR_SIZES = (512, 1024, 2048, 4096)
@@ -112,11 +112,11 @@ SECTOR_SIZES = (512, 1024, 2048, 4096)
 # cryptsetup; argon2 memory is capped at cryptsetup's maximum (4 GiB).
 MAX_ITERATIONS = 0xFFFFFFFF
 MAX_ARGON2_TIME = 0xFFFFFFFF
-MIN_ARGON2_MEMORY = 8                     # KiB, Argon2's minimum per lane
-MAX_ARGON2_MEMORY = 4 * 1024 * 1024       # KiB
-MAX_ARGON2_CPUS = (1 << 24) - 1           # Argon2's lane limit
-MAX_KEY_SIZE = 512                        # bytes
-MAX_SALT_SIZE = 1024                      # bytes, after base64 decoding
+MIN_ARGON2_MEMORY = 8  # KiB, Argon2's minimum per lane
+MAX_ARGON2_MEMORY = 4 * 1024 * 1024  # KiB
+MAX_ARGON2_CPUS = (1 << 24) - 1  # Argon2's lane limit
+MAX_KEY_SIZE = 512  # bytes
+MAX_SALT_SIZE = 1024  # bytes, after base64 decoding
 CHECKSUM_ALGS = ("sha1", "sha256", "sha384", "sha512")
 UINT64_MAX = (1 << 64) - 1
 
@@ -134,10 +134,10 @@ class Copy(enum.Enum):
 
 
 class CopyState(enum.Enum):
-    CURRENT = "current"     # sound and as new as the copy in use
-    STALE = "stale"         # sound but an older seqid
-    BAD = "bad"             # recognisable (magic) but invalid
-    MISSING = "missing"     # no magic where it should be, or past the end
+    CURRENT = "current"  # sound and as new as the copy in use
+    STALE = "stale"  # sound but an older seqid
+    BAD = "bad"  # recognisable (magic) but invalid
+    MISSING = "missing"  # no magic where it should be, or past the end
 
 
 @dataclass(frozen=True)
@@ -150,16 +150,16 @@ class Pbkdf2:
 
 @dataclass(frozen=True)
 class Argon2:
-    type: str               # "argon2i" or "argon2id"
+    type: str  # "argon2i" or "argon2id"
     time: int
-    memory: int             # KiB
+    memory: int  # KiB
     cpus: int
     salt: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
 class KeyslotArea:
-    offset: int             # bytes from the start of the device
+    offset: int  # bytes from the start of the device
     size: int
     encryption: str
     key_size: int
@@ -168,12 +168,12 @@ class KeyslotArea:
 
 @dataclass(frozen=True)
 class Keyslot:
-    key_size: int           # bytes of the volume key AF-split in the area
+    key_size: int  # bytes of the volume key AF-split in the area
     area: KeyslotArea
     kdf: Pbkdf2 | Argon2
     af_stripes: int
     af_hash: str
-    priority: int | None    # None: not set (cryptsetup's "normal")
+    priority: int | None  # None: not set (cryptsetup's "normal")
     type: str = "luks2"
 
 
@@ -190,8 +190,8 @@ class Digest:
 
 @dataclass(frozen=True)
 class Segment:
-    offset: int             # bytes
-    size: int | None        # bytes; None for "dynamic" (to the end of the device)
+    offset: int  # bytes
+    size: int | None  # bytes; None for "dynamic" (to the end of the device)
     iv_tweak: int
     encryption: str
     sector_size: int
@@ -216,14 +216,14 @@ class Luks2Header:
     subsystem: str
     uuid: str
     checksum_alg: str
-    copy: Copy                      # the copy these values come from
-    other_copy: CopyState           # the state of the other one
+    copy: Copy  # the copy these values come from
+    other_copy: CopyState  # the state of the other one
     keyslots: dict[int, Keyslot]
     segments: dict[int, Segment]
     digests: dict[int, Digest]
-    tokens: dict[int, dict[str, Any]]   # raw, as found
+    tokens: dict[int, dict[str, Any]]  # raw, as found
     config: Config
-    metadata: dict[str, Any] = field(repr=False)   # the whole JSON, raw
+    metadata: dict[str, Any] = field(repr=False)  # the whole JSON, raw
     hdr_salt: bytes = field(repr=False, default=b"")
 
     @property
@@ -239,8 +239,7 @@ class Luks2Header:
         return min(segment.offset for segment in self.segments.values())
 
 
-def read_luks2(read: Callable[[int, int], bytes], *,
-               detached_header: bool = False) -> Luks2Header:
+def read_luks2(read: Callable[[int, int], bytes], *, detached_header: bool = False) -> Luks2Header:
     """Read, choose and validate the LUKS2 metadata of an image.
 
     ``read(offset, length)`` returns up to ``length`` bytes at ``offset``
@@ -260,7 +259,7 @@ def read_luks2(read: Callable[[int, int], bytes], *,
                 secondary = found
                 break
             if isinstance(secondary, _Missing) and isinstance(found, CryptoError):
-                secondary = found   # the first recognisable one, for the error
+                secondary = found  # the first recognisable one, for the error
     if isinstance(primary, Luks2Header) and isinstance(secondary, Luks2Header):
         if secondary.seqid > primary.seqid:
             return _with_other(secondary, CopyState.STALE)
@@ -293,8 +292,9 @@ def _with_other(header: Luks2Header, state: CopyState) -> Luks2Header:
     return replace(header, other_copy=state)
 
 
-def _read_copy(read: Callable[[int, int], bytes], offset: int, copy: Copy,
-               detached: bool) -> "Luks2Header | CryptoError | _Missing":
+def _read_copy(
+    read: Callable[[int, int], bytes], offset: int, copy: Copy, detached: bool
+) -> "Luks2Header | CryptoError | _Missing":
     try:
         return _parse_copy(read, offset, copy, detached)
     except _NotThere as missing:
@@ -311,28 +311,30 @@ class _Luks1(CryptoError):
     """A primary header of version 1: a LUKS1 image, whose secondary is not looked for."""
 
 
-def _parse_copy(read: Callable[[int, int], bytes], offset: int, copy: Copy,
-                detached: bool) -> Luks2Header:
+def _parse_copy(
+    read: Callable[[int, int], bytes], offset: int, copy: Copy, detached: bool
+) -> Luks2Header:
     where = f"LUKS2 {copy.value} header"
     binary = bytes(read(offset, BINARY_HEADER_SIZE)[:BINARY_HEADER_SIZE])
     magic = MAGIC_PRIMARY if copy is Copy.PRIMARY else MAGIC_SECONDARY
-    if len(binary) < len(magic) or binary[:len(magic)] != magic:
+    if len(binary) < len(magic) or binary[: len(magic)] != magic:
         raise _NotThere(f"Volume is not in LUKS2 format (no {copy.value} header magic)")
     if len(binary) < BINARY_HEADER_SIZE:
         raise CryptoError(f"{where} is truncated")
-    (_magic, version, hdr_size, seqid, label, checksum_alg, salt, uuid, subsystem,
-     hdr_offset) = _BINARY.unpack_from(binary, 0)
+    (_magic, version, hdr_size, seqid, label, checksum_alg, salt, uuid, subsystem, hdr_offset) = (
+        _BINARY.unpack_from(binary, 0)
+    )
     if version != VERSION:
         error = _Luks1 if copy is Copy.PRIMARY and version == 1 else CryptoError
         raise error(f"{where}: LUKS version {version} is not supported")
     if hdr_size not in HDR_SIZES:
         raise CryptoError(f"{where}: unsupported header size {hdr_size}")
     if hdr_offset != offset:
-        raise CryptoError(f"{where}: header offset {hdr_offset} does not match "
-                          f"its location {offset}")
+        raise CryptoError(
+            f"{where}: header offset {hdr_offset} does not match its location {offset}"
+        )
     if copy is Copy.SECONDARY and hdr_size != offset:
-        raise CryptoError(f"{where}: header size {hdr_size} does not match "
-                          f"its location {offset}")
+        raise CryptoError(f"{where}: header size {hdr_size} does not match its location {offset}")
     alg = _c_string(checksum_alg)
     if alg not in CHECKSUM_ALGS:
         raise CryptoError(f"{where}: unsupported checksum algorithm {_show(alg)}")
@@ -342,18 +344,26 @@ def _parse_copy(read: Callable[[int, int], bytes], offset: int, copy: Copy,
     hasher = hashlib.new(alg)
     hasher.update(binary[:CSUM_OFFSET])
     hasher.update(bytes(CSUM_SIZE))
-    hasher.update(binary[CSUM_OFFSET + CSUM_SIZE:])
+    hasher.update(binary[CSUM_OFFSET + CSUM_SIZE :])
     hasher.update(json_area)
-    stored = binary[CSUM_OFFSET:CSUM_OFFSET + hasher.digest_size]
+    stored = binary[CSUM_OFFSET : CSUM_OFFSET + hasher.digest_size]
     if hasher.digest() != stored:
         raise CryptoError(f"{where} checksum does not match")
     metadata = _load_json(json_area, where)
     parsed = _validate(metadata, hdr_size, detached, where)
     return Luks2Header(
-        seqid=seqid, hdr_size=hdr_size,
-        label=_c_string(label), subsystem=_c_string(subsystem), uuid=_c_string(uuid),
-        checksum_alg=alg, copy=copy, other_copy=CopyState.MISSING,
-        metadata=metadata, hdr_salt=salt, **parsed)
+        seqid=seqid,
+        hdr_size=hdr_size,
+        label=_c_string(label),
+        subsystem=_c_string(subsystem),
+        uuid=_c_string(uuid),
+        checksum_alg=alg,
+        copy=copy,
+        other_copy=CopyState.MISSING,
+        metadata=metadata,
+        hdr_salt=salt,
+        **parsed,
+    )
 
 
 def _c_string(raw: bytes) -> str:
@@ -372,6 +382,7 @@ def _show(value: object) -> str:
 
 
 # -- JSON ----------------------------------------------------------------------
+
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
@@ -398,8 +409,7 @@ def _load_json(area: bytes, where: str) -> dict[str, Any]:
         raise CryptoError(f"{where}: JSON area has data after the terminating NUL")
     try:
         text = area[:end].decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates,
-                           parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except CryptoError as err:
         raise CryptoError(f"{where}: {err}") from None
     except (ValueError, RecursionError):
@@ -504,8 +514,12 @@ def _ids(section: _Fields, limit: int | None) -> dict[int, Any]:
 def _id_list(owner: _Fields, name: str, known: dict[int, Any], kind: str) -> tuple[int, ...]:
     refs = []
     for ref in owner.strings(name):
-        if not _DIGITS.fullmatch(ref) or len(ref) > 10 or int(ref) not in known \
-                or ref != str(int(ref)):
+        if (
+            not _DIGITS.fullmatch(ref)
+            or len(ref) > 10
+            or int(ref) not in known
+            or ref != str(int(ref))
+        ):
             owner.fail(f"references a missing {kind} {_show(ref)}")
         refs.append(int(ref))
     if len(set(refs)) != len(refs):
@@ -513,8 +527,9 @@ def _id_list(owner: _Fields, name: str, known: dict[int, Any], kind: str) -> tup
     return tuple(refs)
 
 
-def _validate(metadata: dict[str, Any], hdr_size: int, detached: bool,
-              where: str) -> dict[str, Any]:
+def _validate(
+    metadata: dict[str, Any], hdr_size: int, detached: bool, where: str
+) -> dict[str, Any]:
     top = _Fields(metadata, "LUKS2 metadata")
     for name in ("keyslots", "tokens", "segments", "digests", "config"):
         top.obj_(name)
@@ -547,8 +562,9 @@ def _validate(metadata: dict[str, Any], hdr_size: int, detached: bool,
 
     _check_areas(keyslots, hdr_size, config.keyslots_size)
     _check_segments(segments, hdr_size, config.keyslots_size, detached)
-    return dict(keyslots=keyslots, segments=segments, digests=digests,
-                tokens=raw_tokens, config=config)
+    return dict(
+        keyslots=keyslots, segments=segments, digests=digests, tokens=raw_tokens, config=config
+    )
 
 
 def _config(section: _Fields, hdr_size: int) -> Config:
@@ -578,24 +594,34 @@ def _keyslot(index: int, value: object) -> Keyslot:
 
     area = slot.obj_("area")
     area.const("type", "raw")
-    area_value = KeyslotArea(offset=area.uint64("offset"), size=area.uint64("size"),
-                             encryption=area.string("encryption"),
-                             key_size=area.integer("key_size", 1, MAX_KEY_SIZE))
+    area_value = KeyslotArea(
+        offset=area.uint64("offset"),
+        size=area.uint64("size"),
+        encryption=area.string("encryption"),
+        key_size=area.integer("key_size", 1, MAX_KEY_SIZE),
+    )
 
     kdf = slot.obj_("kdf")
     kdf_type = kdf.const("type", "pbkdf2", "argon2i", "argon2id")
     kdf_value: Pbkdf2 | Argon2
     if kdf_type == "pbkdf2":
-        kdf_value = Pbkdf2(hash=kdf.string("hash"),
-                           iterations=kdf.integer("iterations", 1, MAX_ITERATIONS),
-                           salt=kdf.base64("salt"))
+        kdf_value = Pbkdf2(
+            hash=kdf.string("hash"),
+            iterations=kdf.integer("iterations", 1, MAX_ITERATIONS),
+            salt=kdf.base64("salt"),
+        )
     else:
         cpus = kdf.integer("cpus", 1, MAX_ARGON2_CPUS)
         memory = kdf.integer("memory", MIN_ARGON2_MEMORY, MAX_ARGON2_MEMORY)
         if memory < MIN_ARGON2_MEMORY * cpus:
             kdf.fail(f"memory {memory} is too small for {cpus} cpus")
-        kdf_value = Argon2(type=kdf_type, time=kdf.integer("time", 1, MAX_ARGON2_TIME),
-                           memory=memory, cpus=cpus, salt=kdf.base64("salt"))
+        kdf_value = Argon2(
+            type=kdf_type,
+            time=kdf.integer("time", 1, MAX_ARGON2_TIME),
+            memory=memory,
+            cpus=cpus,
+            salt=kdf.base64("salt"),
+        )
 
     af = slot.obj_("af")
     af.const("type", "luks1")
@@ -606,10 +632,18 @@ def _keyslot(index: int, value: object) -> Keyslot:
 
     needed = -(-key_size * STRIPES // SECTOR_SIZE) * SECTOR_SIZE
     if area_value.size < needed:
-        slot.fail(f"area size {area_value.size} is too small for a {key_size}-byte key "
-                  f"({needed} bytes needed)")
-    return Keyslot(key_size=key_size, area=area_value, kdf=kdf_value, af_stripes=stripes,
-                   af_hash=af_hash, priority=priority)
+        slot.fail(
+            f"area size {area_value.size} is too small for a {key_size}-byte key "
+            f"({needed} bytes needed)"
+        )
+    return Keyslot(
+        key_size=key_size,
+        area=area_value,
+        kdf=kdf_value,
+        af_stripes=stripes,
+        af_hash=af_hash,
+        priority=priority,
+    )
 
 
 def _segment(index: int, value: object) -> Segment:
@@ -639,19 +673,30 @@ def _segment(index: int, value: object) -> Segment:
         for name in ("type", "journal_encryption", "journal_integrity"):
             integ.string(name)
         integrity = integ.obj
-    return Segment(offset=offset, size=size, iv_tweak=iv_tweak, encryption=encryption,
-                   sector_size=sector_size, flags=flags, integrity=integrity)
+    return Segment(
+        offset=offset,
+        size=size,
+        iv_tweak=iv_tweak,
+        encryption=encryption,
+        sector_size=sector_size,
+        flags=flags,
+        integrity=integrity,
+    )
 
 
-def _digest(index: int, value: object, keyslots: dict[int, Keyslot],
-            segments: dict[int, Segment]) -> Digest:
+def _digest(
+    index: int, value: object, keyslots: dict[int, Keyslot], segments: dict[int, Segment]
+) -> Digest:
     dig = _Fields(value, f"LUKS2 digest {index}")
     dig.const("type", "pbkdf2")
-    return Digest(keyslots=_id_list(dig, "keyslots", keyslots, "keyslot"),
-                  segments=_id_list(dig, "segments", segments, "segment"),
-                  hash=dig.string("hash"),
-                  iterations=dig.integer("iterations", 1, MAX_ITERATIONS),
-                  salt=dig.base64("salt"), digest=dig.base64("digest"))
+    return Digest(
+        keyslots=_id_list(dig, "keyslots", keyslots, "keyslot"),
+        segments=_id_list(dig, "segments", segments, "segment"),
+        hash=dig.string("hash"),
+        iterations=dig.integer("iterations", 1, MAX_ITERATIONS),
+        salt=dig.base64("salt"),
+        digest=dig.base64("digest"),
+    )
 
 
 def _check_areas(keyslots: dict[int, Keyslot], hdr_size: int, keyslots_size: int) -> None:
@@ -659,8 +704,9 @@ def _check_areas(keyslots: dict[int, Keyslot], hdr_size: int, keyslots_size: int
     for i, slot in keyslots.items():
         area = slot.area
         if area.offset < start or area.offset + area.size > end:
-            raise CryptoError(f"LUKS2 keyslot {i} area is outside the keyslots area "
-                              f"[{start}, {end})")
+            raise CryptoError(
+                f"LUKS2 keyslot {i} area is outside the keyslots area [{start}, {end})"
+            )
     items = list(keyslots.items())
     for n, (j, later) in enumerate(items):
         for i, earlier in items[:n]:
@@ -669,8 +715,9 @@ def _check_areas(keyslots: dict[int, Keyslot], hdr_size: int, keyslots_size: int
                 raise CryptoError(f"LUKS2 keyslot {j} area overlaps keyslot {i}")
 
 
-def _check_segments(segments: dict[int, Segment], hdr_size: int, keyslots_size: int,
-                    detached: bool) -> None:
+def _check_segments(
+    segments: dict[int, Segment], hdr_size: int, keyslots_size: int, detached: bool
+) -> None:
     for expected, index in enumerate(segments):
         if index != expected:
             raise CryptoError(f"LUKS2 segments have a gap at id {expected}")
@@ -680,8 +727,10 @@ def _check_segments(segments: dict[int, Segment], hdr_size: int, keyslots_size: 
         if seg.size is None and i != last:
             raise CryptoError(f"LUKS2 segment {i} is 'dynamic' but not the last segment")
         if seg.offset < keyslots_end and not (detached and seg.offset == 0):
-            raise CryptoError(f"LUKS2 segment {i} offset {seg.offset} overlaps the "
-                              f"metadata and keyslots area (which ends at {keyslots_end})")
+            raise CryptoError(
+                f"LUKS2 segment {i} offset {seg.offset} overlaps the "
+                f"metadata and keyslots area (which ends at {keyslots_end})"
+            )
     items = list(segments.items())
     for n, (j, later) in enumerate(items):
         for i, earlier in items[:n]:

@@ -100,8 +100,9 @@ def keyslot_order(header: Luks2Header, keyslot: int | None = None) -> list[int]:
         value = header.keyslots[index].priority
         return PRIORITY_NORMAL if value is None else value
 
-    return ([i for i in bound if priority(i) == PRIORITY_PREFER]
-            + [i for i in bound if priority(i) == PRIORITY_NORMAL])
+    return [i for i in bound if priority(i) == PRIORITY_PREFER] + [
+        i for i in bound if priority(i) == PRIORITY_NORMAL
+    ]
 
 
 def material_length(slot: Keyslot) -> int:
@@ -144,8 +145,7 @@ def derive_area_key(slot: Keyslot, passphrase: bytes | bytearray, index: int) ->
     return argon2(kdf, passphrase, length, index)
 
 
-def argon2(kdf: Argon2, passphrase: bytes | bytearray, length: int,
-           index: int) -> bytearray:
+def argon2(kdf: Argon2, passphrase: bytes | bytearray, length: int, index: int) -> bytearray:
     """Argon2i/Argon2id (version 0x13) into a fresh bytearray, no copies made.
 
     argon2-cffi's hash_secret_raw copies the passphrase into memory it frees
@@ -154,18 +154,26 @@ def argon2(kdf: Argon2, passphrase: bytes | bytearray, length: int,
     """
     argon_type = _ARGON2_TYPES.get(kdf.type)
     if argon_type is None:
-        raise CryptoError(f"LUKS2 keyslot {index} kdf type {_show(kdf.type)} "
-                          f"is not supported")
+        raise CryptoError(f"LUKS2 keyslot {index} kdf type {_show(kdf.type)} is not supported")
     out = bytearray(length)
-    secret = passphrase if len(passphrase) else bytearray(1)   # a valid pointer
+    secret = passphrase if len(passphrase) else bytearray(1)  # a valid pointer
     salt = bytes(kdf.salt)
     try:
         rv = lib.argon2_hash(
-            kdf.time, kdf.memory, kdf.cpus,
-            ffi.from_buffer("uint8_t[]", secret), len(passphrase),
-            ffi.from_buffer("uint8_t[]", salt), len(salt),
-            ffi.from_buffer("uint8_t[]", out, require_writable=True), length,
-            ffi.NULL, 0, argon_type.value, ARGON2_VERSION)
+            kdf.time,
+            kdf.memory,
+            kdf.cpus,
+            ffi.from_buffer("uint8_t[]", secret),
+            len(passphrase),
+            ffi.from_buffer("uint8_t[]", salt),
+            len(salt),
+            ffi.from_buffer("uint8_t[]", out, require_writable=True),
+            length,
+            ffi.NULL,
+            0,
+            argon_type.value,
+            ARGON2_VERSION,
+        )
     except BaseException:
         wipe(out)
         raise
@@ -180,20 +188,22 @@ def _read_material(read: Reader, slot: Keyslot, index: int) -> bytes:
     length = material_length(slot)
     data = bytes(read(slot.area.offset, length))
     if len(data) != length:
-        raise CryptoError(f"Cannot read the key material of LUKS2 keyslot {index}: "
-                          f"the image ends at {slot.area.offset + len(data)} bytes, "
-                          f"{slot.area.offset + length} needed")
+        raise CryptoError(
+            f"Cannot read the key material of LUKS2 keyslot {index}: "
+            f"the image ends at {slot.area.offset + len(data)} bytes, "
+            f"{slot.area.offset + length} needed"
+        )
     return data
 
 
-def digest_matches(header: Luks2Header, digest_id: int,
-                   candidate: bytes | bytearray) -> bool:
+def digest_matches(header: Luks2Header, digest_id: int, candidate: bytes | bytearray) -> bool:
     """Whether ``candidate`` is the volume key the digest describes."""
     digest = header.digests[digest_id]
     check_iterations(digest.iterations, f"LUKS2 digest {digest_id}")
     try:
-        computed = pbkdf.pbkdf2(digest.hash, candidate, digest.salt, digest.iterations,
-                                len(digest.digest))
+        computed = pbkdf.pbkdf2(
+            digest.hash, candidate, digest.salt, digest.iterations, len(digest.digest)
+        )
     except CryptoError as err:
         raise CryptoError(f"LUKS2 digest {digest_id}: {err}") from None
     try:
@@ -202,13 +212,13 @@ def digest_matches(header: Luks2Header, digest_id: int,
         wipe(computed)
 
 
-def try_keyslot(read: Reader, header: Luks2Header, index: int,
-                passphrase: bytes | bytearray, digest_id: int) -> bytearray | None:
+def try_keyslot(
+    read: Reader, header: Luks2Header, index: int, passphrase: bytes | bytearray, digest_id: int
+) -> bytearray | None:
     """The volume key if ``passphrase`` opens keyslot ``index`` to a key that
     digest ``digest_id`` (the data segment's) accepts, else None."""
     slot = header.keyslots[index]
-    spec = _cipher_spec(slot.area.encryption, slot.area.key_size,
-                        f"LUKS2 keyslot {index} area")
+    spec = _cipher_spec(slot.area.encryption, slot.area.key_size, f"LUKS2 keyslot {index} area")
     material = _read_material(read, slot, index)
     area_key = derive_area_key(slot, passphrase, index)
     cipher = None
@@ -218,7 +228,7 @@ def try_keyslot(read: Reader, header: Luks2Header, index: int,
         cipher = SectorCipher(spec, area_key)
         decrypted = cipher.decrypt(0, material)
         split = decrypted if isinstance(decrypted, bytearray) else bytearray(decrypted)
-        del decrypted   # bytes from the cipher: not ours to wipe
+        del decrypted  # bytes from the cipher: not ours to wipe
         candidate = afsplit.af_merge(slot.af_hash, split, slot.key_size, slot.af_stripes)
         if digest_matches(header, digest_id, candidate):
             found, candidate = candidate, None
@@ -232,8 +242,9 @@ def try_keyslot(read: Reader, header: Luks2Header, index: int,
         wipe(candidate)
 
 
-def unlock_luks2(read: Reader, header: Luks2Header, passphrase: bytes | bytearray, *,
-                 keyslot: int | None = None) -> tuple[bytearray, int]:
+def unlock_luks2(
+    read: Reader, header: Luks2Header, passphrase: bytes | bytearray, *, keyslot: int | None = None
+) -> tuple[bytearray, int]:
     """(volume key, keyslot id) of the first keyslot ``passphrase`` opens.
 
     ``read(offset, length)`` as for :func:`read_luks2`. ``keyslot`` tries
@@ -248,17 +259,20 @@ def unlock_luks2(read: Reader, header: Luks2Header, passphrase: bytes | bytearra
     raise CryptoError(WRONG_PASSPHRASE)
 
 
-def segment_cipher(header: Luks2Header, volume_key: bytes | bytearray,
-                   segment: int | None = None) -> SectorCipher:
+def segment_cipher(
+    header: Luks2Header, volume_key: bytes | bytearray, segment: int | None = None
+) -> SectorCipher:
     """The data segment's sector cipher; ``sector`` counts ``sector_size`` units
     from the start of the segment, IVs count 512-byte units (iv_shift)."""
     index = data_segment(header) if segment is None else segment
     seg: Segment = header.segments[index]
     what = f"LUKS2 segment {index}"
     if seg.integrity is not None:
-        raise CryptoError(f"{what} uses authenticated encryption (integrity), "
-                          f"which is not supported")
+        raise CryptoError(
+            f"{what} uses authenticated encryption (integrity), which is not supported"
+        )
     spec = _cipher_spec(seg.encryption, len(volume_key), what)
     shift = (seg.sector_size // SECTOR_SIZE).bit_length() - 1
-    return SectorCipher(spec, volume_key, sector_size=seg.sector_size, iv_shift=shift,
-                        iv_offset=seg.iv_tweak)
+    return SectorCipher(
+        spec, volume_key, sector_size=seg.sector_size, iv_shift=shift, iv_offset=seg.iv_tweak
+    )

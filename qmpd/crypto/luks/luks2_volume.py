@@ -48,7 +48,7 @@ PROBE_LENGTH = 8
 
 def probe_version(first_bytes: bytes) -> int | None:
     """The LUKS version the image's first bytes claim, None if not LUKS at all."""
-    if len(first_bytes) < PROBE_LENGTH or first_bytes[:len(MAGIC_PRIMARY)] != MAGIC_PRIMARY:
+    if len(first_bytes) < PROBE_LENGTH or first_bytes[: len(MAGIC_PRIMARY)] != MAGIC_PRIMARY:
         return None
     return int(struct.unpack_from(">H", first_bytes, len(MAGIC_PRIMARY))[0])
 
@@ -65,18 +65,23 @@ def check_requirements(header: Luks2Header, action: str = "open this image") -> 
     """Refuse metadata whose mandatory requirements qmpd does not implement."""
     mandatory = header.config.requirements_mandatory
     if mandatory:
-        raise CryptoError(f"{UNMET_REQUIREMENTS[:-1]} ({_show(mandatory)}); "
-                          f"qmpd cannot {action}")
+        raise CryptoError(f"{UNMET_REQUIREMENTS[:-1]} ({_show(mandatory)}); qmpd cannot {action}")
 
 
 class Luks2Volume(UnlockedVolume):
     """An unlocked LUKS2 volume (see the module docstring for the interface)."""
 
     version = 2
-    witness = None      # no key management for LUKS2 yet
+    witness = None  # no key management for LUKS2 yet
 
-    def __init__(self, header: Luks2Header, volume_key: bytearray, keyslot: int, *,
-                 detached_header: bool = False) -> None:
+    def __init__(
+        self,
+        header: Luks2Header,
+        volume_key: bytearray,
+        keyslot: int,
+        *,
+        detached_header: bool = False,
+    ) -> None:
         self.header = header
         self.keyslot = keyslot
         self.detached_header = detached_header
@@ -101,10 +106,14 @@ class Luks2Volume(UnlockedVolume):
         """
         segment_id = data_segment(header)
         digest = next((d for d in header.digests.values() if segment_id in d.segments), None)
-        if (header.uuid != self.header.uuid or segment_id != self.segment_id
-                or header.segments[segment_id] != self.header.segments[self.segment_id]
-                or digest is None or digest.digest != self._digest.digest
-                or digest.salt != self._digest.salt):
+        if (
+            header.uuid != self.header.uuid
+            or segment_id != self.segment_id
+            or header.segments[segment_id] != self.header.segments[self.segment_id]
+            or digest is None
+            or digest.digest != self._digest.digest
+            or digest.salt != self._digest.salt
+        ):
             raise CryptoError("The new LUKS2 header does not describe this volume")
         self.header = header
         self._digest = digest
@@ -139,12 +148,16 @@ class Luks2Volume(UnlockedVolume):
             entry["keyslot"] = index
             entry["pbkdf"] = slot.kdf.type
             if isinstance(slot.kdf, Argon2):
-                entry.update({"pbkdf-time": slot.kdf.time, "pbkdf-memory": slot.kdf.memory,
-                              "pbkdf-parallel": slot.kdf.cpus})
+                entry.update(
+                    {
+                        "pbkdf-time": slot.kdf.time,
+                        "pbkdf-memory": slot.kdf.memory,
+                        "pbkdf-parallel": slot.kdf.cpus,
+                    }
+                )
             slots.append(entry)
         out["slots"] = slots
-        out.update({"luks-version": 2, "label": self.header.label,
-                    "sector-size": self.sector_size})
+        out.update({"luks-version": 2, "label": self.header.label, "sector-size": self.sector_size})
         return out
 
     def __repr__(self) -> str:
@@ -152,9 +165,13 @@ class Luks2Volume(UnlockedVolume):
         return f"Luks2Volume({state}, keyslot={self.keyslot}, uuid={self.header.uuid!r})"
 
 
-def read_checked(io: ImageIO, *, payload_in_file: bool = True,
-                 detached_header: bool = False,
-                 action: str = "open this image") -> Luks2Header:
+def read_checked(
+    io: ImageIO,
+    *,
+    payload_in_file: bool = True,
+    detached_header: bool = False,
+    action: str = "open this image",
+) -> Luks2Header:
     """The validated header, with the checks that need no passphrase."""
     header = read_luks2(io.read, detached_header=detached_header)
     check_requirements(header, action)
@@ -162,28 +179,31 @@ def read_checked(io: ImageIO, *, payload_in_file: bool = True,
         segment = header.segments[data_segment(header)]
         size = io.size()
         if segment.offset > size:
-            raise CryptoError(f"LUKS payload offset {segment.offset} is beyond the end "
-                              f"of the image ({size} bytes)")
+            raise CryptoError(
+                f"LUKS payload offset {segment.offset} is beyond the end "
+                f"of the image ({size} bytes)"
+            )
         if segment.size is not None and segment.offset + segment.size > size:
-            raise CryptoError(f"Device is too small. (LUKS2 requires at least "
-                              f"{segment.offset + segment.size} bytes.)")
+            raise CryptoError(
+                f"Device is too small. (LUKS2 requires at least "
+                f"{segment.offset + segment.size} bytes.)"
+            )
     return header
 
 
-def open_luks2_volume(io: ImageIO, passphrase: bytes | bytearray, *,
-                      detached_header: bool = False) -> Luks2Volume:
+def open_luks2_volume(
+    io: ImageIO, passphrase: bytes | bytearray, *, detached_header: bool = False
+) -> Luks2Volume:
     """Check the header and unlock the volume key. CPU-heavy: a worker thread.
 
     ``detached_header``: ``io`` holds only the metadata and keyslots (the
     data segment may start at 0 of another device), as cryptsetup's
     ``--header``.
     """
-    header = read_checked(io, payload_in_file=not detached_header,
-                          detached_header=detached_header)
+    header = read_checked(io, payload_in_file=not detached_header, detached_header=detached_header)
     key, keyslot = unlock_luks2(io.read, header, passphrase)
     try:
         return Luks2Volume(header, key, keyslot, detached_header=detached_header)
     except BaseException:
         wipe(key)
         raise
-

@@ -82,8 +82,8 @@ Step = tuple[int, bytes] | None
 class MetadataWrite:
     """Both copies of new metadata and the writes that put them on disk."""
 
-    header: Luks2Header                  # the new metadata as read_luks2 reads it
-    primary: bytes = field(repr=False)   # hdr_size bytes at 0
+    header: Luks2Header  # the new metadata as read_luks2 reads it
+    primary: bytes = field(repr=False)  # hdr_size bytes at 0
     secondary: bytes = field(repr=False)  # hdr_size bytes at hdr_size
     steps: tuple[Step, ...] = field(repr=False)
 
@@ -94,8 +94,7 @@ class MetadataWrite:
 def json_text(metadata: dict[str, Any]) -> bytes:
     """The JSON text exactly as cryptsetup (json-c, plain) writes it."""
     try:
-        text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise CryptoError(f"LUKS2 metadata cannot be written as JSON: {err}") from None
     return text.encode("utf-8")
@@ -108,27 +107,32 @@ def _fixed(text: str, size: int, what: str) -> bytes:
     return raw
 
 
-def encode_copy(header: Luks2Header, json_area: bytes, copy: Copy, salt: bytes,
-                seqid: int) -> tuple[bytes, bytes]:
+def encode_copy(
+    header: Luks2Header, json_area: bytes, copy: Copy, salt: bytes, seqid: int
+) -> tuple[bytes, bytes]:
     """(binary header with csum zeroed, the same with its csum) for one copy."""
     if len(salt) != HDR_SALT_SIZE:
         raise CryptoError(f"LUKS2 header salt must be {HDR_SALT_SIZE} bytes")
     magic = MAGIC_PRIMARY if copy is Copy.PRIMARY else MAGIC_SECONDARY
     offset = 0 if copy is Copy.PRIMARY else header.hdr_size
     fields = _BINARY.pack(
-        magic, VERSION, header.hdr_size, seqid,
+        magic,
+        VERSION,
+        header.hdr_size,
+        seqid,
         _fixed(header.label, LABEL_SIZE, "label"),
         _fixed(header.checksum_alg, CHECKSUM_ALG_SIZE, "checksum algorithm"),
         salt,
         _fixed(header.uuid, UUID_SIZE, "UUID"),
         _fixed(header.subsystem, LABEL_SIZE, "subsystem"),
-        offset)
+        offset,
+    )
     unsummed = fields + bytes(BINARY_HEADER_SIZE - len(fields))
     hasher = hashlib.new(header.checksum_alg)
     hasher.update(unsummed)
     hasher.update(json_area)
     csum = hasher.digest()
-    summed = unsummed[:CSUM_OFFSET] + csum + unsummed[CSUM_OFFSET + len(csum):]
+    summed = unsummed[:CSUM_OFFSET] + csum + unsummed[CSUM_OFFSET + len(csum) :]
     return unsummed, summed
 
 
@@ -141,12 +145,15 @@ def other_copy_salt(header: Luks2Header, read: Callable[[int, int], bytes]) -> b
     return raw if len(raw) == HDR_SALT_SIZE else None
 
 
-def plan_metadata_write(header: Luks2Header, metadata: dict[str, Any], *,
-                        other_salt: bytes | None,
-                        detached_header: bool = False,
-                        seqid: int | None = None,
-                        random_bytes: Callable[[int], bytes] = os.urandom,
-                        ) -> MetadataWrite:
+def plan_metadata_write(
+    header: Luks2Header,
+    metadata: dict[str, Any],
+    *,
+    other_salt: bytes | None,
+    detached_header: bool = False,
+    seqid: int | None = None,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> MetadataWrite:
     """Both copies of ``metadata`` over ``header``'s binary fields, and their writes.
 
     ``other_salt``: the salt of the copy ``header`` was not read from
@@ -158,8 +165,9 @@ def plan_metadata_write(header: Luks2Header, metadata: dict[str, Any], *,
     text = json_text(metadata)
     json_size = header.hdr_size - BINARY_HEADER_SIZE
     if len(text) > json_size - 1:
-        raise CryptoError(f"LUKS2 metadata of {len(text)} bytes does not fit in the "
-                          f"{json_size}-byte JSON area")
+        raise CryptoError(
+            f"LUKS2 metadata of {len(text)} bytes does not fit in the {json_size}-byte JSON area"
+        )
     json_area = text + bytes(json_size - len(text))
     own_salt = bytes(header.hdr_salt)
     if len(own_salt) != HDR_SALT_SIZE:
@@ -177,28 +185,38 @@ def plan_metadata_write(header: Luks2Header, metadata: dict[str, Any], *,
         offset = 0 if copy is Copy.PRIMARY else header.hdr_size
         unsummed, summed = encode_copy(header, json_area, copy, salts[copy], new_seqid)
         images[copy] = summed + json_area
-        steps += [(offset, unsummed), (offset + BINARY_HEADER_SIZE, json_area),
-                  (offset, summed), None]
+        steps += [
+            (offset, unsummed),
+            (offset + BINARY_HEADER_SIZE, json_area),
+            (offset, summed),
+            None,
+        ]
 
     image = images[Copy.PRIMARY] + images[Copy.SECONDARY]
 
     def read(offset: int, length: int) -> bytes:
-        return image[offset:offset + length]
+        return image[offset : offset + length]
 
     try:
         new_header = read_luks2(read, detached_header=detached_header)
     except CryptoError as err:
         raise CryptoError(f"Refusing to write invalid LUKS2 metadata: {err}") from None
-    if (new_header.copy is not Copy.PRIMARY or new_header.other_copy is not CopyState.CURRENT
-            or new_header.seqid != new_seqid):
-        raise CryptoError("Refusing to write invalid LUKS2 metadata: the copies "
-                          "do not read back as written")
-    return MetadataWrite(new_header, images[Copy.PRIMARY], images[Copy.SECONDARY],
-                         tuple(steps))
+    if (
+        new_header.copy is not Copy.PRIMARY
+        or new_header.other_copy is not CopyState.CURRENT
+        or new_header.seqid != new_seqid
+    ):
+        raise CryptoError(
+            "Refusing to write invalid LUKS2 metadata: the copies do not read back as written"
+        )
+    return MetadataWrite(new_header, images[Copy.PRIMARY], images[Copy.SECONDARY], tuple(steps))
 
 
-def apply_steps(steps: tuple[Step, ...] | list[Step], write: Callable[[int, bytes], None],
-                sync: Callable[[], None]) -> None:
+def apply_steps(
+    steps: tuple[Step, ...] | list[Step],
+    write: Callable[[int, bytes], None],
+    sync: Callable[[], None],
+) -> None:
     """Perform writes and syncs in order."""
     for step in steps:
         if step is None:

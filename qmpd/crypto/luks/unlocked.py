@@ -38,12 +38,14 @@ class UnlockedVolume:
         }
         if spec.ivgen_alg == "essiv" and spec.ivgen_hash_alg:
             out["ivgen-hash-alg"] = spec.ivgen_hash_alg
-        out.update({
-            "hash-alg": self.hash_name,
-            "payload-offset": self.payload_offset,
-            "master-key-iters": master_key_iters,
-            "uuid": uuid,
-        })
+        out.update(
+            {
+                "hash-alg": self.hash_name,
+                "payload-offset": self.payload_offset,
+                "master-key-iters": master_key_iters,
+                "uuid": uuid,
+            }
+        )
         return out
 
     def close(self) -> None:

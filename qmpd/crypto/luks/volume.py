@@ -44,8 +44,9 @@ from qmpd.crypto.luks.luks2_volume import (
 from qmpd.crypto.luks.unlocked import UnlockedVolume
 
 
-def parse_header_bytes(raw: bytes, *,
-                       detached_header: bool = False) -> tuple[LuksHeader, CipherSpec]:
+def parse_header_bytes(
+    raw: bytes, *, detached_header: bool = False
+) -> tuple[LuksHeader, CipherSpec]:
     """Header and cipher from the image's first bytes, or CryptoError.
 
     A short image reads as zero-padded, as a block device read past its end
@@ -55,8 +56,9 @@ def parse_header_bytes(raw: bytes, *,
     raw = bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
     header = LuksHeader.unpack(raw)
     check_header(header, detached_header=detached_header)
-    spec = ciphers.parse_luks_cipher(header.cipher_name_str, header.cipher_mode_str,
-                                     header.key_bytes)
+    spec = ciphers.parse_luks_cipher(
+        header.cipher_name_str, header.cipher_mode_str, header.key_bytes
+    )
     hashes.hash_algorithm(header.hash_spec_str)
     ciphers.check_cipher_supported(spec)
     return header, spec
@@ -66,19 +68,22 @@ def check_payload_in_file(header: LuksHeader, image_size: int) -> None:
     if header.payload_offset_bytes > image_size:
         raise CryptoError(
             f"LUKS payload offset {header.payload_offset_bytes} is beyond the end "
-            f"of the image ({image_size} bytes)")
+            f"of the image ({image_size} bytes)"
+        )
 
 
-def _read_checked(io: ImageIO, payload_in_file: bool,
-                  detached_header: bool = False) -> tuple[LuksHeader, CipherSpec]:
+def _read_checked(
+    io: ImageIO, payload_in_file: bool, detached_header: bool = False
+) -> tuple[LuksHeader, CipherSpec]:
     header, spec = parse_header_bytes(io.read(0, HEADER_SIZE), detached_header=detached_header)
     if payload_in_file and not detached_header:
         check_payload_in_file(header, io.size())
     return header, spec
 
 
-def read_header(io: ImageIO, *, payload_in_file: bool = True,
-                detached_header: bool = False) -> LuksHeader:
+def read_header(
+    io: ImageIO, *, payload_in_file: bool = True, detached_header: bool = False
+) -> LuksHeader:
     """The image's LUKS header, checked like QEMU does on open.
 
     ``payload_in_file=False`` is for LUKS inside qcow2, whose payload lives
@@ -99,8 +104,7 @@ class PassphraseWitness:
     key, so the PBKDF2 work need not be repeated.
     """
 
-    def __init__(self, passphrase: bytes | bytearray, slot_index: int,
-                 slot_digest: bytes) -> None:
+    def __init__(self, passphrase: bytes | bytearray, slot_index: int, slot_digest: bytes) -> None:
         self._key = bytearray(os.urandom(32))
         self._mac = self._tag(passphrase)
         self.slot_index = slot_index
@@ -112,8 +116,9 @@ class PassphraseWitness:
     def proves(self, passphrase: bytes | bytearray, slot_digest: bytes) -> bool:
         if not self._key:
             return False
-        return (hmac.compare_digest(self._tag(passphrase), self._mac)
-                and hmac.compare_digest(slot_digest, self._slot_digest))
+        return hmac.compare_digest(self._tag(passphrase), self._mac) and hmac.compare_digest(
+            slot_digest, self._slot_digest
+        )
 
     def wipe(self) -> None:
         wipe(self._key)
@@ -128,8 +133,8 @@ def slot_state_digest(header: LuksHeader, index: int, material: bytes) -> bytes:
     """SHA-256 of what unlocking slot ``index`` depends on."""
     packed = header.pack()
     digest = hashlib.sha256()
-    digest.update(packed[:slot_entry_offset(0)])
-    digest.update(packed[slot_entry_offset(index):slot_entry_offset(index + 1)])
+    digest.update(packed[: slot_entry_offset(0)])
+    digest.update(packed[slot_entry_offset(index) : slot_entry_offset(index + 1)])
     digest.update(material)
     return digest.digest()
 
@@ -141,9 +146,16 @@ class LuksVolume(UnlockedVolume):
     (:func:`~qmpd.crypto.luks.amend.apply_amend` replaces it).
     """
 
-    def __init__(self, header: LuksHeader, spec: CipherSpec, volume_key: bytearray,
-                 witness: PassphraseWitness | None, *, payload_in_file: bool = True,
-                 detached_header: bool = False) -> None:
+    def __init__(
+        self,
+        header: LuksHeader,
+        spec: CipherSpec,
+        volume_key: bytearray,
+        witness: PassphraseWitness | None,
+        *,
+        payload_in_file: bool = True,
+        detached_header: bool = False,
+    ) -> None:
         self.header = header
         #: The header is an image of its own: the payload offset is where
         #: the data starts on the other image (QEMU 9.0's detached header).
@@ -181,8 +193,9 @@ class LuksVolume(UnlockedVolume):
         return f"LuksVolume({state}, {self.header!r})"
 
 
-def find_key(io: ImageIO, header: LuksHeader, spec: CipherSpec,
-             passphrase: bytes | bytearray) -> tuple[bytearray, int, bytes]:
+def find_key(
+    io: ImageIO, header: LuksHeader, spec: CipherSpec, passphrase: bytes | bytearray
+) -> tuple[bytearray, int, bytes]:
     """QEMU's find_key: (volume key, slot index, slot digest) of the first slot that opens.
 
     QEMU tries the active slots one after another. PBKDF2 releases the GIL,
@@ -204,8 +217,11 @@ def find_key(io: ImageIO, header: LuksHeader, spec: CipherSpec,
 
     iterations = [header.slots[i].iterations for i in active]
     workers = min(len(active), pbkdf.cores())
-    if (workers > 1 and max(iterations) <= 2 * max(1, min(iterations))
-            and race_is_faster(header, active, pbkdf.cores())):
+    if (
+        workers > 1
+        and max(iterations) <= 2 * max(1, min(iterations))
+        and race_is_faster(header, active, pbkdf.cores())
+    ):
         race = _SlotRace(attempt, active, workers)
         outcome = race.result
     else:
@@ -275,15 +291,17 @@ class _SlotRace:
     Every volume key found but not handed out is wiped.
     """
 
-    def __init__(self, attempt: Callable[[int], bytearray | None], slots: list[int],
-                 workers: int) -> None:
+    def __init__(
+        self, attempt: Callable[[int], bytearray | None], slots: list[int], workers: int
+    ) -> None:
         self._lock = threading.Lock()
         self._todo = list(slots)
         self._finished = False
         self._results: dict[int, queue.SimpleQueue] = {i: queue.SimpleQueue() for i in slots}
         for _ in range(workers):
-            threading.Thread(target=self._work, args=(attempt,), daemon=True,
-                             name="luks-slot").start()
+            threading.Thread(
+                target=self._work, args=(attempt,), daemon=True, name="luks-slot"
+            ).start()
 
     def _work(self, attempt: Callable[[int], bytearray | None]) -> None:
         while True:
@@ -293,7 +311,7 @@ class _SlotRace:
                 index = self._todo.pop(0)
             outcome: tuple[bytearray | None, BaseException | None]
             try:
-                with pbkdf.single_threaded():   # the race already fills the cores
+                with pbkdf.single_threaded():  # the race already fills the cores
                     outcome = (attempt(index), None)
             except BaseException as exc:  # handed to the reader of this slot
                 outcome = (None, exc)
@@ -317,9 +335,14 @@ class _SlotRace:
                     wipe(results.get()[0])
 
 
-def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
-                payload_in_file: bool = True, luks2: bool = False,
-                detached_header: bool = False) -> "LuksVolume | Luks2Volume":
+def open_volume(
+    io: ImageIO,
+    passphrase: bytes | bytearray,
+    *,
+    payload_in_file: bool = True,
+    luks2: bool = False,
+    detached_header: bool = False,
+) -> "LuksVolume | Luks2Volume":
     """Check the header and unlock the volume key with ``passphrase``.
 
     ``luks2=True`` also opens a LUKS2 image, as a
@@ -332,9 +355,16 @@ def open_volume(io: ImageIO, passphrase: bytes | bytearray, *,
     image.
     """
     if luks2 and probe_version(io.read(0, PROBE_LENGTH)) == 2:
-        return open_luks2_volume(io, passphrase,
-                                 detached_header=detached_header or not payload_in_file)
+        return open_luks2_volume(
+            io, passphrase, detached_header=detached_header or not payload_in_file
+        )
     header, spec = _read_checked(io, payload_in_file, detached_header)
     key, index, digest = find_key(io, header, spec, passphrase)
-    return LuksVolume(header, spec, key, PassphraseWitness(passphrase, index, digest),
-                      payload_in_file=payload_in_file, detached_header=detached_header)
+    return LuksVolume(
+        header,
+        spec,
+        key,
+        PassphraseWitness(passphrase, index, digest),
+        payload_in_file=payload_in_file,
+        detached_header=detached_header,
+    )
