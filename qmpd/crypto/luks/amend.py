@@ -102,8 +102,61 @@ from qmpd.crypto.luks.volume import (
 SecretValue = bytes | bytearray | Callable[[], bytes | bytearray]
 
 
-def _resolve(secret: SecretValue) -> bytes | bytearray:
+# -- QEMU's amend texts, shared with the LUKS2 engine ------------------------------
+
+
+def resolve_secret(secret: SecretValue) -> bytes | bytearray:
+    """A secret's bytes, looked up now if it is a lookup."""
     return secret() if callable(secret) else secret
+
+
+def c_int(value: int) -> int:
+    """An int64 stored into a C int (QEMU's ``int keyslot = opts->keyslot``)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def check_add_members(options: "LuksAmendOptions") -> None:
+    if options.new_secret is None:
+        raise CryptoError("'new-secret' is required to activate a keyslot")
+    if options.old_secret is not None:
+        raise CryptoError("'old-secret' must not be given when activating keyslots")
+
+
+def check_erase_members(options: "LuksAmendOptions", extra: tuple[str, ...] = ()) -> None:
+    """The members an erase refuses, in QEMU's order (then ``extra``, ours)."""
+    for name in ("new_secret", "iter_time", "secret", *extra):
+        if getattr(options, name) is not None:
+            member = name.replace("_", "-")
+            raise CryptoError(f"'{member}' must not be given when erasing keyslots")
+
+
+def not_holding_old_secret(keyslot: int) -> CryptoError:
+    return CryptoError(
+        f"Given keyslot {keyslot} doesn't contain the given old password for erase operation"
+    )
+
+
+def already_erased(keyslot: int) -> CryptoError:
+    return CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+
+
+def only_active_keyslot(keyslot: int) -> CryptoError:
+    return CryptoError(
+        f"Attempt to erase the only active keyslot {keyslot} which will erase all the data "
+        "in the image irreversibly - refusing operation"
+    )
+
+
+NO_MATCHING_KEYSLOT = "No keyslots match given (old) password for erase operation"
+ALL_KEYSLOTS_MATCH = (
+    "All the active keyslots match the (old) password that was given and erasing them "
+    "will erase all the data in the image irreversibly - refusing operation"
+)
+ERASE_NEEDS_TARGET = (
+    "To erase keyslot(s), either explicit keyslot index or the password currently "
+    "contained in them must be given"
+)
 
 
 @dataclass
@@ -174,12 +227,6 @@ class AmendPlan:
 
     def __repr__(self) -> str:
         return f"AmendPlan({self.description}, {len(self.steps)} steps)"
-
-
-def _c_int(value: int) -> int:
-    """An int64 stored into a C int (QEMU's ``int keyslot = opts->keyslot``)."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _entry_writes(
@@ -270,12 +317,9 @@ class _Session:
 def _check_add(header: LuksHeader, options: LuksAmendOptions) -> tuple[int, SecretValue]:
     """QEMU's checks of an add before it reads anything: the slot and the
     secret that will unlock the volume key."""
-    if options.new_secret is None:
-        raise CryptoError("'new-secret' is required to activate a keyslot")
-    if options.old_secret is not None:
-        raise CryptoError("'old-secret' must not be given when activating keyslots")
+    check_add_members(options)
     if options.keyslot is not None:
-        keyslot = _c_int(options.keyslot)
+        keyslot = c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
             raise CryptoError(
                 f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, "
@@ -304,22 +348,17 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
     check_luks1_pbkdf(options)
     no_active_slot = not any(slot.is_active for slot in header.slots)
     if options.state == "active":
-        _resolve(_check_add(header, options)[1])
+        resolve_secret(_check_add(header, options)[1])
         if no_active_slot:  # QEMU's find_key has no slot to read: fails at once
             raise CryptoError("Invalid password, cannot unlock any keyslot")
         return
     if options.state != "inactive":
         raise CryptoError(f"Invalid keyslot state '{options.state}'")
-    if options.new_secret is not None:
-        raise CryptoError("'new-secret' must not be given when erasing keyslots")
-    if options.iter_time is not None:
-        raise CryptoError("'iter-time' must not be given when erasing keyslots")
-    if options.secret is not None:
-        raise CryptoError("'secret' must not be given when erasing keyslots")
+    check_erase_members(options)
     if options.old_secret is not None:
-        _resolve(options.old_secret)
+        resolve_secret(options.old_secret)
     if options.keyslot is not None:
-        keyslot = _c_int(options.keyslot)
+        keyslot = c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
             raise CryptoError(
                 f"Invalid keyslot {keyslot} specified, must be between 0 and {NUM_KEY_SLOTS - 1}"
@@ -327,26 +366,16 @@ def precheck_amend(header: LuksHeader, options: LuksAmendOptions) -> None:
         if options.old_secret is not None:
             if not header.slots[keyslot].is_active:
                 # QEMU's load_key answers an inactive slot without reading it
-                raise CryptoError(
-                    f"Given keyslot {keyslot} doesn't contain the given "
-                    "old password for erase operation"
-                )
+                raise not_holding_old_secret(keyslot)
             return  # the slot is read next
         if not options.force and not header.slots[keyslot].is_active:
-            raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+            raise already_erased(keyslot)
         if not options.force and sum(s.is_active for s in header.slots) == 1:
-            raise CryptoError(
-                f"Attempt to erase the only active keyslot {keyslot} "
-                "which will erase all the data in the image "
-                "irreversibly - refusing operation"
-            )
+            raise only_active_keyslot(keyslot)
     elif options.old_secret is None:
-        raise CryptoError(
-            "To erase keyslot(s), either explicit keyslot index or the "
-            "password currently contained in them must be given"
-        )
+        raise CryptoError(ERASE_NEEDS_TARGET)
     elif no_active_slot:  # no slot to try the old password on: no read
-        raise CryptoError("No keyslots match given (old) password for erase operation")
+        raise CryptoError(NO_MATCHING_KEYSLOT)
 
 
 def prepare_amend(
@@ -372,9 +401,9 @@ def _prepare_add(
     header = session.header
     keyslot, unlock_secret = _check_add(header, options)
     was_active = header.slots[keyslot].is_active
-    session.unlock(_resolve(unlock_secret))
+    session.unlock(resolve_secret(unlock_secret))
     assert options.new_secret is not None  # _check_add() refused an add without it
-    new_secret = _resolve(options.new_secret)
+    new_secret = resolve_secret(options.new_secret)
 
     iter_time = options.iter_time if options.iter_time is not None else DEFAULT_ITER_TIME
     check_iter_time(iter_time)
@@ -412,48 +441,29 @@ def _prepare_erase(
     session: _Session, options: LuksAmendOptions, random_bytes: Callable[[int], bytes]
 ) -> AmendPlan:
     header = session.header
-    if options.new_secret is not None:
-        raise CryptoError("'new-secret' must not be given when erasing keyslots")
-    if options.iter_time is not None:
-        raise CryptoError("'iter-time' must not be given when erasing keyslots")
-    if options.secret is not None:
-        raise CryptoError("'secret' must not be given when erasing keyslots")
-    old_secret = None if options.old_secret is None else _resolve(options.old_secret)
+    check_erase_members(options)
+    old_secret = None if options.old_secret is None else resolve_secret(options.old_secret)
     if options.keyslot is not None:
-        keyslot = _c_int(options.keyslot)
+        keyslot = c_int(options.keyslot)
         if not 0 <= keyslot < NUM_KEY_SLOTS:
             raise CryptoError(
                 f"Invalid keyslot {keyslot} specified, must be between 0 and {NUM_KEY_SLOTS - 1}"
             )
         if old_secret is not None and not session.opens(old_secret, keyslot):
-            raise CryptoError(
-                f"Given keyslot {keyslot} doesn't contain the given "
-                "old password for erase operation"
-            )
+            raise not_holding_old_secret(keyslot)
         if not options.force and not header.slots[keyslot].is_active:
-            raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+            raise already_erased(keyslot)
         if not options.force and session.active_count() == 1:
-            raise CryptoError(
-                f"Attempt to erase the only active keyslot {keyslot} "
-                "which will erase all the data in the image "
-                "irreversibly - refusing operation"
-            )
+            raise only_active_keyslot(keyslot)
         targets = [keyslot]
     elif old_secret is not None:
         targets = [i for i in range(NUM_KEY_SLOTS) if session.opens(old_secret, i)]
         if not targets:
-            raise CryptoError("No keyslots match given (old) password for erase operation")
+            raise CryptoError(NO_MATCHING_KEYSLOT)
         if not options.force and len(targets) == session.active_count():
-            raise CryptoError(
-                "All the active keyslots match the (old) password that "
-                "was given and erasing them will erase all the data in "
-                "the image irreversibly - refusing operation"
-            )
+            raise CryptoError(ALL_KEYSLOTS_MATCH)
     else:
-        raise CryptoError(
-            "To erase keyslot(s), either explicit keyslot index or the "
-            "password currently contained in them must be given"
-        )
+        raise CryptoError(ERASE_NEEDS_TARGET)
 
     new_header = header
     for index in targets:

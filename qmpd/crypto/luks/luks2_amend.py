@@ -76,7 +76,21 @@ from typing import Any
 from qmpd.crypto import afsplit, argon2_calibration, ciphers, pbkdf
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
 from qmpd.crypto.errors import CryptoError
-from qmpd.crypto.luks.amend import PBKDF_TYPES, LuksAmendOptions, SecretValue
+from qmpd.crypto.luks.amend import (
+    ALL_KEYSLOTS_MATCH,
+    ERASE_NEEDS_TARGET,
+    NO_MATCHING_KEYSLOT,
+    PBKDF_TYPES,
+    LuksAmendOptions,
+    SecretValue,
+    already_erased,
+    c_int,
+    check_add_members,
+    check_erase_members,
+    not_holding_old_secret,
+    only_active_keyslot,
+    resolve_secret,
+)
 from qmpd.crypto.luks.create import DEFAULT_ITER_TIME, check_iter_time
 from qmpd.crypto.luks.io import ImageIO
 from qmpd.crypto.luks.luks2_header import (
@@ -117,16 +131,6 @@ SECTOR_SIZE = 512
 UPDATE_KEYS = "update keys of this image"
 HEADER_CHANGED = "The LUKS header changed on disk since the volume was opened"
 NO_SPACE = "No space for new keyslot."
-
-
-def _resolve(secret: SecretValue) -> bytes | bytearray:
-    return secret() if callable(secret) else secret
-
-
-def _c_int(value: int) -> int:
-    """An int64 stored into a C int (QEMU's ``int keyslot = opts->keyslot``)."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 # -- KDF parameters ------------------------------------------------------------
@@ -407,7 +411,7 @@ def _bound(header: Luks2Header) -> list[int]:
 
 
 def _check_keyslot_range(value: int, *, unsigned: bool) -> int:
-    keyslot = _c_int(value)
+    keyslot = c_int(value)
     if not 0 <= keyslot < MAX_KEYSLOTS:
         shown = keyslot & 0xFFFFFFFF if unsigned else keyslot
         raise CryptoError(
@@ -417,10 +421,7 @@ def _check_keyslot_range(value: int, *, unsigned: bool) -> int:
 
 
 def _check_add(header: Luks2Header, options: LuksAmendOptions) -> tuple[int, SecretValue]:
-    if options.new_secret is None:
-        raise CryptoError("'new-secret' is required to activate a keyslot")
-    if options.old_secret is not None:
-        raise CryptoError("'old-secret' must not be given when activating keyslots")
+    check_add_members(options)
     if options.keyslot is not None:
         keyslot = _check_keyslot_range(options.keyslot, unsigned=True)
     else:
@@ -438,23 +439,7 @@ def _check_add(header: Luks2Header, options: LuksAmendOptions) -> tuple[int, Sec
 
 
 def _check_erase_options(options: LuksAmendOptions) -> None:
-    if options.new_secret is not None:
-        raise CryptoError("'new-secret' must not be given when erasing keyslots")
-    if options.iter_time is not None:
-        raise CryptoError("'iter-time' must not be given when erasing keyslots")
-    if options.secret is not None:
-        raise CryptoError("'secret' must not be given when erasing keyslots")
-    for name in ("pbkdf", "pbkdf_memory", "pbkdf_parallel"):
-        if getattr(options, name) is not None:
-            raise CryptoError(f"'{name.replace('_', '-')}' must not be given when erasing keyslots")
-
-
-def _only_bound(keyslot: int) -> CryptoError:
-    return CryptoError(
-        f"Attempt to erase the only active keyslot {keyslot} "
-        "which will erase all the data in the image "
-        "irreversibly - refusing operation"
-    )
+    check_erase_members(options, ("pbkdf", "pbkdf_memory", "pbkdf_parallel"))
 
 
 def precheck_luks2_amend(header: Luks2Header, options: LuksAmendOptions) -> None:
@@ -465,32 +450,26 @@ def precheck_luks2_amend(header: Luks2Header, options: LuksAmendOptions) -> None
     """
     check_requirements(header, UPDATE_KEYS)
     if options.state == "active":
-        _resolve(_check_add(header, options)[1])
+        resolve_secret(_check_add(header, options)[1])
         return
     if options.state != "inactive":
         raise CryptoError(f"Invalid keyslot state '{options.state}'")
     _check_erase_options(options)
     if options.old_secret is not None:
-        _resolve(options.old_secret)
+        resolve_secret(options.old_secret)
     if options.keyslot is not None:
         keyslot = _check_keyslot_range(options.keyslot, unsigned=False)
         if options.old_secret is not None:
             if keyslot not in header.keyslots:
-                raise CryptoError(
-                    f"Given keyslot {keyslot} doesn't contain the given "
-                    "old password for erase operation"
-                )
+                raise not_holding_old_secret(keyslot)
             return
         if not options.force and keyslot not in header.keyslots:
-            raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+            raise already_erased(keyslot)
         bound = _bound(header)
         if not options.force and bound == [keyslot]:
-            raise _only_bound(keyslot)
+            raise only_active_keyslot(keyslot)
     elif options.old_secret is None:
-        raise CryptoError(
-            "To erase keyslot(s), either explicit keyslot index or the "
-            "password currently contained in them must be given"
-        )
+        raise CryptoError(ERASE_NEEDS_TARGET)
 
 
 # -- plans -------------------------------------------------------------------------
@@ -540,9 +519,9 @@ def _prepare_add(
 ) -> Luks2AmendPlan:
     header = session.header
     keyslot, unlock_secret = _check_add(header, options)
-    session.unlock(_resolve(unlock_secret))
+    session.unlock(resolve_secret(unlock_secret))
     assert options.new_secret is not None  # _check_add() refused an add without it
-    new_secret = _resolve(options.new_secret)
+    new_secret = resolve_secret(options.new_secret)
 
     volume_key = session.volume.volume_key
     key_size = len(volume_key)
@@ -591,34 +570,24 @@ def _prepare_erase(
 ) -> Luks2AmendPlan:
     header = session.header
     _check_erase_options(options)
-    old_secret = None if options.old_secret is None else _resolve(options.old_secret)
+    old_secret = None if options.old_secret is None else resolve_secret(options.old_secret)
     if options.keyslot is not None:
         keyslot = _check_keyslot_range(options.keyslot, unsigned=False)
         if old_secret is not None and not session.opens(old_secret, keyslot):
-            raise CryptoError(
-                f"Given keyslot {keyslot} doesn't contain the given "
-                "old password for erase operation"
-            )
+            raise not_holding_old_secret(keyslot)
         if not options.force and keyslot not in header.keyslots:
-            raise CryptoError(f"Given keyslot {keyslot} is already erased (inactive) ")
+            raise already_erased(keyslot)
         if not options.force and session.bound == [keyslot]:
-            raise _only_bound(keyslot)
+            raise only_active_keyslot(keyslot)
         targets = [keyslot] if keyslot in header.keyslots else []
     elif old_secret is not None:
         targets = [i for i in session.bound if session.opens(old_secret, i)]
         if not targets:
-            raise CryptoError("No keyslots match given (old) password for erase operation")
+            raise CryptoError(NO_MATCHING_KEYSLOT)
         if not options.force and len(targets) == len(session.bound):
-            raise CryptoError(
-                "All the active keyslots match the (old) password that "
-                "was given and erasing them will erase all the data in "
-                "the image irreversibly - refusing operation"
-            )
+            raise CryptoError(ALL_KEYSLOTS_MATCH)
     else:
-        raise CryptoError(
-            "To erase keyslot(s), either explicit keyslot index or the "
-            "password currently contained in them must be given"
-        )
+        raise CryptoError(ERASE_NEEDS_TARGET)
 
     names = ", ".join(str(i) for i in targets)
     if not targets:  # forced erase of a keyslot that does not exist: nothing to do
