@@ -74,8 +74,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from argon2.low_level import ARGON2_VERSION, Type, ffi, lib
-
+from qmpd.crypto import argon2_kdf
 from qmpd.crypto.errors import CryptoError
 
 UINT32_MAX = 0xFFFFFFFF
@@ -90,7 +89,7 @@ DEFAULT_ITER_TIME_MS = 2000
 #: libargon2's ARGON2_MAX_LANES.
 MAX_LANES = 0xFFFFFF
 
-KINDS = {"argon2i": Type.I, "argon2id": Type.ID}
+KINDS = argon2_kdf.TYPES
 
 #: A calibration sample below the memory ceiling is at least this long
 #: (cryptsetup's BENCH_MIN_MS): memory matters, so the sample grows its
@@ -196,23 +195,9 @@ def wall_clock_sample(kind: str, time_cost: int, memory_kib: int, parallel: int)
     salt = b"\x5a" * 32
     out = bytearray(32)
     start = time.perf_counter()
-    rv = lib.argon2_hash(
-        time_cost,
-        memory_kib,
-        parallel,
-        ffi.from_buffer("uint8_t[]", password),
-        len(password),
-        ffi.from_buffer("uint8_t[]", salt),
-        len(salt),
-        ffi.from_buffer("uint8_t[]", out, require_writable=True),
-        len(out),
-        ffi.NULL,
-        0,
-        KINDS[kind].value,
-        ARGON2_VERSION,
-    )
+    rv = argon2_kdf.derive_into(kind, time_cost, memory_kib, parallel, password, salt, out)
     elapsed = time.perf_counter() - start
-    return elapsed if rv == lib.ARGON2_OK else None
+    return elapsed if rv == argon2_kdf.ARGON2_OK else None
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 
-from argon2.low_level import ARGON2_VERSION, Type, ffi, lib
-
-from qmpd.crypto import afsplit, ciphers, pbkdf
+from qmpd.crypto import afsplit, argon2_kdf, ciphers, pbkdf
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.keyslot import check_iterations
@@ -64,7 +62,6 @@ PRIORITY_PREFER = 2
 
 WRONG_PASSPHRASE = "Invalid password, cannot unlock any keyslot"
 
-_ARGON2_TYPES = {"argon2i": Type.I, "argon2id": Type.ID}
 
 Reader = Callable[[int, int], bytes]
 
@@ -149,37 +146,22 @@ def argon2(kdf: Argon2, passphrase: bytes | bytearray, length: int, index: int) 
     """Argon2i/Argon2id (version 0x13) into a fresh bytearray, no copies made.
 
     argon2-cffi's hash_secret_raw copies the passphrase into memory it frees
-    unwiped and returns bytes; argon2_hash over the caller's buffers does
-    neither. The C call releases the GIL.
+    unwiped and returns bytes; :func:`argon2_kdf.derive_into` over the
+    caller's buffers does neither. The C call releases the GIL.
     """
-    argon_type = _ARGON2_TYPES.get(kdf.type)
-    if argon_type is None:
+    if kdf.type not in argon2_kdf.TYPES:
         raise CryptoError(f"LUKS2 keyslot {index} kdf type {_show(kdf.type)} is not supported")
     out = bytearray(length)
-    secret = passphrase if len(passphrase) else bytearray(1)  # a valid pointer
-    salt = bytes(kdf.salt)
     try:
-        rv = lib.argon2_hash(
-            kdf.time,
-            kdf.memory,
-            kdf.cpus,
-            ffi.from_buffer("uint8_t[]", secret),
-            len(passphrase),
-            ffi.from_buffer("uint8_t[]", salt),
-            len(salt),
-            ffi.from_buffer("uint8_t[]", out, require_writable=True),
-            length,
-            ffi.NULL,
-            0,
-            argon_type.value,
-            ARGON2_VERSION,
+        rv = argon2_kdf.derive_into(
+            kdf.type, kdf.time, kdf.memory, kdf.cpus, passphrase, bytes(kdf.salt), out
         )
     except BaseException:
         wipe(out)
         raise
-    if rv != lib.ARGON2_OK:
+    if rv != argon2_kdf.ARGON2_OK:
         wipe(out)
-        reason = ffi.string(lib.argon2_error_message(rv)).decode("ascii", "replace")
+        reason = argon2_kdf.error_message(rv)
         raise CryptoError(f"LUKS2 keyslot {index}: Argon2 failed: {reason}")
     return out
 
