@@ -15,7 +15,8 @@ dev.py says which Debian package to install.
 
 With CI=true, `test` also runs the unit tests under every other Python of
 3.11, 3.12 and 3.13 found on the machine (on PATH or under pyenv), each in
-its own .venv-3.X; a version that is not there is skipped with a note.
+its own .venv-3.X, one after the other beside the full suite (which leaves
+a core mostly idle); a version that is not there is skipped with a note.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -179,12 +181,9 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-def _other_versions_tests(env: dict) -> int:
-    """The unit tests under each supported version other than this python3's.
-
-    The venvs are made one after the other; the test runs then go side by
-    side (as many as there are CPUs), each one's output shown when it ends.
-    """
+def _other_versions_runs(env: dict) -> list[tuple[str, list[str], dict]]:
+    """The unit-test runs under each supported version other than this
+    python3's, their venvs made (one after the other) before anything runs."""
     runs: list[tuple[str, list[str], dict]] = []
     for version in SUPPORTED:
         if version == sys.version_info[:2]:
@@ -205,38 +204,45 @@ def _other_versions_tests(env: dict) -> int:
                 run_env,
             )
         )
-    status = 0
-    width = max(1, os.cpu_count() or 1)
-    for first in range(0, len(runs), width):
-        batch = runs[first : first + width]
-        print(
-            "dev.py: unit tests under Python " + ", ".join(label for label, _, _ in batch),
-            flush=True,
-        )
-        started = []
-        for label, cmd, run_env in batch:
-            output = tempfile.TemporaryFile()
-            started.append(
-                (
-                    label,
-                    output,
-                    subprocess.Popen(
-                        cmd, cwd=ROOT, env=run_env, stdout=output, stderr=subprocess.STDOUT
-                    ),
-                )
-            )
-        for label, output, process in started:
-            code = process.wait()
-            output.seek(0)
+    return runs
+
+
+class _Background(threading.Thread):
+    """The other versions' unit tests, one after the other, beside the full run.
+
+    The full suite keeps about one of the machine's cores busy (its
+    integration tests wait on daemons and tools), so the unit runs use the
+    other one instead of adding their time after it; each run's output is
+    kept and shown once the full suite has ended.
+    """
+
+    def __init__(self, runs: list[tuple[str, list[str], dict]]) -> None:
+        super().__init__(daemon=True)
+        self.runs = runs
+        self.results: list[tuple[str, int, bytes]] = []
+
+    def run(self) -> None:
+        for label, cmd, run_env in self.runs:
+            with tempfile.TemporaryFile() as output:
+                code = subprocess.run(
+                    cmd, cwd=ROOT, env=run_env, stdout=output, stderr=subprocess.STDOUT
+                ).returncode
+                output.seek(0)
+                self.results.append((label, code, output.read()))
+
+    def report(self) -> int:
+        self.join()
+        status = 0
+        for label, code, output in self.results:
             print(
-                f"dev.py: -- Python {label}: " + ("passed" if code == 0 else f"FAILED ({code})"),
+                f"dev.py: -- unit tests under Python {label}: "
+                + ("passed" if code == 0 else f"FAILED ({code})"),
                 flush=True,
             )
-            sys.stdout.buffer.write(output.read())
+            sys.stdout.buffer.write(output)
             sys.stdout.flush()
-            output.close()
             status = status or code
-    return status
+        return status
 
 
 def main(argv: list[str]) -> int:
@@ -255,9 +261,16 @@ def main(argv: list[str]) -> int:
         cmd = [str(python), "-m", "pytest", "-p", "no:cacheprovider", *rest]
     else:
         cmd = [str(python), str(ROOT / "tests" / "benchmarks" / "run.py"), *rest]
-    status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    background = None
     if job == "test" and _in_ci():
-        status = _other_versions_tests(env) or status
+        background = _Background(_other_versions_runs(env))
+        if background.runs:
+            labels = ", ".join(label for label, _, _ in background.runs)
+            print(f"dev.py: unit tests under Python {labels} run beside the full suite", flush=True)
+        background.start()
+    status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if background is not None:
+        status = background.report() or status
     return status
 
 

@@ -373,11 +373,12 @@ def _c_string(raw: bytes) -> str:
 
 def _show(value: object) -> str:
     """A short, printable rendering of a value from the header, for errors: a
-    string quoted, anything else as JSON (null, 42, {...}), never a Python repr."""
+    string quoted, anything else as JSON (null, 42, {...}), never a Python repr;
+    '<' escaped, so no text from an image can pass for a repr ("<object ...>")."""
     if not isinstance(value, str):
-        text = json.dumps(value, default=str)
+        text = json.dumps(value, default=str).replace("<", "\\u003c")
         return text[:32] + ("..." if len(text) > 32 else "")
-    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    text = value.encode("ascii", "backslashreplace").decode("ascii").replace("<", "\\x3c")
     return repr(text[:32] + ("..." if len(text) > 32 else ""))
 
 
@@ -397,6 +398,28 @@ def _no_constant(name: str) -> NoReturn:
     raise CryptoError(f"LUKS2 metadata has a non-JSON number {name}")
 
 
+#: json-c's default depth (JSON_TOKENER_DEFAULT_DEPTH 32), which cryptsetup
+#: parses the area with: at most 31 objects and arrays inside each other
+#: (measured: a token 28 arrays deep loads, 29 deep is "not a valid LUKS
+#: device"). Checked on the text itself, not left to the interpreter's
+#: recursion limit (Python 3.13's json parses far deeper).
+MAX_JSON_NESTING = 31
+_NESTING_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of objects and arrays in ``text`` (strings skipped)."""
+    depth = deepest = 0
+    for match in _NESTING_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
 def _load_json(area: bytes, where: str) -> dict[str, Any]:
     """The JSON area's object: ``{`` first, the text up to the first NUL, and
     nothing but NULs from there to the end of the area (as cryptsetup)."""
@@ -409,6 +432,8 @@ def _load_json(area: bytes, where: str) -> dict[str, Any]:
         raise CryptoError(f"{where}: JSON area has data after the terminating NUL")
     try:
         text = area[:end].decode("utf-8")
+        if _nesting(text) > MAX_JSON_NESTING:
+            raise ValueError("nested too deeply")
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except CryptoError as err:
         raise CryptoError(f"{where}: {err}") from None

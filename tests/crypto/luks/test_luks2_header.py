@@ -246,6 +246,24 @@ def test_json_area_rules(raw, text):
     assert text in refused(data)
 
 
+@pytest.mark.parametrize("arrays, accepted", [(28, True), (29, False)])
+def test_json_nesting_limit_is_json_cs(arrays, accepted):
+    """cryptsetup 2.6 (json-c's depth 32) loads a token 28 arrays deep (31
+    levels with the root, tokens and the token) and refuses 29, measured
+    with ``cryptsetup token import`` + luksDump; whatever the interpreter's
+    own recursion limit (Python 3.13 parses far deeper)."""
+    meta = metadata()
+    value: object = 1
+    for _ in range(arrays):
+        value = [value]
+    meta["tokens"] = {"0": {"type": "x-deep", "keyslots": [], "v": value}}
+    data = image(meta)
+    if accepted:
+        assert parse(data).tokens[0]["type"] == "x-deep"
+    else:
+        assert "does not hold valid JSON" in refused(data)
+
+
 def test_whitespace_after_the_json_is_allowed():
     raw = json.dumps(metadata()).encode() + b" \t\r\n"
     assert sorted(parse(copy_bytes(raw) + copy_bytes(raw, secondary=True)).keyslots) == [0, 1]
