@@ -45,9 +45,11 @@ def load_cases() -> list:
 
 CASES = load_cases()
 
-#: Quiet time that ends a step: replay waits for the recorded number of
-#: replies and events first, so this only has to catch unexpected extras.
+#: Quiet time that ends the last step: replay waits for the recorded number
+#: of replies and events first, so this only has to catch unexpected extras;
+#: the other steps end sooner (an extra shows in the next step's messages).
 REPLAY_SETTLE_SECONDS = 0.1
+REPLAY_STEP_SETTLE_SECONDS = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,8 @@ def test_matches_qsd(case: dict, qmpd_daemon, shared_qmpd_daemon, image_cache) -
                                       workdir=tmp)
         else:
             sock = shared_qmpd_daemon()
-        got = Normaliser(tmp).transcript(play(case, sock, tmp, settle=REPLAY_SETTLE_SECONDS))
+        got = Normaliser(tmp).transcript(play(case, sock, tmp, settle=REPLAY_SETTLE_SECONDS,
+                                          step_settle=REPLAY_STEP_SETTLE_SECONDS))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -283,13 +283,21 @@ def event_matches(pattern: dict, msg: Any) -> bool:
     return all(data.get(k) == v for k, v in pattern.get("data", {}).items())
 
 
-def play(case: dict, sock_path: str, tmp: str, settle: float = SETTLE_SECONDS) -> dict:
-    """Play one case over a fresh connection; the raw transcript."""
+def play(case: dict, sock_path: str, tmp: str, settle: float = SETTLE_SECONDS,
+         step_settle: float | None = None) -> dict:
+    """Play one case over a fresh connection; the raw transcript.
+
+    ``settle`` is the quiet time that ends the last step (and so catches
+    anything unexpected after it); ``step_settle`` (default: the same) ends
+    the others -- a message that comes later still shows, in the next
+    step's messages, where the comparison finds it.
+    """
+    quick = settle if step_settle is None else step_settle
     wire = Wire(sock_path)
     try:
-        greeting = wire.read(0, [], settle=settle, deadline=5)
+        greeting = wire.read(0, [], settle=quick, deadline=5)
         if not greeting:    # a slow start: wait for the greeting explicitly
-            greeting = wire.read(1, [], settle=settle, deadline=5)
+            greeting = wire.read(1, [], settle=quick, deadline=5)
         transcript: dict[str, Any] = {"greeting": greeting[0] if greeting else None}
         if len(greeting) > 1:
             transcript["after_greeting"] = greeting[1:]
@@ -297,15 +305,17 @@ def play(case: dict, sock_path: str, tmp: str, settle: float = SETTLE_SECONDS) -
             args = {"enable": ["oob"]} if case["negotiate"] == "oob" else {}
             wire.send(json.dumps({"execute": "qmp_capabilities",
                                   "arguments": args}).encode())
-            transcript["negotiation"] = wire.read(1, [], settle=settle)
+            last = not case["steps"]
+            transcript["negotiation"] = wire.read(1, [], settle=settle if last else quick)
         steps = []
-        for step in case["steps"]:
+        for index, step in enumerate(case["steps"]):
             if wire.eof:
                 steps.append({"replies": [], "eof": True})
                 continue
             data = expand(step_send_bytes(step).decode("utf-8", "surrogateescape"), tmp)
             wire.send(data.encode("utf-8", "surrogateescape"))
-            msgs = wire.read(step.get("responses", 1), step.get("until", []), settle=settle)
+            wait = settle if index == len(case["steps"]) - 1 else quick
+            msgs = wire.read(step.get("responses", 1), step.get("until", []), settle=wait)
             entry: dict[str, Any] = {"replies": msgs}
             if wire.eof:
                 entry["eof"] = True
