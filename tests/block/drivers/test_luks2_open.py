@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -398,7 +399,13 @@ def test_daemon_exports_a_cryptsetup_image_over_nbd(tmp_path, sector_size):
             run([qemu_img, "convert", "-f", "raw", "-O", "raw", uri, str(out)])
             assert out.read_bytes()[:KEPT] == plaintext
             run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 1000 9000", uri])
-            qmp.ok("block-export-del", {"id": "e0"})
+            # qemu-io has exited, but the server may not have seen it hang up yet
+            deadline = time.monotonic() + 10
+            while "error" in (reply := qmp.cmd("block-export-del", {"id": "e0"})):
+                assert "still in use" in reply["error"]["desc"], reply
+                assert time.monotonic() < deadline, reply
+                time.sleep(0.05)
+            qmp.wait_event("BLOCK_EXPORT_DELETED", id="e0")
             qmp.ok("blockdev-del", {"node-name": "l0"})
     finally:
         daemon.stop()
