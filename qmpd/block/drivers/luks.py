@@ -379,11 +379,7 @@ class LuksNode(EncryptedNode):
             raise QMPError.generic(
                 "Resizing a LUKS2 image with a fixed segment size is not supported by qmpd yet"
             )
-        sector = self.volume.sector_size
-        if size % sector:
-            raise QMPError.generic(
-                f"The size of a LUKS2 image must be a multiple of its sector size ({sector} bytes)"
-            )
+        check_luks2_size(size, self.volume.sector_size)
 
     # -- queries --------------------------------------------------------------------
     def filename(self) -> str:
@@ -466,6 +462,14 @@ def luks_create_options(
         detached_header=detached_header,
         keyslots_size=keyslots_size,
     )
+
+
+def check_luks2_size(size: int, sector_size: int) -> None:
+    """A LUKS2 payload is whole sectors of its segment's size (create, resize)."""
+    if size % sector_size:
+        raise QMPError.generic(
+            f"The size of a LUKS2 image must be a multiple of its sector size ({sector_size} bytes)"
+        )
 
 
 def created_header_length(options: CreateOptions) -> int:
@@ -572,11 +576,8 @@ async def create(
         try:
             length = created_header_length(luks_opts)
             check_payload_size(length, size)
-            if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
-                raise QMPError.generic(
-                    f"The size of a LUKS2 image must be a multiple of "
-                    f"its sector size ({luks_opts.sector_size} bytes)"
-                )
+            if isinstance(luks_opts, Luks2CreateOptions):
+                check_luks2_size(size, luks_opts.sector_size)
             node.truncate(0)
             size_for_payload(node, length, size)
             format_volume(NodeRegionIO(node), passphrase, luks_opts)
@@ -607,11 +608,8 @@ async def create_detached(graph: "BlockGraph", options: dict, open_ref: OpenRef)
         )
     luks_opts = luks_create_options(options, detached_header=True)
     size = options["size"] & 0xFFFFFFFFFFFFFFFF
-    if isinstance(luks_opts, Luks2CreateOptions) and size % luks_opts.sector_size:
-        raise QMPError.generic(
-            f"The size of a LUKS2 image must be a multiple of "
-            f"its sector size ({luks_opts.sector_size} bytes)"
-        )
+    if isinstance(luks_opts, Luks2CreateOptions):
+        check_luks2_size(size, luks_opts.sector_size)
 
     def write_header(node: Node) -> None:
         passphrase = lookup_passphrase(graph, options)

@@ -76,9 +76,11 @@ def volume_key_digest(hash_name: str, header: LuksHeader, volume_key: bytes | by
         wipe(digest)
 
 
-def _crypt_material(
+def crypt_material(
     spec: CipherSpec, slot_key: bytearray, data: bytes | bytearray, encrypt: bool
 ) -> bytearray:
+    """Key material through the slot cipher, 512-byte sectors from 0 (LUKS1
+    and LUKS2 areas alike); the cipher's copy of the key wiped."""
     cipher = SectorCipher(spec, slot_key)
     try:
         out = cipher.encrypt(0, data) if encrypt else cipher.decrypt(0, data)
@@ -107,7 +109,7 @@ def try_slot(
     split = None
     candidate = None
     try:
-        split = _crypt_material(spec, slot_key, material, encrypt=False)
+        split = crypt_material(spec, slot_key, material, encrypt=False)
         candidate = afsplit.af_merge(hash_name, split, header.key_bytes, slot.stripes)
         if hmac.compare_digest(volume_key_digest(hash_name, header, candidate), header.mk_digest):
             found, candidate = candidate, None
@@ -144,7 +146,7 @@ def build_slot(
     split = None
     try:
         split = afsplit.af_split(hash_name, volume_key, old.stripes, random_bytes)
-        encrypted = _crypt_material(spec, slot_key, split, encrypt=True)
+        encrypted = crypt_material(spec, slot_key, split, encrypt=True)
     finally:
         wipe(slot_key)
         wipe(split)

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmpd.crypto import afsplit, argon2_calibration, ciphers, pbkdf
-from qmpd.crypto.ciphers import CipherSpec, SectorCipher
+from qmpd.crypto.ciphers import CipherSpec
 from qmpd.crypto.errors import CryptoError
 from qmpd.crypto.luks.amend import (
     ALL_KEYSLOTS_MATCH,
@@ -93,6 +93,7 @@ from qmpd.crypto.luks.amend import (
 )
 from qmpd.crypto.luks.create import DEFAULT_ITER_TIME, check_iter_time
 from qmpd.crypto.luks.io import ImageIO
+from qmpd.crypto.luks.keyslot import crypt_material
 from qmpd.crypto.luks.luks2_header import (
     MAX_KEYSLOTS,
     STRIPES,
@@ -285,15 +286,11 @@ def build_keyslot(
     sectors = -(-key_size * STRIPES // SECTOR_SIZE)
     area_key = derive_area_key(slot, passphrase, index)
     split = None
-    cipher = None
     try:
         split = afsplit.af_split(af_hash, volume_key, STRIPES, random_bytes)
         split.extend(bytes(sectors * SECTOR_SIZE - len(split)))
-        cipher = SectorCipher(spec, area_key)
-        material = bytes(cipher.encrypt(0, split))
+        material = bytes(crypt_material(spec, area_key, split, encrypt=True))
     finally:
-        if cipher is not None:
-            cipher.wipe()
         wipe(area_key)
         wipe(split)
     kdf_json = dict(kdf)

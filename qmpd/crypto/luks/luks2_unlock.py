@@ -50,7 +50,7 @@ from collections.abc import Callable
 from qmpd.crypto import afsplit, argon2_kdf, ciphers, pbkdf
 from qmpd.crypto.ciphers import CipherSpec, SectorCipher
 from qmpd.crypto.errors import CryptoError
-from qmpd.crypto.luks.keyslot import check_iterations
+from qmpd.crypto.luks.keyslot import check_iterations, crypt_material
 from qmpd.crypto.luks.luks2_header import Argon2, Keyslot, Luks2Header, Pbkdf2, Segment
 from qmpd.crypto.secrets import wipe
 
@@ -203,22 +203,16 @@ def try_keyslot(
     spec = _cipher_spec(slot.area.encryption, slot.area.key_size, f"LUKS2 keyslot {index} area")
     material = _read_material(read, slot, index)
     area_key = derive_area_key(slot, passphrase, index)
-    cipher = None
     split = None
     candidate = None
     try:
-        cipher = SectorCipher(spec, area_key)
-        decrypted = cipher.decrypt(0, material)
-        split = decrypted if isinstance(decrypted, bytearray) else bytearray(decrypted)
-        del decrypted  # bytes from the cipher: not ours to wipe
+        split = crypt_material(spec, area_key, material, encrypt=False)
         candidate = afsplit.af_merge(slot.af_hash, split, slot.key_size, slot.af_stripes)
         if digest_matches(header, digest_id, candidate):
             found, candidate = candidate, None
             return found
         return None
     finally:
-        if cipher is not None:
-            cipher.wipe()
         wipe(area_key)
         wipe(split)
         wipe(candidate)

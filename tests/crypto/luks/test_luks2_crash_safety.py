@@ -31,7 +31,8 @@ from qmpd.crypto.luks import (
 from qmpd.crypto.luks.luks2_header import read_luks2
 from qmpd.crypto.luks.luks2_unlock import unlock_luks2
 from tests import oracles
-from tests.crypto.luks.test_crash_safety import WriteBackCache, _run_to_each_crash
+from tests.crypto.luks.test_crash_safety import (
+    WriteBackCache, _deterministic_random, _run_to_each_crash)
 from tests.crypto.luks.test_luks2_amend import SMALL, build, fixed_costs
 
 HDR = 16384
@@ -144,18 +145,9 @@ def test_create_leaves_the_old_image_nothing_or_the_whole_volume():
     base = build(THREE)
     old_key = open_luks2_volume(MemoryImageIO(base), b"zero",
                                 detached_header=True).volume_key
-    counter = [0]
-
-    def random_bytes(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            counter[0] += 1
-            out += hashlib.sha256(b"create %d" % counter[0]).digest()
-        return out[:n]
 
     def operation(io):
-        counter[0] = 0
-        create_luks2_volume(io, b"fresh", SMALL, random_bytes=random_bytes,
+        create_luks2_volume(io, b"fresh", SMALL, random_bytes=_deterministic_random(),
                             digest_iter_time=0)
     probe = WriteBackCache(base)
     operation(probe)
