@@ -106,6 +106,7 @@ from qmpd.crypto.luks.luks2_header import (
 from qmpd.crypto.luks.luks2_unlock import (
     data_segment,
     derive_area_key,
+    segment_digest_id,
     try_keyslot,
     unlock_luks2,
 )
@@ -345,9 +346,9 @@ class _Session:
             detached_header=volume.detached_header,
             action=UPDATE_KEYS,
         )
-        self.digest_id = _segment_digest_id(header)
+        self.digest_id = segment_digest_id(header)
         old = volume.header
-        old_digest = old.digests[_segment_digest_id(old)]
+        old_digest = old.digests[segment_digest_id(old)]
         new_digest = header.digests[self.digest_id]
         if (
             header.uuid != old.uuid
@@ -392,16 +393,8 @@ class _Session:
         )
 
 
-def _segment_digest_id(header: Luks2Header) -> int:
-    segment = data_segment(header)
-    for index, digest in header.digests.items():
-        if segment in digest.segments:
-            return index
-    raise CryptoError(f"LUKS2 segment {segment} is not assigned to any digest")
-
-
 def _bound(header: Luks2Header) -> list[int]:
-    return sorted(header.digests[_segment_digest_id(header)].keyslots)
+    return sorted(header.digests[segment_digest_id(header)].keyslots)
 
 
 # -- checks ----------------------------------------------------------------------

@@ -74,7 +74,10 @@ def data_segment(header: Luks2Header) -> int:
     raise CryptoError("LUKS2 metadata has no data segment")
 
 
-def _segment_digest(header: Luks2Header, segment: int) -> int:
+def segment_digest_id(header: Luks2Header, segment: int | None = None) -> int:
+    """The id of the digest bound to ``segment`` (default: the data segment)."""
+    if segment is None:
+        segment = data_segment(header)
     for index, digest in header.digests.items():
         if segment in digest.segments:
             return index
@@ -84,7 +87,7 @@ def _segment_digest(header: Luks2Header, segment: int) -> int:
 
 def keyslot_order(header: Luks2Header, keyslot: int | None = None) -> list[int]:
     """The keyslots unlock_luks2 tries, in order (see the module docstring)."""
-    digest = header.digests[_segment_digest(header, data_segment(header))]
+    digest = header.digests[segment_digest_id(header)]
     bound = [i for i in sorted(header.keyslots) if i in digest.keyslots]
     if keyslot is not None:
         if keyslot not in header.keyslots:
@@ -227,7 +230,7 @@ def unlock_luks2(
     that slot only, even one of priority "ignore". The volume key is the
     caller's to wipe. CPU-heavy: call from a worker thread.
     """
-    digest_id = _segment_digest(header, data_segment(header))
+    digest_id = segment_digest_id(header)
     for index in keyslot_order(header, keyslot):
         key = try_keyslot(read, header, index, passphrase, digest_id)
         if key is not None:
